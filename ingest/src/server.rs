@@ -1,0 +1,378 @@
+//! The MQTT server devices connect to (ntex-mqtt; MQTT 3.1.1 and 5.0 on
+//! one port, told apart by the CONNECT packet's protocol level).
+//!
+//! - CONNECT: client id = username = a registered device id, password = its
+//!   secret. A mismatched client id is refused with v5 0x85 / v3 return
+//!   code 2; an unknown device or a wrong secret with v5 0x86 / v3 code 4
+//!   ("bad user name or password"; the same answer for both, so the server
+//!   does not reveal which devices exist).
+//! - PUBLISH: only to `wardflow/v1/devices/{own id}/readings`, QoS 0 or 1.
+//!   Another topic is refused with v5 PUBACK 0x87 (Not authorized); MQTT
+//!   3.1.1 has no negative PUBACK, so the connection is closed (§3.3.5). A
+//!   device removed from the registry is disconnected at its next publish.
+//! - QoS 1: the PUBACK is sent only after the payload is in the
+//!   write-ahead log and fsynced; a log failure answers v5 0x80.
+//! - SUBSCRIBE: devices have nothing to subscribe to; refused per topic
+//!   (v5 0x87, v3 0x80).
+//! - Backpressure: each publish first takes its size from the memory budget;
+//!   ntex-mqtt limits each connection's in-flight publishes, so a spent
+//!   budget stops reading the socket and TCP slows the device.
+
+use std::sync::Arc;
+
+use ntex::service::{fn_factory_with_config, fn_service};
+use ntex::util::{Bytes, Ready};
+use ntex::{ServiceFactory, SharedCfg};
+use ntex_mqtt::v5::codec::{ConnectAckReason, PublishAckReason, SubscribeAckReason};
+use ntex_mqtt::{MqttServer, MqttServiceConfig, QoS, v3, v5};
+use wardflow_model::{DeviceId, now_ns};
+
+use crate::budget::MemoryBudget;
+use crate::metrics::IngestMetrics;
+use crate::registry::{AuthOutcome, RegistryWatcher};
+use crate::wal::{WalHandle, WalRequest};
+
+/// Topic prefix of device readings.
+pub const READINGS_PREFIX: &str = "wardflow/v1/devices/";
+/// Topic suffix of device readings.
+pub const READINGS_SUFFIX: &str = "/readings";
+
+/// The topic a device publishes its readings to.
+pub fn readings_topic(device: &str) -> String {
+    format!("{READINGS_PREFIX}{device}{READINGS_SUFFIX}")
+}
+
+/// Settings of the MQTT listener.
+#[derive(Debug, Clone, Copy)]
+pub struct MqttLimits {
+    /// Largest accepted packet, in bytes.
+    pub max_packet_bytes: u32,
+    /// In-flight publishes per connection (v5 Receive Maximum).
+    pub max_inflight: u16,
+    /// In-flight payload bytes per connection.
+    pub max_inflight_bytes: usize,
+    /// Seconds a client has to send CONNECT.
+    pub connect_timeout_s: u16,
+}
+
+impl Default for MqttLimits {
+    fn default() -> Self {
+        Self {
+            max_packet_bytes: 1 << 20,
+            max_inflight: 64,
+            max_inflight_bytes: 4 << 20,
+            connect_timeout_s: 10,
+        }
+    }
+}
+
+/// The ntex service configuration for the MQTT listener.
+pub fn mqtt_config(limits: &MqttLimits) -> SharedCfg {
+    SharedCfg::new("MQTT").add(
+        MqttServiceConfig::new()
+            .set_max_qos(QoS::AtLeastOnce)
+            .set_max_size(limits.max_packet_bytes)
+            .set_max_receive(limits.max_inflight)
+            .set_max_receive_size(limits.max_inflight_bytes)
+            .set_connect_timeout(ntex::time::Seconds(limits.connect_timeout_s)),
+    )
+    .into()
+}
+
+/// What the connection handlers share.
+pub struct IngestContext {
+    pub registry: Arc<RegistryWatcher>,
+    pub wal: WalHandle,
+    pub budget: Arc<MemoryBudget>,
+    pub metrics: Arc<IngestMetrics>,
+}
+
+/// Errors that end a connection.
+#[derive(Debug, Clone)]
+pub enum ConnectionError {
+    /// The device published where it may not (MQTT 3.1.1 can only close).
+    TopicDenied,
+    /// The device was removed from the registry.
+    DeviceRemoved,
+    /// The write-ahead log failed; nothing can be made durable.
+    LogFailed,
+    /// The payload stream broke.
+    Payload,
+    /// An error from ntex-mqtt's default services.
+    Protocol,
+}
+
+impl From<()> for ConnectionError {
+    fn from(_: ()) -> Self {
+        ConnectionError::Protocol
+    }
+}
+
+impl TryFrom<ConnectionError> for v5::PublishAck {
+    type Error = ConnectionError;
+    fn try_from(err: ConnectionError) -> Result<Self, ConnectionError> {
+        Err(err)
+    }
+}
+
+/// A connected device. Dropped with the connection.
+pub struct DeviceSession {
+    device: DeviceId,
+    metrics: Arc<IngestMetrics>,
+}
+
+impl Drop for DeviceSession {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+        tracing::debug!(device = %self.device, "device disconnected");
+    }
+}
+
+enum Admission {
+    Device(DeviceSession),
+    BadClientId,
+    BadCredentials,
+}
+
+async fn admit(
+    ctx: &Arc<IngestContext>,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<Bytes>,
+) -> Admission {
+    let result = |r: &'static str| {
+        ctx.metrics.connects.get_or_create(&[("result", r)]).inc();
+    };
+    let Ok(device) = DeviceId::new(client_id) else {
+        result("bad_client_id");
+        return Admission::BadClientId;
+    };
+    if username != Some(client_id) {
+        result("bad_credentials");
+        return Admission::BadCredentials;
+    }
+    let secret = password.unwrap_or_default();
+    // Key derivation takes milliseconds: keep it off the I/O thread.
+    let registry = ctx.registry.clone();
+    let id = device.clone();
+    let outcome = ntex::rt::spawn_blocking(move || registry.authenticate(id.as_str(), &secret))
+        .await
+        .unwrap_or(AuthOutcome::BadSecret);
+    match outcome {
+        AuthOutcome::Accepted { .. } => {
+            result("accepted");
+            ctx.metrics.connections.inc();
+            tracing::debug!(%device, "device connected");
+            Admission::Device(DeviceSession {
+                device,
+                metrics: ctx.metrics.clone(),
+            })
+        }
+        AuthOutcome::UnknownDevice | AuthOutcome::BadSecret => {
+            result("bad_credentials");
+            tracing::info!(client_id, "connection refused: unknown device or wrong secret");
+            Admission::BadCredentials
+        }
+    }
+}
+
+/// Why a publish was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Topic,
+    Removed,
+    LogFailed,
+}
+
+fn is_own_readings_topic(topic: &str, device: &DeviceId) -> bool {
+    topic
+        .strip_prefix(READINGS_PREFIX)
+        .and_then(|rest| rest.strip_suffix(READINGS_SUFFIX))
+        == Some(device.as_str())
+}
+
+/// The common publish path of both protocol versions.
+async fn accept_publish(
+    ctx: &IngestContext,
+    session: &DeviceSession,
+    topic: &str,
+    qos: QoS,
+    payload: Bytes,
+) -> Result<(), Refusal> {
+    let refuse = |r: Refusal, label: &'static str| {
+        ctx.metrics.publishes_refused.get_or_create(&[("reason", label)]).inc();
+        Err(r)
+    };
+    if !is_own_readings_topic(topic, &session.device) {
+        tracing::info!(device = %session.device, topic, "publish refused: not the device's readings topic");
+        return refuse(Refusal::Topic, "topic");
+    }
+    let Some(patient) = ctx.registry.patient_of(session.device.as_str()) else {
+        tracing::info!(device = %session.device, "publish refused: device no longer registered");
+        return refuse(Refusal::Removed, "removed_device");
+    };
+    let received_ns = now_ns();
+    let permit = ctx.budget.acquire(payload.len()).await;
+    let len = payload.len() as u64;
+    let (done, wait) = if qos == QoS::AtLeastOnce {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let req = WalRequest {
+        received_ns,
+        device: session.device.clone(),
+        patient: Some(patient),
+        payload,
+        permit,
+        done,
+    };
+    if ctx.wal.submit(req).is_err() {
+        return refuse(Refusal::LogFailed, "log_failed");
+    }
+    if let Some(wait) = wait
+        && !matches!(wait.await, Ok(Ok(())))
+    {
+        return refuse(Refusal::LogFailed, "log_failed");
+    }
+    ctx.metrics
+        .publishes
+        .get_or_create(&[("qos", if qos == QoS::AtLeastOnce { "1" } else { "0" })])
+        .inc();
+    ctx.metrics.publish_bytes.inc_by(len);
+    Ok(())
+}
+
+async fn handshake_v3(
+    ctx: Arc<IngestContext>,
+    hs: v3::Handshake,
+) -> Result<v3::HandshakeAck<DeviceSession>, ConnectionError> {
+    let pkt = hs.packet();
+    let (client_id, username, password) = (
+        pkt.client_id.to_string(),
+        pkt.username.as_ref().map(|u| u.to_string()),
+        pkt.password.clone(),
+    );
+    Ok(match admit(&ctx, &client_id, username.as_deref(), password).await {
+        Admission::Device(s) => hs.ack(s, false),
+        Admission::BadClientId => hs.identifier_rejected(),
+        Admission::BadCredentials => hs.bad_username_or_pwd(),
+    })
+}
+
+async fn handshake_v5(
+    ctx: Arc<IngestContext>,
+    hs: v5::Handshake,
+) -> Result<v5::HandshakeAck<DeviceSession>, ConnectionError> {
+    let pkt = hs.packet();
+    let (client_id, username, password) = (
+        pkt.client_id.to_string(),
+        pkt.username.as_ref().map(|u| u.to_string()),
+        pkt.password.clone(),
+    );
+    Ok(match admit(&ctx, &client_id, username.as_deref(), password).await {
+        Admission::Device(s) => hs.ack(s).with(|ack| {
+            ack.max_qos = QoS::AtLeastOnce;
+            ack.retain_available = false;
+            ack.wildcard_subscription_available = false;
+            ack.shared_subscription_available = false;
+            ack.subscription_identifiers_available = false;
+        }),
+        Admission::BadClientId => hs.failed(ConnectAckReason::ClientIdentifierNotValid),
+        Admission::BadCredentials => hs.failed(ConnectAckReason::BadUserNameOrPassword),
+    })
+}
+
+/// The MQTT service factory, for `ntex::server::build().bind(...)`.
+pub fn mqtt_service(
+    ctx: Arc<IngestContext>,
+) -> impl ServiceFactory<ntex::io::Io, SharedCfg, Response = (), InitError = ()> {
+    let (c3, c5) = (ctx.clone(), ctx.clone());
+    let (p3, p5) = (ctx.clone(), ctx);
+    MqttServer::new()
+        .v3(
+            v3::MqttServer::new(move |hs| handshake_v3(c3.clone(), hs))
+                .protocol(|msg: v3::ProtocolMessage| {
+                    Ready::<_, ConnectionError>::Ok(match msg {
+                        v3::ProtocolMessage::Subscribe(mut s) => {
+                            for mut sub in &mut s {
+                                sub.fail();
+                            }
+                            s.ack()
+                        }
+                        other => other.ack(),
+                    })
+                })
+                .publish(fn_factory_with_config(move |session: v3::Session<DeviceSession>| {
+                    let ctx = p3.clone();
+                    Ready::Ok::<_, ConnectionError>(fn_service(move |p: v3::Publish| {
+                        let (ctx, session) = (ctx.clone(), session.clone());
+                        async move {
+                            let payload = p.read_all().await.map_err(|_| ConnectionError::Payload)?;
+                            match accept_publish(&ctx, &session, p.publish_topic(), p.qos(), payload).await {
+                                Ok(()) => Ok(()),
+                                Err(Refusal::Topic) => Err(ConnectionError::TopicDenied),
+                                Err(Refusal::Removed) => Err(ConnectionError::DeviceRemoved),
+                                Err(Refusal::LogFailed) => Err(ConnectionError::LogFailed),
+                            }
+                        }
+                    }))
+                })),
+        )
+        .v5(
+            v5::MqttServer::new(move |hs| handshake_v5(c5.clone(), hs))
+                .protocol(|msg: v5::ProtocolMessage| {
+                    Ready::<_, ConnectionError>::Ok(match msg {
+                        v5::ProtocolMessage::Subscribe(mut s) => {
+                            for mut sub in &mut s {
+                                sub.fail(SubscribeAckReason::NotAuthorized);
+                            }
+                            s.ack()
+                        }
+                        other => other.ack(),
+                    })
+                })
+                .publish(fn_factory_with_config(move |session: v5::Session<DeviceSession>| {
+                    let ctx = p5.clone();
+                    Ready::Ok::<_, ConnectionError>(fn_service(move |p: v5::Publish| {
+                        let (ctx, session) = (ctx.clone(), session.clone());
+                        async move {
+                            let payload = p.read_all().await.map_err(|_| ConnectionError::Payload)?;
+                            let qos = p.qos();
+                            let result =
+                                accept_publish(&ctx, &session, p.publish_topic(), qos, payload).await;
+                            match (result, qos) {
+                                (Ok(()), _) => Ok(p.ack()),
+                                (Err(Refusal::Removed), _) => Err(ConnectionError::DeviceRemoved),
+                                // QoS 0 has no PUBACK to carry a reason: disconnect.
+                                (Err(Refusal::Topic), QoS::AtMostOnce) => Err(ConnectionError::TopicDenied),
+                                (Err(Refusal::LogFailed), QoS::AtMostOnce) => Err(ConnectionError::LogFailed),
+                                (Err(Refusal::Topic), _) => {
+                                    Ok(p.ack().reason_code(PublishAckReason::NotAuthorized))
+                                }
+                                (Err(Refusal::LogFailed), _) => {
+                                    Ok(p.ack().reason_code(PublishAckReason::UnspecifiedError))
+                                }
+                            }
+                        }
+                    }))
+                })),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_topic_is_exact() {
+        let d = DeviceId::new("mon-1").unwrap();
+        assert!(is_own_readings_topic("wardflow/v1/devices/mon-1/readings", &d));
+        assert!(!is_own_readings_topic("wardflow/v1/devices/mon-2/readings", &d));
+        assert!(!is_own_readings_topic("wardflow/v1/devices/mon-1/readings/x", &d));
+        assert!(!is_own_readings_topic("wardflow/v1/devices/mon-1", &d));
+        assert!(!is_own_readings_topic("other/mon-1/readings", &d));
+        assert_eq!(readings_topic("mon-1"), "wardflow/v1/devices/mon-1/readings");
+    }
+}

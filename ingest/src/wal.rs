@@ -1,0 +1,817 @@
+//! The write-ahead log: a publish is durable once it is here.
+//!
+//! One writer thread per process appends publishes to segment files in
+//! `wal/` and makes them durable with group commit: it takes every request
+//! waiting in its queue, writes them with one `write`, calls `fdatasync`
+//! once, and only then acknowledges the QoS 1 publishes (so the PUBACK
+//! follows durability) and hands the envelopes to the dataflow. While one
+//! fsync runs, the next batch gathers, so one fsync covers many publishes.
+//!
+//! Each commit is stamped with an epoch (milliseconds since the epoch,
+//! monotone even if the clock steps back); that epoch is the publish's
+//! dataflow time. The writer also advances every dataflow shard to the
+//! current epoch when idle, so time moves on without traffic.
+//!
+//! Record layout (all integers little-endian):
+//!
+//! ```text
+//! u32 body length | u32 CRC-32 (IEEE) of body | body:
+//!   u64 epoch | i64 received ns | u8 device id length | device id |
+//!   u8 patient id length (0 = none) | patient id | payload (the rest)
+//! ```
+//!
+//! Segments are named by the log position (LSN, a byte offset over all
+//! segments) of their first record. On start the log is scanned: a torn
+//! record at the end of the last segment (a crash mid-write; never
+//! acknowledged) is cut off; damage anywhere else stops the start with the
+//! file and offset, since acknowledged data would be at stake. Records at or
+//! after the storage checkpoint's epoch are replayed into the dataflow, and
+//! whole segments below the checkpoint are deleted as it advances.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ntex_bytes::Bytes;
+use wardflow_model::{DeviceId, PatientId, TimestampNs};
+
+use crate::budget::{MemoryBudget, Permit};
+use crate::envelope::{Envelope, Payload, route_hash};
+use crate::metrics::IngestMetrics;
+
+const RECORD_HEADER: usize = 8;
+const SEGMENT_SUFFIX: &str = ".wal";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("write-ahead log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "write-ahead log {path} is damaged at offset {offset} ({what}); it is not the last segment, so acknowledged readings may follow: refusing to start. Move the file aside to start without it."
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        what: &'static str,
+    },
+    #[error("the write-ahead log stopped after an I/O error; no publish is accepted")]
+    Failed,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> WalError + '_ {
+    move |source| WalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Write-ahead log settings.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    pub dir: PathBuf,
+    /// Start a new segment past this size.
+    pub segment_bytes: u64,
+    /// How often shards are advanced when no publish arrives.
+    pub idle_tick: Duration,
+    /// Most payload bytes in one group commit.
+    pub max_batch_bytes: usize,
+}
+
+impl WalConfig {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            segment_bytes: 64 << 20,
+            idle_tick: Duration::from_millis(20),
+            max_batch_bytes: 8 << 20,
+        }
+    }
+}
+
+/// What the dataflow's input shards receive.
+#[derive(Debug)]
+pub enum InputEvent {
+    Data(Envelope),
+    /// No more data before this epoch will follow.
+    Advance(u64),
+}
+
+/// Wakes a parked dataflow worker when its shard has input.
+#[derive(Default)]
+pub struct Wake(OnceLock<Thread>);
+
+impl Wake {
+    /// Called by the worker thread once, before it parks for the first time.
+    pub fn register_current(&self) {
+        let _ = self.0.set(std::thread::current());
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.0.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// The receiving end of one shard.
+pub struct ShardSource {
+    pub rx: Receiver<InputEvent>,
+    pub wake: Arc<Wake>,
+}
+
+/// The sending ends of all shards of a process.
+#[derive(Clone)]
+pub struct Shards {
+    senders: Vec<Sender<InputEvent>>,
+    wakes: Vec<Arc<Wake>>,
+}
+
+impl Shards {
+    /// Channels for `n` shards (one per local dataflow worker).
+    pub fn new(n: usize) -> (Shards, Vec<ShardSource>) {
+        assert!(n > 0);
+        let mut senders = Vec::new();
+        let mut wakes = Vec::new();
+        let mut sources = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let wake = Arc::new(Wake::default());
+            senders.push(tx);
+            wakes.push(wake.clone());
+            sources.push(ShardSource { rx, wake });
+        }
+        (Shards { senders, wakes }, sources)
+    }
+
+    pub fn len(&self) -> usize {
+        self.senders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.senders.is_empty()
+    }
+
+    /// The shard a device's publishes go to.
+    pub fn shard_of(&self, device: &DeviceId) -> usize {
+        (route_hash(device.as_str()) % self.senders.len() as u64) as usize
+    }
+
+    fn send(&self, env: Envelope) {
+        let s = self.shard_of(&env.device);
+        // A closed shard means the dataflow is shutting down.
+        let _ = self.senders[s].send(InputEvent::Data(env));
+    }
+
+    fn advance_all(&self, epoch: u64) {
+        for (tx, wake) in self.senders.iter().zip(&self.wakes) {
+            let _ = tx.send(InputEvent::Advance(epoch));
+            wake.wake();
+        }
+    }
+
+    fn wake_all(&self) {
+        for w in &self.wakes {
+            w.wake();
+        }
+    }
+}
+
+/// One publish to make durable.
+pub struct WalRequest {
+    pub received_ns: TimestampNs,
+    pub device: DeviceId,
+    pub patient: Option<PatientId>,
+    pub payload: Bytes,
+    pub permit: Permit,
+    /// Completed once durable, for QoS 1.
+    pub done: Option<tokio::sync::oneshot::Sender<Result<(), ()>>>,
+}
+
+struct WalShared {
+    failed: AtomicBool,
+    truncate_below: AtomicU64,
+    durable_lsn: AtomicU64,
+    epoch: AtomicU64,
+}
+
+/// A cheap, cloneable handle for submitting publishes.
+#[derive(Clone)]
+pub struct WalHandle {
+    tx: Sender<WalRequest>,
+    shared: Arc<WalShared>,
+}
+
+impl WalHandle {
+    /// Queues a publish. The caller holds its memory permit in the request.
+    pub fn submit(&self, req: WalRequest) -> Result<(), WalError> {
+        if self.shared.failed.load(Ordering::Relaxed) {
+            return Err(WalError::Failed);
+        }
+        self.tx.send(req).map_err(|_| WalError::Failed)
+    }
+
+    /// Allows segments whose records all have epochs below `epoch` to be deleted.
+    pub fn truncate_below(&self, epoch: u64) {
+        self.shared.truncate_below.fetch_max(epoch, Ordering::Relaxed);
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Relaxed)
+    }
+
+    /// The LSN up to which the log is durable.
+    pub fn durable_lsn(&self) -> u64 {
+        self.shared.durable_lsn.load(Ordering::Relaxed)
+    }
+
+    /// The epoch of the latest commit or idle tick.
+    pub fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Relaxed)
+    }
+}
+
+/// The running log: a handle and the writer thread.
+pub struct Wal {
+    pub handle: WalHandle,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Wal {
+    /// Opens the log in `config.dir`, replays every record with an epoch at
+    /// or after `replay_from` into `shards` (on the writer thread, before it
+    /// accepts new publishes), then serves requests.
+    pub fn start(
+        config: WalConfig,
+        replay_from: u64,
+        shards: Shards,
+        budget: Arc<MemoryBudget>,
+        metrics: Arc<IngestMetrics>,
+    ) -> Result<Wal, WalError> {
+        fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
+        let segments = recover(&config.dir)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let last_epoch = segments.iter().map(|s| s.max_epoch).max().unwrap_or(0);
+        let next_lsn = segments.last().map_or(0, |s| s.base_lsn + s.len);
+        let shared = Arc::new(WalShared {
+            failed: AtomicBool::new(false),
+            truncate_below: AtomicU64::new(0),
+            durable_lsn: AtomicU64::new(next_lsn),
+            epoch: AtomicU64::new(last_epoch),
+        });
+        let mut writer = Writer {
+            config,
+            rx,
+            shards,
+            shared: shared.clone(),
+            metrics,
+            budget,
+            segments,
+            current: None,
+            next_lsn,
+            last_epoch,
+            buf: Vec::with_capacity(1 << 20),
+            truncated_below: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || {
+                if let Err(e) = writer.replay(replay_from) {
+                    tracing::error!("write-ahead log replay failed: {e}");
+                    writer.shared.failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+                writer.run();
+            })
+            .map_err(|e| io_err(Path::new("wal-writer thread"))(e))?;
+        Ok(Wal {
+            handle: WalHandle { tx, shared },
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops accepting, finishes the queue, and waits for the writer. Every
+    /// clone of the handle must have been dropped first.
+    pub fn shutdown(self) {
+        let Wal { handle, thread } = self;
+        drop(handle);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    base_lsn: u64,
+    path: PathBuf,
+    len: u64,
+    max_epoch: u64,
+}
+
+fn segment_path(dir: &Path, base_lsn: u64) -> PathBuf {
+    dir.join(format!("{base_lsn:020}{SEGMENT_SUFFIX}"))
+}
+
+/// A record read back from disk.
+struct RawRecord<'a> {
+    epoch: u64,
+    received_ns: i64,
+    device: &'a str,
+    patient: &'a str,
+    payload_at: usize,
+    payload_len: usize,
+}
+
+/// Parses the record at the start of `b`. `Ok(None)` at a clean end;
+/// `Err` names what is wrong with a damaged or torn record.
+fn parse_record(b: &[u8]) -> Result<Option<(RawRecord<'_>, usize)>, &'static str> {
+    if b.is_empty() {
+        return Ok(None);
+    }
+    if b.len() < RECORD_HEADER {
+        return Err("short record header");
+    }
+    let len = u32::from_le_bytes(b[0..4].try_into().expect("4")) as usize;
+    let crc = u32::from_le_bytes(b[4..8].try_into().expect("4"));
+    let Some(body) = b.get(RECORD_HEADER..RECORD_HEADER + len) else {
+        return Err("record runs past the end of the file");
+    };
+    if crc32fast::hash(body) != crc {
+        return Err("checksum mismatch");
+    }
+    let bad = "record body is inconsistent";
+    if body.len() < 18 {
+        return Err(bad);
+    }
+    let epoch = u64::from_le_bytes(body[0..8].try_into().expect("8"));
+    let received_ns = i64::from_le_bytes(body[8..16].try_into().expect("8"));
+    let dl = body[16] as usize;
+    let device = body.get(17..17 + dl).ok_or(bad)?;
+    let pl = *body.get(17 + dl).ok_or(bad)? as usize;
+    let patient = body.get(18 + dl..18 + dl + pl).ok_or(bad)?;
+    let payload_at = RECORD_HEADER + 18 + dl + pl;
+    let device = std::str::from_utf8(device).map_err(|_| bad)?;
+    let patient = std::str::from_utf8(patient).map_err(|_| bad)?;
+    Ok(Some((
+        RawRecord {
+            epoch,
+            received_ns,
+            device,
+            patient,
+            payload_at,
+            payload_len: RECORD_HEADER + len - payload_at,
+        },
+        RECORD_HEADER + len,
+    )))
+}
+
+fn encode_record(buf: &mut Vec<u8>, epoch: u64, req: &WalRequest) {
+    let start = buf.len();
+    buf.extend_from_slice(&[0u8; RECORD_HEADER]);
+    buf.extend_from_slice(&epoch.to_le_bytes());
+    buf.extend_from_slice(&req.received_ns.to_le_bytes());
+    let d = req.device.as_str().as_bytes();
+    buf.push(d.len() as u8);
+    buf.extend_from_slice(d);
+    let p = req.patient.as_ref().map_or(&b""[..], |p| p.as_str().as_bytes());
+    buf.push(p.len() as u8);
+    buf.extend_from_slice(p);
+    buf.extend_from_slice(&req.payload);
+    let body = &buf[start + RECORD_HEADER..];
+    let len = body.len() as u32;
+    let crc = crc32fast::hash(body);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, WalError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).map_err(io_err(path))?;
+    Ok(buf)
+}
+
+/// Scans the segments in `dir`, cutting a torn tail off the last one.
+fn recover(dir: &Path) -> Result<Vec<Segment>, WalError> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        let Some(base) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(SEGMENT_SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        bases.push(base);
+    }
+    bases.sort_unstable();
+    let mut segments = Vec::new();
+    let count = bases.len();
+    for (i, base) in bases.into_iter().enumerate() {
+        let path = segment_path(dir, base);
+        let bytes = read_file(&path)?;
+        let mut at = 0usize;
+        let mut max_epoch = 0;
+        loop {
+            match parse_record(&bytes[at..]) {
+                Ok(None) => break,
+                Ok(Some((rec, used))) => {
+                    max_epoch = max_epoch.max(rec.epoch);
+                    at += used;
+                }
+                Err(what) if i + 1 == count => {
+                    tracing::warn!(
+                        "write-ahead log {}: cutting a torn record at offset {at} ({what}); it was never acknowledged",
+                        path.display()
+                    );
+                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                    f.set_len(at as u64).map_err(io_err(&path))?;
+                    f.sync_all().map_err(io_err(&path))?;
+                    break;
+                }
+                Err(what) => {
+                    return Err(WalError::Corrupt {
+                        path,
+                        offset: at as u64,
+                        what,
+                    });
+                }
+            }
+        }
+        segments.push(Segment {
+            base_lsn: base,
+            path,
+            len: at as u64,
+            max_epoch,
+        });
+    }
+    Ok(segments)
+}
+
+struct Writer {
+    config: WalConfig,
+    rx: Receiver<WalRequest>,
+    shards: Shards,
+    shared: Arc<WalShared>,
+    metrics: Arc<IngestMetrics>,
+    budget: Arc<MemoryBudget>,
+    segments: Vec<Segment>,
+    current: Option<File>,
+    next_lsn: u64,
+    last_epoch: u64,
+    buf: Vec<u8>,
+    truncated_below: u64,
+}
+
+fn now_ms() -> u64 {
+    (wardflow_model::now_ns() / 1_000_000).max(0) as u64
+}
+
+impl Writer {
+    /// Replays records with epoch >= `from` into the shards.
+    fn replay(&mut self, from: u64) -> Result<(), WalError> {
+        let started = Instant::now();
+        let mut replayed = 0u64;
+        for seg in self.segments.clone() {
+            if seg.max_epoch < from || seg.len == 0 {
+                continue;
+            }
+            let mut bytes = read_file(&seg.path)?;
+            bytes.truncate(seg.len as usize);
+            let whole = Bytes::from(bytes);
+            let mut at = 0usize;
+            while let Ok(Some((rec, used))) = parse_record(&whole[at..]) {
+                if rec.epoch >= from {
+                    let (Ok(device), patient) = (
+                        DeviceId::new(rec.device),
+                        (!rec.patient.is_empty()).then(|| PatientId::new(rec.patient)),
+                    ) else {
+                        at += used;
+                        continue;
+                    };
+                    let payload = whole.slice(at + rec.payload_at..at + rec.payload_at + rec.payload_len);
+                    let permit = self.budget.acquire_blocking(payload.len());
+                    self.shards.send(Envelope {
+                        epoch: rec.epoch,
+                        lsn: seg.base_lsn + at as u64,
+                        received_ns: rec.received_ns,
+                        device,
+                        patient: patient.and_then(Result::ok),
+                        payload: Payload(payload),
+                        permit: Some(Arc::new(permit)),
+                    });
+                    replayed += 1;
+                    if replayed % 1024 == 0 {
+                        self.shards.wake_all();
+                    }
+                }
+                at += used;
+            }
+        }
+        self.shards.advance_all(self.last_epoch);
+        self.metrics.wal_replayed.inc_by(replayed);
+        if replayed > 0 {
+            tracing::info!(
+                publishes = replayed,
+                from_epoch = from,
+                "replayed the write-ahead log in {:?}",
+                started.elapsed()
+            );
+        }
+        Ok(())
+    }
+
+    fn next_epoch(&mut self) -> u64 {
+        self.last_epoch = self.last_epoch.max(now_ms());
+        self.shared.epoch.store(self.last_epoch, Ordering::Relaxed);
+        self.last_epoch
+    }
+
+    fn run(&mut self) {
+        let mut batch: Vec<WalRequest> = Vec::new();
+        loop {
+            self.maybe_truncate();
+            let first = match self.rx.recv_timeout(self.config.idle_tick) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    let e = self.next_epoch();
+                    self.shards.advance_all(e);
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut bytes = first.payload.len();
+            batch.push(first);
+            while bytes < self.config.max_batch_bytes {
+                match self.rx.try_recv() {
+                    Ok(r) => {
+                        bytes += r.payload.len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let epoch = self.next_epoch();
+            match self.commit(epoch, &batch) {
+                Ok(lsns) => {
+                    for (req, lsn) in batch.drain(..).zip(lsns) {
+                        if let Some(done) = req.done {
+                            let _ = done.send(Ok(()));
+                        }
+                        self.shards.send(Envelope {
+                            epoch,
+                            lsn,
+                            received_ns: req.received_ns,
+                            device: req.device,
+                            patient: req.patient,
+                            payload: Payload(req.payload),
+                            permit: Some(Arc::new(req.permit)),
+                        });
+                    }
+                    self.shards.advance_all(epoch);
+                }
+                Err(e) => {
+                    tracing::error!("{e}; the write-ahead log stops accepting publishes");
+                    self.shared.failed.store(true, Ordering::SeqCst);
+                    self.metrics.wal_failed.set(1);
+                    for req in batch.drain(..) {
+                        if let Some(done) = req.done {
+                            let _ = done.send(Err(()));
+                        }
+                    }
+                    // Refuse everything still queued; submit() refuses the rest.
+                    while let Ok(req) = self.rx.recv() {
+                        if let Some(done) = req.done {
+                            let _ = done.send(Err(()));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(f) = self.current.take() {
+            let _ = f.sync_all();
+        }
+    }
+
+    /// Writes and fsyncs one batch; returns each request's LSN.
+    fn commit(&mut self, epoch: u64, batch: &[WalRequest]) -> Result<Vec<u64>, WalError> {
+        self.buf.clear();
+        let mut lsns = Vec::with_capacity(batch.len());
+        for req in batch {
+            lsns.push(self.next_lsn + self.buf.len() as u64);
+            encode_record(&mut self.buf, epoch, req);
+        }
+        self.open_segment_for_write()?;
+        let path = &self.segments.last().expect("a current segment").path;
+        let file = self.current.as_mut().expect("opened above");
+        file.write_all(&self.buf).map_err(io_err(path))?;
+        let t = Instant::now();
+        file.sync_data().map_err(io_err(path))?;
+        self.metrics.wal_fsync_seconds.observe(t.elapsed().as_secs_f64());
+        let n = self.buf.len() as u64;
+        let seg = self.segments.last_mut().expect("a current segment");
+        seg.len += n;
+        seg.max_epoch = seg.max_epoch.max(epoch);
+        self.next_lsn += n;
+        self.shared.durable_lsn.store(self.next_lsn, Ordering::Relaxed);
+        self.metrics.wal_bytes.inc_by(n);
+        self.metrics.wal_commits.inc();
+        self.metrics.wal_records.inc_by(batch.len() as u64);
+        Ok(lsns)
+    }
+
+    /// Opens the file to append to, rotating to a new segment when the current one is full.
+    fn open_segment_for_write(&mut self) -> Result<(), WalError> {
+        let full = self
+            .segments
+            .last()
+            .is_none_or(|s| s.len >= self.config.segment_bytes);
+        if self.current.is_none() || full {
+            let dir = self.config.dir.clone();
+            let reuse = !full && self.current.is_none();
+            let path = if reuse {
+                self.segments.last().expect("checked").path.clone()
+            } else {
+                let path = segment_path(&dir, self.next_lsn);
+                self.segments.push(Segment {
+                    base_lsn: self.next_lsn,
+                    path: path.clone(),
+                    len: 0,
+                    max_epoch: 0,
+                });
+                path
+            };
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            if !reuse {
+                File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
+            }
+            if let Some(old) = self.current.replace(f) {
+                let _ = old.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    fn maybe_truncate(&mut self) {
+        let below = self.shared.truncate_below.load(Ordering::Relaxed);
+        if below <= self.truncated_below {
+            return;
+        }
+        self.truncated_below = below;
+        let keep_from = self.segments.len().saturating_sub(1); // never the current one
+        let mut removed = 0;
+        while removed < keep_from && self.segments[removed].max_epoch < below {
+            let seg = &self.segments[removed];
+            if let Err(e) = fs::remove_file(&seg.path) {
+                tracing::warn!("could not delete write-ahead log segment {}: {e}", seg.path.display());
+                break;
+            }
+            removed += 1;
+        }
+        if removed > 0 {
+            self.segments.drain(..removed);
+            self.metrics.wal_segments_deleted.inc_by(removed as u64);
+        }
+        self.metrics.wal_segments.set(self.segments.len() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(budget: &Arc<MemoryBudget>, device: &str, payload: &'static [u8]) -> WalRequest {
+        WalRequest {
+            received_ns: 7,
+            device: DeviceId::new(device).unwrap(),
+            patient: Some(PatientId::new("p-1").unwrap()),
+            payload: Bytes::from_static(payload),
+            permit: budget.acquire_blocking(payload.len()),
+            done: None,
+        }
+    }
+
+    fn drain(sources: &[ShardSource]) -> Vec<Envelope> {
+        let mut out = Vec::new();
+        for s in sources {
+            while let Ok(ev) = s.rx.try_recv() {
+                if let InputEvent::Data(e) = ev {
+                    out.push(e);
+                }
+            }
+        }
+        out.sort_by_key(|e| e.lsn);
+        out
+    }
+
+    fn wait_for(sources: &[ShardSource], n: usize) -> Vec<Envelope> {
+        let mut got = Vec::new();
+        for _ in 0..500 {
+            got.extend(drain(sources));
+            if got.len() >= n {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got.sort_by_key(|e| e.lsn);
+        got
+    }
+
+    #[test]
+    fn commits_replays_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(1 << 20);
+        let metrics = Arc::new(IngestMetrics::default());
+        let (shards, sources) = Shards::new(2);
+        let wal = Wal::start(WalConfig::new(dir.path().into()), 0, shards, budget.clone(), metrics.clone()).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut req = request(&budget, "mon-1", b"[1]");
+        req.done = Some(tx);
+        wal.handle.submit(req).unwrap();
+        wal.handle.submit(request(&budget, "mon-2", b"[2]")).unwrap();
+        assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
+        let got = wait_for(&sources, 2);
+        assert_eq!(got.len(), 2);
+        assert_eq!(&*got[0].payload, b"[1]");
+        let epoch = got[1].epoch;
+        drop(got);
+        let handle = wal.handle.clone();
+        drop(handle);
+        wal.shutdown();
+        assert_eq!(budget.in_use(), 0, "permits return when envelopes drop");
+
+        // A torn record at the tail is cut, the rest replays.
+        let seg = fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
+        drop(f);
+        let (shards, sources) = Shards::new(1);
+        let wal = Wal::start(WalConfig::new(dir.path().into()), 0, shards, budget.clone(), metrics.clone()).unwrap();
+        let got = wait_for(&sources, 2);
+        assert_eq!(got.iter().map(|e| e.device.as_str()).collect::<Vec<_>>(), ["mon-1", "mon-2"]);
+        assert_eq!(got[1].patient.as_ref().unwrap().as_str(), "p-1");
+        drop(got);
+        wal.shutdown();
+
+        // Replay starts at the requested epoch.
+        let (shards, sources) = Shards::new(1);
+        let wal = Wal::start(WalConfig::new(dir.path().into()), epoch + 1, shards, budget.clone(), metrics).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(drain(&sources).is_empty());
+        wal.shutdown();
+    }
+
+    #[test]
+    fn damage_before_the_last_segment_refuses_to_start() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(segment_path(dir.path(), 0), [9u8; 20]).unwrap();
+        fs::write(segment_path(dir.path(), 20), []).unwrap();
+        let err = recover(dir.path()).unwrap_err();
+        assert!(matches!(err, WalError::Corrupt { offset: 0, .. }), "{err}");
+    }
+
+    #[test]
+    fn old_segments_are_deleted_below_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(1 << 20);
+        let metrics = Arc::new(IngestMetrics::default());
+        let (shards, _sources) = Shards::new(1);
+        let mut config = WalConfig::new(dir.path().into());
+        config.segment_bytes = 1; // every commit starts a new segment
+        let wal = Wal::start(config, 0, shards, budget.clone(), metrics).unwrap();
+        for _ in 0..3 {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut req = request(&budget, "mon-1", b"[1]");
+            req.done = Some(tx);
+            wal.handle.submit(req).unwrap();
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        let count = || fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(count(), 3);
+        wal.handle.truncate_below(u64::MAX);
+        for _ in 0..100 {
+            if count() == 1 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(count(), 1, "all but the current segment go");
+        wal.shutdown();
+    }
+}
