@@ -1,0 +1,63 @@
+//! The tables' Arrow schemas (documented in docs/storage.md).
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+fn ts() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// `readings`: one row per stored reading, sorted by patient, metric, time.
+pub static READINGS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", ts(), false),
+        Field::new("patient_id", DataType::Utf8, true),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, false),
+        Field::new("unit", DataType::Utf8, false),
+        Field::new("seq", DataType::UInt64, true),
+        Field::new("quality", DataType::UInt8, false),
+        Field::new("received_at", ts(), false),
+    ]))
+});
+
+pub mod readings {
+    pub const TIME: usize = 0;
+    pub const PATIENT: usize = 1;
+    pub const DEVICE: usize = 2;
+    pub const METRIC: usize = 3;
+    pub const VALUE: usize = 4;
+    pub const UNIT: usize = 5;
+    pub const SEQ: usize = 6;
+    pub const QUALITY: usize = 7;
+    pub const RECEIVED: usize = 8;
+}
+
+/// `deadletters`: one row per rejected reading or payload.
+pub static DEAD_LETTERS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("received_at", ts(), false),
+        Field::new("device_id", DataType::Utf8, false),
+        Field::new("patient_id", DataType::Utf8, true),
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("metric", DataType::Utf8, true),
+        Field::new("raw", DataType::Utf8, false),
+        Field::new("time", ts(), true),
+        Field::new("seq", DataType::UInt64, true),
+    ]))
+});
+
+pub mod dead_letters {
+    pub const RECEIVED: usize = 0;
+    pub const DEVICE: usize = 1;
+    pub const PATIENT: usize = 2;
+    pub const REASON: usize = 3;
+    pub const DETAIL: usize = 4;
+    pub const METRIC: usize = 5;
+    pub const RAW: usize = 6;
+    pub const TIME: usize = 7;
+    pub const SEQ: usize = 8;
+}

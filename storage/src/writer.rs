@@ -1,0 +1,366 @@
+//! The per-worker writer: buffers a flush interval in memory, then writes it
+//! as Parquet in one go.
+//!
+//! Each dataflow worker owns one [`ShardWriter`]. Readings arrive per publish
+//! (`append`, one call per batch, no allocation per reading: ids are interned
+//! per interval) and are kept as compact rows. When the dataflow's frontier
+//! passes the end of an interval, [`ShardWriter::flush_before`] sorts the
+//! interval's rows by (hour, patient, metric, time), writes one Parquet file
+//! per hour partition, the dead letters likewise, and the device states as
+//! of the interval's end, each file fsynced and renamed into place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow::array::{
+    ArrayRef, Float64Array, StringBuilder, TimestampNanosecondArray, UInt8Array, UInt64Array,
+};
+use arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::metadata::SortingColumn;
+use serde::Serialize;
+use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Reading, TimestampNs};
+
+use crate::StorageError;
+use crate::layout::{self, DEAD_LETTERS_DIR, FileName, READINGS_DIR, STATE_DIR};
+use crate::schema;
+
+/// Store settings shared by all writers of a process.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The data directory.
+    pub root: PathBuf,
+    /// This process's index (timely `--process`).
+    pub process: usize,
+    /// Length of a flush interval, in epoch milliseconds.
+    pub interval_ms: u64,
+}
+
+impl StoreConfig {
+    pub fn interval_of(&self, epoch: u64) -> u64 {
+        epoch - epoch % self.interval_ms
+    }
+}
+
+pub(crate) fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_sorting_columns(Some(vec![
+            SortingColumn { column_idx: schema::readings::PATIENT as i32, descending: false, nulls_first: false },
+            SortingColumn { column_idx: schema::readings::METRIC as i32, descending: false, nulls_first: false },
+            SortingColumn { column_idx: schema::readings::TIME as i32, descending: false, nulls_first: false },
+        ]))
+        .build()
+}
+
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl Interner {
+    fn intern(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.ids.get(s) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.names.push(s.to_string());
+        self.ids.insert(s.to_string(), i);
+        i
+    }
+
+    /// Rank of each id in sorted order of the names.
+    fn ranks(&self) -> Vec<u32> {
+        let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| self.names[a as usize].cmp(&self.names[b as usize]));
+        let mut rank = vec![0; order.len()];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i as usize] = r as u32;
+        }
+        rank
+    }
+}
+
+const NO_PATIENT: u32 = u32::MAX;
+
+/// One buffered reading.
+#[derive(Clone, Copy)]
+struct Row {
+    time_ns: TimestampNs,
+    received_ns: TimestampNs,
+    value: f64,
+    seq: Option<u64>,
+    patient: u32,
+    device: u32,
+    metric: Metric,
+    quality: u8,
+}
+
+struct Interval<S> {
+    patients: Interner,
+    devices: Interner,
+    rows: Vec<Row>,
+    dead: Vec<DeadLetter>,
+    states: HashMap<DeviceId, S>,
+}
+
+impl<S> Default for Interval<S> {
+    fn default() -> Self {
+        Self {
+            patients: Interner::default(),
+            devices: Interner::default(),
+            rows: Vec::new(),
+            dead: Vec::new(),
+            states: HashMap::new(),
+        }
+    }
+}
+
+/// What one flush wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    pub intervals: usize,
+    pub readings: u64,
+    pub dead_letters: u64,
+    pub files: usize,
+    pub bytes: u64,
+    pub micros: u64,
+}
+
+/// Buffers and writes one worker's share of the store.
+pub struct ShardWriter<S> {
+    config: StoreConfig,
+    worker: usize,
+    pending: BTreeMap<u64, Interval<S>>,
+    props: WriterProperties,
+}
+
+impl<S: Serialize> ShardWriter<S> {
+    /// `worker` is the dataflow worker's global index.
+    pub fn new(config: StoreConfig, worker: usize) -> Self {
+        Self {
+            config,
+            worker,
+            pending: BTreeMap::new(),
+            props: writer_properties(),
+        }
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Adds one publish's outcome at dataflow time `epoch`: its readings, its
+    /// dead letters, and the device's validation state after it.
+    pub fn append(
+        &mut self,
+        epoch: u64,
+        device: &DeviceId,
+        patient: Option<&PatientId>,
+        received_ns: TimestampNs,
+        readings: &[Reading],
+        dead: impl IntoIterator<Item = DeadLetter>,
+        state: S,
+    ) {
+        let interval = self.config.interval_of(epoch);
+        let buf = self.pending.entry(interval).or_default();
+        let p = patient.map_or(NO_PATIENT, |p| buf.patients.intern(p.as_str()));
+        let d = buf.devices.intern(device.as_str());
+        buf.rows.extend(readings.iter().map(|r| Row {
+            time_ns: r.time_ns,
+            received_ns,
+            value: r.value,
+            seq: r.seq,
+            patient: p,
+            device: d,
+            metric: r.metric,
+            quality: r.quality.0,
+        }));
+        buf.dead.extend(dead);
+        match buf.states.get_mut(device) {
+            Some(s) => *s = state,
+            None => {
+                buf.states.insert(device.clone(), state);
+            }
+        }
+    }
+
+    /// The start of the earliest interval with buffered data.
+    pub fn earliest_pending(&self) -> Option<u64> {
+        self.pending.keys().next().copied()
+    }
+
+    /// Buffered readings not yet written.
+    pub fn pending_rows(&self) -> usize {
+        self.pending.values().map(|i| i.rows.len()).sum()
+    }
+
+    /// Writes every interval that ends at or before `frontier` (all its data
+    /// has arrived). An empty frontier (`None`) writes everything.
+    pub fn flush_before(&mut self, frontier: Option<u64>) -> Result<FlushStats, StorageError> {
+        let started = Instant::now();
+        let mut stats = FlushStats::default();
+        let mut dirs = Vec::new();
+        while let Some((&start, _)) = self.pending.first_key_value() {
+            if frontier.is_some_and(|f| start + self.config.interval_ms > f) {
+                break;
+            }
+            let buf = self.pending.remove(&start).expect("present");
+            self.write_interval(start, buf, &mut stats, &mut dirs)?;
+            stats.intervals += 1;
+        }
+        dirs.sort();
+        dirs.dedup();
+        for dir in &dirs {
+            layout::sync_dir(dir).map_err(StorageError::io(dir))?;
+        }
+        stats.micros = started.elapsed().as_micros() as u64;
+        Ok(stats)
+    }
+
+    fn write_interval(
+        &self,
+        start: u64,
+        mut buf: Interval<S>,
+        stats: &mut FlushStats,
+        dirs: &mut Vec<PathBuf>,
+    ) -> Result<(), StorageError> {
+        let name = FileName::Interval {
+            start,
+            process: self.config.process,
+            worker: self.worker,
+        };
+        let root = &self.config.root;
+
+        // Readings, one file per hour partition.
+        let rank = buf.patients.ranks();
+        let rank_of = |p: u32| if p == NO_PATIENT { u32::MAX } else { rank[p as usize] };
+        buf.rows.sort_unstable_by_key(|r| (layout::hour_of(r.time_ns), rank_of(r.patient), r.metric, r.time_ns));
+        for group in buf.rows.chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns)) {
+            let hour = layout::hour_of(group[0].time_ns);
+            let batch = readings_batch(group, &buf.patients, &buf.devices)?;
+            let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
+            stats.bytes += self.write_parquet(&dir, &name, &batch)?;
+            stats.readings += group.len() as u64;
+            stats.files += 1;
+            dirs.push(dir);
+        }
+
+        // Dead letters, by the hour of receipt.
+        buf.dead.sort_by_key(|d| d.received_ns);
+        for group in buf.dead.chunk_by(|a, b| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)) {
+            let hour = layout::hour_of(group[0].received_ns);
+            let batch = dead_letters_batch(group)?;
+            let dir = root.join(DEAD_LETTERS_DIR).join(layout::partition_dir(hour));
+            stats.bytes += self.write_parquet(&dir, &name, &batch)?;
+            stats.dead_letters += group.len() as u64;
+            stats.files += 1;
+            dirs.push(dir);
+        }
+
+        // Device states as of the end of the interval.
+        if !buf.states.is_empty() {
+            let dir = root.join(STATE_DIR);
+            std::fs::create_dir_all(&dir).map_err(StorageError::io(&dir))?;
+            let path = dir.join(name.render("json"));
+            let file = StateFile {
+                interval: start,
+                devices: buf.states.into_iter().collect(),
+            };
+            let json = serde_json::to_vec(&file).map_err(|e| StorageError::Encode(e.to_string()))?;
+            layout::write_atomically(&path, |f| f.write_all(&json)).map_err(StorageError::io(&path))?;
+            stats.files += 1;
+            dirs.push(dir);
+        }
+        Ok(())
+    }
+
+    fn write_parquet(&self, dir: &Path, name: &FileName, batch: &RecordBatch) -> Result<u64, StorageError> {
+        std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
+        let path = dir.join(name.render("parquet"));
+        write_parquet_file(&path, batch, self.props.clone())
+    }
+}
+
+/// Writes one record batch as a Parquet file, atomically. Returns its size.
+pub(crate) fn write_parquet_file(path: &Path, batch: &RecordBatch, props: WriterProperties) -> Result<u64, StorageError> {
+    let mut size = 0;
+    layout::write_atomically(path, |f: &mut File| {
+        let mut w = ArrowWriter::try_new(f.try_clone()?, batch.schema(), Some(props))
+            .map_err(std::io::Error::other)?;
+        w.write(batch).map_err(std::io::Error::other)?;
+        w.close().map_err(std::io::Error::other)?;
+        size = f.metadata()?.len();
+        Ok(())
+    })
+    .map_err(StorageError::io(path))?;
+    Ok(size)
+}
+
+/// Device states written with an interval.
+#[derive(Serialize, serde::Deserialize)]
+pub(crate) struct StateFile<S> {
+    pub interval: u64,
+    pub devices: Vec<(DeviceId, S)>,
+}
+
+fn readings_batch(rows: &[Row], patients: &Interner, devices: &Interner) -> Result<RecordBatch, StorageError> {
+    let n = rows.len();
+    let mut patient = StringBuilder::with_capacity(n, n * 8);
+    let mut device = StringBuilder::with_capacity(n, n * 8);
+    let mut metric = StringBuilder::with_capacity(n, n * 4);
+    let mut unit = StringBuilder::with_capacity(n, n * 4);
+    for r in rows {
+        if r.patient == NO_PATIENT {
+            patient.append_null();
+        } else {
+            patient.append_value(&patients.names[r.patient as usize]);
+        }
+        device.append_value(&devices.names[r.device as usize]);
+        metric.append_value(r.metric.name());
+        unit.append_value(r.metric.canonical_unit().ucum());
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.time_ns)).with_timezone("UTC")),
+        Arc::new(patient.finish()),
+        Arc::new(device.finish()),
+        Arc::new(metric.finish()),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
+        Arc::new(unit.finish()),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.seq))),
+        Arc::new(UInt8Array::from_iter_values(rows.iter().map(|r| r.quality))),
+        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_ns)).with_timezone("UTC")),
+    ];
+    RecordBatch::try_new(schema::READINGS.clone(), columns).map_err(|e| StorageError::Encode(e.to_string()))
+}
+
+fn dead_letters_batch(rows: &[DeadLetter]) -> Result<RecordBatch, StorageError> {
+    let strings = |f: &dyn Fn(&DeadLetter) -> Option<&str>| -> ArrayRef {
+        let mut b = StringBuilder::new();
+        for d in rows {
+            b.append_option(f(d));
+        }
+        Arc::new(b.finish())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|d| d.received_ns)).with_timezone("UTC")),
+        strings(&|d| Some(d.device.as_str())),
+        strings(&|d| d.patient.as_ref().map(|p| p.as_str())),
+        strings(&|d| Some(d.reason.code())),
+        strings(&|d| Some(d.detail.as_str())),
+        strings(&|d| d.metric.as_deref()),
+        strings(&|d| Some(d.raw.as_str())),
+        Arc::new(TimestampNanosecondArray::from_iter(rows.iter().map(|d| d.time_ns)).with_timezone("UTC")),
+        Arc::new(UInt64Array::from_iter(rows.iter().map(|d| d.seq))),
+    ];
+    RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns).map_err(|e| StorageError::Encode(e.to_string()))
+}
