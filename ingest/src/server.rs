@@ -24,7 +24,7 @@ use ntex::service::{fn_factory_with_config, fn_service};
 use ntex::util::{Bytes, Ready};
 use ntex::{ServiceFactory, SharedCfg};
 use ntex_mqtt::v5::codec::{ConnectAckReason, PublishAckReason, SubscribeAckReason};
-use ntex_mqtt::{MqttServer, MqttServiceConfig, QoS, v3, v5};
+use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, Reason, v3, v5};
 use wardflow_model::{DeviceId, now_ns};
 
 use crate::budget::MemoryBudget;
@@ -284,6 +284,16 @@ async fn handshake_v5(
     })
 }
 
+/// Logs why a device's connection ended.
+fn log_control(device: &DeviceId, msg: &Control<ConnectionError>) {
+    match msg {
+        Control::Stop(Reason::Error(e)) => tracing::info!(%device, "connection closed: {e:?}"),
+        Control::Stop(Reason::Protocol(e)) => tracing::info!(%device, "connection closed on a protocol error: {e:?}"),
+        Control::Stop(Reason::PeerGone(_)) => tracing::debug!(%device, "connection closed by the device"),
+        Control::WrBackpressure(_) => {}
+    }
+}
+
 /// The MQTT service factory, for `ntex::server::build().bind(...)`.
 pub fn mqtt_service(
     ctx: Arc<IngestContext>,
@@ -304,6 +314,12 @@ pub fn mqtt_service(
                         other => other.ack(),
                     })
                 })
+                .control(fn_factory_with_config(|session: v3::Session<DeviceSession>| {
+                    Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
+                        log_control(&session.device, &msg);
+                        Ready::Ok::<Option<v3::codec::Encoded>, ConnectionError>(None)
+                    }))
+                }))
                 .publish(fn_factory_with_config(move |session: v3::Session<DeviceSession>| {
                     let ctx = p3.clone();
                     Ready::Ok::<_, ConnectionError>(fn_service(move |p: v3::Publish| {
@@ -333,6 +349,12 @@ pub fn mqtt_service(
                         other => other.ack(),
                     })
                 })
+                .control(fn_factory_with_config(|session: v5::Session<DeviceSession>| {
+                    Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
+                        log_control(&session.device, &msg);
+                        Ready::Ok::<Option<v5::codec::Encoded>, ConnectionError>(None)
+                    }))
+                }))
                 .publish(fn_factory_with_config(move |session: v5::Session<DeviceSession>| {
                     let ctx = p5.clone();
                     Ready::Ok::<_, ConnectionError>(fn_service(move |p: v5::Publish| {

@@ -219,6 +219,22 @@ impl WalHandle {
         self.tx.send(req).map_err(|_| WalError::Failed)
     }
 
+    /// A handle for watching and trimming the log that does not keep it open.
+    pub fn control(&self) -> WalControl {
+        WalControl {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Watches and trims the log; unlike [`WalHandle`], holding one does not
+/// keep the writer running.
+#[derive(Clone)]
+pub struct WalControl {
+    shared: Arc<WalShared>,
+}
+
+impl WalControl {
     /// Allows segments whose records all have epochs below `epoch` to be deleted.
     pub fn truncate_below(&self, epoch: u64) {
         self.shared.truncate_below.fetch_max(epoch, Ordering::Relaxed);
@@ -804,7 +820,7 @@ mod tests {
         }
         let count = || fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(count(), 3);
-        wal.handle.truncate_below(u64::MAX);
+        wal.handle.control().truncate_below(u64::MAX);
         for _ in 0..100 {
             if count() == 1 {
                 break;

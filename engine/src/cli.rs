@@ -1,0 +1,565 @@
+//! The `wardflow` command line.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use wardflow_ingest::registry::Registry;
+use wardflow_model::{DeviceId, Metric, PatientId};
+use wardflow_simulator::{Credential, PayloadKind, SimConfig};
+use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, query_dead_letters, query_readings};
+
+use crate::config::Config;
+use crate::node::Node;
+use crate::output::{Format, Rows, format_time, parse_duration, parse_time};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wardflow",
+    version,
+    about = "Patient-controlled telemetry and alert engine for hospitals",
+    long_about = "Wardflow ingests vital signs from bedside devices over MQTT, validates them in a timely \
+                  dataflow, and stores them durably. Start with `wardflow demo`."
+)]
+pub struct Cli {
+    /// Data directory: device registry, write-ahead log, store [default: ./wardflow-data]
+    #[arg(long, global = true, env = "WARDFLOW_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// TOML configuration file (see `wardflow config` for every key)
+    #[arg(long, global = true, env = "WARDFLOW_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `warn`, `wardflow_ingest=debug`
+    #[arg(long, global = true, env = "WARDFLOW_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the engine: MQTT ingest, dataflow, storage, HTTP health and metrics
+    Serve(ServeArgs),
+    /// Run the engine with 50 simulated patients on loopback and a temporary data directory
+    Demo(DemoArgs),
+    /// Register, list and remove devices
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Publish simulated vital signs to an MQTT server and report throughput and latency
+    Simulate(SimulateArgs),
+    /// Print stored readings
+    Query(QueryArgs),
+    /// Inspect rejected readings
+    #[command(subcommand)]
+    Deadletters(DeadlettersCommand),
+    /// Print the effective configuration as TOML (defaults, file, then flags)
+    Config(ServeArgs),
+}
+
+/// Flags that override the configuration file, key by key.
+#[derive(Args, Debug, Default, Clone)]
+pub struct ServeArgs {
+    /// MQTT listen address [mqtt.listen, default 127.0.0.1:1883]
+    #[arg(long, value_name = "ADDR")]
+    pub mqtt: Option<String>,
+    /// Threads serving MQTT connections [mqtt.io_threads, default 1]
+    #[arg(long, value_name = "N")]
+    pub mqtt_io_threads: Option<usize>,
+    /// Largest accepted MQTT packet in bytes [mqtt.max_packet_bytes, default 1048576]
+    #[arg(long, value_name = "BYTES")]
+    pub mqtt_max_packet_bytes: Option<u32>,
+    /// Publishes in flight per connection [mqtt.max_inflight, default 64]
+    #[arg(long, value_name = "N")]
+    pub mqtt_max_inflight: Option<u16>,
+    /// Payload bytes in flight per connection [mqtt.max_inflight_bytes, default 4194304]
+    #[arg(long, value_name = "BYTES")]
+    pub mqtt_max_inflight_bytes: Option<usize>,
+    /// HTTP listen address for /healthz and /metrics [http.listen, default 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// Timely workers per process, 0 = one per core [dataflow.workers, default 0]
+    #[arg(long, short = 'w', value_name = "W")]
+    pub workers: Option<usize>,
+    /// Processes in the timely cluster [dataflow.processes, default 1]
+    #[arg(long, short = 'n', value_name = "N")]
+    pub processes: Option<usize>,
+    /// This process's index in the cluster [dataflow.process, default 0]
+    #[arg(long, short = 'p', value_name = "I")]
+    pub process: Option<usize>,
+    /// One host:port per process [dataflow.hostfile; default 127.0.0.1:2101, 2102, ...]
+    #[arg(long, value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Storage flush interval in ms [storage.flush_interval_ms, default 1000]
+    #[arg(long, value_name = "MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// Compact a partition at this many small files [storage.compaction_min_files, default 16]
+    #[arg(long, value_name = "N")]
+    pub compaction_min_files: Option<usize>,
+    /// Most rows per compacted file [storage.compaction_max_rows, default 1048576]
+    #[arg(long, value_name = "ROWS")]
+    pub compaction_max_rows: Option<usize>,
+    /// Allowed device clock skew ahead of the server in ms [validation.max_future_skew_ms, default 30000]
+    #[arg(long, value_name = "MS")]
+    pub max_future_skew_ms: Option<u64>,
+    /// Oldest accepted reading in ms [validation.max_age_ms, default 86400000]
+    #[arg(long, value_name = "MS")]
+    pub max_age_ms: Option<u64>,
+    /// Memory limit for readings in flight and buffered, MiB [limits.memory_mb, default 1024]
+    #[arg(long, value_name = "MIB")]
+    pub memory_mb: Option<u64>,
+    /// Write-ahead-log segment size, MiB [wal.segment_mb, default 64]
+    #[arg(long, value_name = "MIB")]
+    pub wal_segment_mb: Option<u64>,
+}
+
+impl ServeArgs {
+    fn apply(&self, c: &mut Config) {
+        macro_rules! set {
+            ($flag:expr, $field:expr) => {
+                if let Some(v) = $flag.clone() {
+                    $field = v;
+                }
+            };
+        }
+        set!(self.mqtt, c.mqtt.listen);
+        set!(self.mqtt_io_threads, c.mqtt.io_threads);
+        set!(self.mqtt_max_packet_bytes, c.mqtt.max_packet_bytes);
+        set!(self.mqtt_max_inflight, c.mqtt.max_inflight);
+        set!(self.mqtt_max_inflight_bytes, c.mqtt.max_inflight_bytes);
+        set!(self.http, c.http.listen);
+        set!(self.workers, c.dataflow.workers);
+        set!(self.processes, c.dataflow.processes);
+        set!(self.process, c.dataflow.process);
+        if self.hostfile.is_some() {
+            c.dataflow.hostfile = self.hostfile.clone();
+        }
+        set!(self.flush_interval_ms, c.storage.flush_interval_ms);
+        set!(self.compaction_min_files, c.storage.compaction_min_files);
+        set!(self.compaction_max_rows, c.storage.compaction_max_rows);
+        set!(self.max_future_skew_ms, c.validation.max_future_skew_ms);
+        set!(self.max_age_ms, c.validation.max_age_ms);
+        set!(self.memory_mb, c.limits.memory_mb);
+        set!(self.wal_segment_mb, c.wal.segment_mb);
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Simulated patients, one bedside monitor each
+    #[arg(long, default_value_t = 50)]
+    pub patients: usize,
+    /// Readings per second per monitor (7 = each of 7 vitals once a second)
+    #[arg(long, default_value_t = 7.0)]
+    pub rate: f64,
+    /// Stop after this long (e.g. 30s); without it, run until Ctrl-C
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// Share of publishes that are deliberately faulty, to show dead letters at work
+    #[arg(long, default_value_t = 0.002)]
+    pub bad_ratio: f64,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DevicesCommand {
+    /// Register a device and bind it to a patient; prints a generated secret unless --secret is given
+    Add {
+        device: String,
+        #[arg(long)]
+        patient: String,
+        /// The device's secret (at least 16 characters); generated when omitted
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// List registered devices
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove a device; a connected device is disconnected at its next publish
+    Remove { device: String },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PayloadArg {
+    Senml,
+    Binary,
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    /// MQTT server, mqtt://HOST:PORT
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub target: String,
+    /// Number of devices (one virtual patient each)
+    #[arg(long, default_value_t = 10)]
+    pub devices: usize,
+    /// Readings per second per device; 0 = as fast as the server accepts
+    #[arg(long, default_value_t = 7.0)]
+    pub rate: f64,
+    /// How long to publish, e.g. 30s, 5m
+    #[arg(long, default_value = "10s")]
+    pub duration: String,
+    #[arg(long, value_enum, default_value_t = PayloadArg::Senml)]
+    pub payload: PayloadArg,
+    /// Readings per publish
+    #[arg(long, default_value_t = 7)]
+    pub batch: usize,
+    /// MQTT QoS, 0 or 1
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// QoS 1 publishes in flight per device
+    #[arg(long, default_value_t = 32)]
+    pub window: u16,
+    /// Threads to spread the devices over
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Register the devices in --data-dir first (fresh secrets)
+    #[arg(long)]
+    pub register: bool,
+    /// JSON file of device credentials: written with --register, read without it
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// Device id prefix
+    #[arg(long, default_value = "sim-")]
+    pub prefix: String,
+    /// Share of publishes that are deliberately faulty
+    #[arg(long, default_value_t = 0.0)]
+    pub bad_ratio: f64,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print the final report as one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QueryArgs {
+    #[arg(long)]
+    pub patient: String,
+    /// Metric name: hr, spo2, rr, sbp, dbp, map, temp, pr, etco2
+    #[arg(long)]
+    pub metric: Option<String>,
+    #[arg(long)]
+    pub device: Option<String>,
+    /// From this time (RFC 3339, a date, now, or -15m / -2h / -1d)
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Up to (not including) this time
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Print at most this many readings (the latest ones)
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DeadlettersCommand {
+    /// List dead letters, newest first
+    List {
+        #[arg(long)]
+        device: Option<String>,
+        /// Reason code, e.g. implausible_value, malformed_payload
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+}
+
+/// Builds the effective configuration: defaults, then the file, then flags.
+pub fn effective_config(cli: &Cli, serve: &ServeArgs) -> anyhow::Result<Config> {
+    let mut c = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &cli.data_dir {
+        c.data_dir = d.clone();
+    }
+    serve.apply(&mut c);
+    c.validate()?;
+    Ok(c)
+}
+
+fn data_dir(cli: &Cli) -> anyhow::Result<PathBuf> {
+    Ok(effective_config(cli, &ServeArgs::default())?.data_dir)
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
+        .with_writer(std::io::stderr)
+        .init();
+    match &cli.command {
+        Command::Serve(args) => serve(effective_config(&cli, args)?),
+        Command::Demo(args) => crate::demo::run(&cli, args),
+        Command::Devices(cmd) => devices(&data_dir(&cli)?, cmd),
+        Command::Simulate(args) => simulate(&cli, args),
+        Command::Query(args) => query(&data_dir(&cli)?, args),
+        Command::Deadletters(cmd) => deadletters(&data_dir(&cli)?, cmd),
+        Command::Config(args) => {
+            print!("{}", effective_config(&cli, args)?.to_toml());
+            Ok(())
+        }
+    }
+}
+
+/// Sets a flag on Ctrl-C or SIGTERM.
+pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    Ok(stop)
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let stop = stop_flag()?;
+    let node = Node::start(&config)?;
+    eprintln!(
+        "wardflow: MQTT on {}, HTTP on http://{} (/healthz, /metrics), data in {}; Ctrl-C stops",
+        node.mqtt_addr,
+        node.http_addr,
+        node.data_dir.display()
+    );
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("wardflow: stopping; storing everything accepted");
+    node.shutdown()
+}
+
+fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
+    match cmd {
+        DevicesCommand::Add { device, patient, secret } => {
+            let d = DeviceId::new(device).context("device")?;
+            let p = PatientId::new(patient).context("--patient")?;
+            let s = Registry::add(data_dir, d.clone(), p.clone(), secret.as_deref())?;
+            println!("device {d} registered for patient {p}");
+            if secret.is_none() {
+                println!("secret: {s}");
+                eprintln!("(shown once: only a salted hash is stored)");
+            }
+        }
+        DevicesCommand::List { format } => {
+            let reg = Registry::load(data_dir)?;
+            #[derive(Serialize)]
+            struct Row<'a> {
+                device: &'a str,
+                patient: &'a str,
+                added: String,
+            }
+            let rows: Vec<Row> = reg
+                .devices()
+                .map(|d| Row {
+                    device: d.id.as_str(),
+                    patient: d.patient.as_str(),
+                    added: format_time(d.added_ns),
+                })
+                .collect();
+            let text = Rows {
+                header: vec!["device", "patient", "added"],
+                rows: rows.iter().map(|r| vec![r.device.into(), r.patient.into(), r.added.clone()]).collect(),
+            };
+            print_rows(*format, &text, &rows)?;
+        }
+        DevicesCommand::Remove { device } => {
+            let removed = Registry::remove(data_dir, device)?;
+            println!("device {} removed (was bound to patient {})", removed.id, removed.patient);
+        }
+    }
+    Ok(())
+}
+
+fn print_rows<T: Serialize>(format: Format, rows: &Rows, records: &[T]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        Format::Table => rows.write_table(&mut out)?,
+        Format::Csv => rows.write_csv(&mut out)?,
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, records)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
+    let metric = match &args.metric {
+        Some(m) => Some(Metric::from_name(m).with_context(|| {
+            let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
+            format!("--metric: unknown metric {m:?}; known metrics are {}", known.join(", "))
+        })?),
+        None => None,
+    };
+    let q = ReadingQuery {
+        patient: Some(args.patient.clone()),
+        device: args.device.clone(),
+        metric,
+        from_ns: args.from.as_deref().map(|s| parse_time("--from", s)).transpose()?,
+        to_ns: args.to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
+    };
+    let mut rows = query_readings(data_dir, &q)?;
+    if let Some(limit) = args.limit {
+        let skip = rows.len().saturating_sub(limit);
+        rows.drain(..skip);
+    }
+    let text = Rows {
+        header: vec!["time", "patient", "device", "metric", "value", "unit", "seq", "quality"],
+        rows: rows
+            .iter()
+            .map(|r| {
+                vec![
+                    format_time(r.time_ns),
+                    r.patient.clone().unwrap_or_default(),
+                    r.device.clone(),
+                    r.metric.clone(),
+                    r.value.to_string(),
+                    r.unit.clone(),
+                    r.seq.map(|s| s.to_string()).unwrap_or_default(),
+                    r.quality.to_string(),
+                ]
+            })
+            .collect(),
+    };
+    print_rows(args.format, &text, &rows)
+}
+
+fn deadletters(data_dir: &Path, cmd: &DeadlettersCommand) -> anyhow::Result<()> {
+    let DeadlettersCommand::List {
+        device,
+        reason,
+        from,
+        to,
+        limit,
+        format,
+    } = cmd;
+    if let Some(r) = reason
+        && wardflow_model::RejectReason::from_code(r).is_none()
+    {
+        let known: Vec<&str> = wardflow_model::RejectReason::ALL.iter().map(|r| r.code()).collect();
+        bail!("--reason: unknown reason {r:?}; reasons are {}", known.join(", "));
+    }
+    let q = DeadLetterQuery {
+        device: device.clone(),
+        reason: reason.clone(),
+        from_ns: from.as_deref().map(|s| parse_time("--from", s)).transpose()?,
+        to_ns: to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
+    };
+    let mut rows = query_dead_letters(data_dir, &q)?;
+    let total = rows.len();
+    rows.truncate(*limit);
+    let text = Rows {
+        header: vec!["received", "device", "patient", "reason", "metric", "raw", "detail"],
+        rows: rows
+            .iter()
+            .map(|d| {
+                vec![
+                    format_time(d.received_ns),
+                    d.device.clone(),
+                    d.patient.clone().unwrap_or_default(),
+                    d.reason.clone(),
+                    d.metric.clone().unwrap_or_default(),
+                    d.raw.clone(),
+                    d.detail.clone(),
+                ]
+            })
+            .collect(),
+    };
+    print_rows(*format, &text, &rows)?;
+    if total > rows.len() {
+        eprintln!("({} of {total} dead letters shown; --limit shows more)", rows.len());
+    }
+    Ok(())
+}
+
+#[derive(Serialize, serde::Deserialize)]
+struct CredentialFile {
+    device: String,
+    patient: String,
+    secret: String,
+}
+
+fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
+    let target = args.target.strip_prefix("mqtt://").unwrap_or(&args.target).to_string();
+    if target.contains("://") {
+        bail!("--target: only mqtt:// is supported, got {}", args.target);
+    }
+    let config = SimConfig {
+        target,
+        devices: args.devices,
+        rate: args.rate,
+        duration: Some(parse_duration("--duration", &args.duration)?),
+        payload: match args.payload {
+            PayloadArg::Senml => PayloadKind::Senml,
+            PayloadArg::Binary => PayloadKind::Binary,
+        },
+        batch: args.batch.max(1),
+        qos: args.qos,
+        window: args.window,
+        threads: args.threads,
+        bad_ratio: args.bad_ratio,
+        seed: args.seed,
+        device_prefix: args.prefix.clone(),
+    };
+    let creds = if args.register {
+        let dir = data_dir(cli)?;
+        let creds = wardflow_simulator::register(&dir, &config)?;
+        if let Some(path) = &args.credentials {
+            let file: Vec<CredentialFile> = creds
+                .iter()
+                .map(|c| CredentialFile {
+                    device: c.device.to_string(),
+                    patient: c.patient.to_string(),
+                    secret: c.secret.clone(),
+                })
+                .collect();
+            std::fs::write(path, serde_json::to_vec_pretty(&file)?).with_context(|| format!("writing {}", path.display()))?;
+        }
+        creds
+    } else if let Some(path) = &args.credentials {
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let file: Vec<CredentialFile> =
+            serde_json::from_slice(&text).with_context(|| format!("{}: not a credentials file", path.display()))?;
+        let mut creds = Vec::new();
+        for c in file.into_iter().take(config.devices) {
+            creds.push(Credential {
+                device: DeviceId::new(&c.device)?,
+                patient: PatientId::new(&c.patient)?,
+                secret: c.secret,
+            });
+        }
+        if creds.len() < config.devices {
+            bail!("{}: holds {} devices, --devices asks for {}", path.display(), creds.len(), config.devices);
+        }
+        creds
+    } else {
+        bail!("the simulator needs device secrets: pass --register (registers its devices in --data-dir) or --credentials FILE");
+    };
+    let stop = stop_flag()?;
+    let started = Instant::now();
+    let report = wardflow_simulator::run(&config, creds, stop, |p| eprintln!("{p}"));
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        println!("{report}");
+    }
+    tracing::debug!("simulation took {:?}", started.elapsed());
+    if report.sent == 0 {
+        bail!("nothing was sent: no device could connect to {}", config.target);
+    }
+    Ok(())
+}

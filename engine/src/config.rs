@@ -1,0 +1,321 @@
+//! Configuration: one typed struct with its defaults in one place, read
+//! from TOML (`--config FILE`) and overridden key by key by flags.
+//!
+//! `wardflow config` prints the effective configuration; every key below is
+//! also a flag of `wardflow serve` (see `wardflow serve --help`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use wardflow_ingest::server::MqttLimits;
+use wardflow_ingest::validate::ValidationConfig;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where registry, write-ahead log, store and checkpoints live.
+    pub data_dir: PathBuf,
+    pub mqtt: MqttSection,
+    pub http: HttpSection,
+    pub dataflow: DataflowSection,
+    pub storage: StorageSection,
+    pub validation: ValidationSection,
+    pub limits: LimitsSection,
+    pub wal: WalSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttSection {
+    /// Address of the MQTT listener (MQTT 3.1.1 and 5.0, plain TCP).
+    pub listen: String,
+    /// Threads serving MQTT connections.
+    pub io_threads: usize,
+    /// Largest accepted MQTT packet, bytes.
+    pub max_packet_bytes: u32,
+    /// Publishes in flight per connection (v5 Receive Maximum).
+    pub max_inflight: u16,
+    /// Payload bytes in flight per connection.
+    pub max_inflight_bytes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Address of the HTTP listener (/healthz, /metrics).
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataflowSection {
+    /// Timely workers per process; 0 means one per CPU core.
+    pub workers: usize,
+    /// Processes in the timely cluster.
+    pub processes: usize,
+    /// This process's index, 0..processes.
+    pub process: usize,
+    /// File with one `host:port` per process, for timely's cluster mode.
+    /// Without it, processes listen on 127.0.0.1:2101, 2102, ...
+    pub hostfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// Length of a storage flush interval, ms: readings become queryable
+    /// and the checkpoint advances in these steps.
+    pub flush_interval_ms: u64,
+    /// Compact a partition once it holds this many small files.
+    pub compaction_min_files: usize,
+    /// Most rows in one compacted file.
+    pub compaction_max_rows: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationSection {
+    /// How far a device clock may run ahead of the server, ms.
+    pub max_future_skew_ms: u64,
+    /// Oldest accepted reading on receipt, ms.
+    pub max_age_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Memory the server may use for readings in flight and buffered for
+    /// storage, MiB. An eighth of it caps payload bytes between sockets and
+    /// the dataflow; when that is spent, devices are slowed by TCP backpressure.
+    pub memory_mb: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalSection {
+    /// Size at which a new write-ahead-log segment starts, MiB.
+    pub segment_mb: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./wardflow-data"),
+            mqtt: MqttSection::default(),
+            http: HttpSection::default(),
+            dataflow: DataflowSection::default(),
+            storage: StorageSection::default(),
+            validation: ValidationSection::default(),
+            limits: LimitsSection::default(),
+            wal: WalSection::default(),
+        }
+    }
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        let l = MqttLimits::default();
+        Self {
+            listen: "127.0.0.1:1883".into(),
+            io_threads: 1,
+            max_packet_bytes: l.max_packet_bytes,
+            max_inflight: l.max_inflight,
+            max_inflight_bytes: l.max_inflight_bytes,
+        }
+    }
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+impl Default for DataflowSection {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            processes: 1,
+            process: 0,
+            hostfile: None,
+        }
+    }
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 1000,
+            compaction_min_files: 16,
+            compaction_max_rows: 1 << 20,
+        }
+    }
+}
+
+impl Default for ValidationSection {
+    fn default() -> Self {
+        let v = ValidationConfig::default();
+        Self {
+            max_future_skew_ms: v.max_future_skew_ms,
+            max_age_ms: v.max_age_ms,
+        }
+    }
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self { memory_mb: 1024 }
+    }
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        Self { segment_mb: 64 }
+    }
+}
+
+/// A configuration file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file; missing keys take their defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((1, 1), |span| line_column(text, span.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.storage.flush_interval_ms == 0 {
+            return bad("storage.flush_interval_ms must be at least 1".into());
+        }
+        if self.dataflow.processes == 0 || self.dataflow.process >= self.dataflow.processes {
+            return bad(format!(
+                "dataflow.process is {} but must be below dataflow.processes ({})",
+                self.dataflow.process, self.dataflow.processes
+            ));
+        }
+        if self.limits.memory_mb < 16 {
+            return bad("limits.memory_mb must be at least 16".into());
+        }
+        if self.mqtt.io_threads == 0 {
+            return bad("mqtt.io_threads must be at least 1".into());
+        }
+        if self.mqtt.max_inflight == 0 {
+            return bad("mqtt.max_inflight must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Timely workers in this process.
+    pub fn workers(&self) -> usize {
+        match self.dataflow.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+
+    /// Payload bytes allowed in flight (an eighth of the memory limit).
+    pub fn in_flight_budget(&self) -> u64 {
+        self.limits.memory_mb * (1 << 20) / 8
+    }
+
+    pub fn mqtt_limits(&self) -> MqttLimits {
+        MqttLimits {
+            max_packet_bytes: self.mqtt.max_packet_bytes,
+            max_inflight: self.mqtt.max_inflight,
+            max_inflight_bytes: self.mqtt.max_inflight_bytes,
+            ..MqttLimits::default()
+        }
+    }
+
+    pub fn validation_config(&self) -> ValidationConfig {
+        ValidationConfig {
+            max_future_skew_ms: self.validation.max_future_skew_ms,
+            max_age_ms: self.validation.max_age_ms,
+        }
+    }
+}
+
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let c = Config::default();
+        let back = Config::parse(&c.to_toml(), Path::new("x.toml")).unwrap();
+        assert_eq!(c, back);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let c = Config::parse("[mqtt]\nlisten = \"0.0.0.0:1884\"\n", Path::new("w.toml")).unwrap();
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1884");
+        assert_eq!(c.http, HttpSection::default());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "data_dir = \"d\"\n\n[storage]\nflush_interval_ms = \"soon\"\n";
+        let err = Config::parse(text, Path::new("wardflow.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("wardflow.toml:4:"), "{err}");
+        assert!(err.contains("invalid type"), "{err}");
+        let err = Config::parse("[mqtt]\nlisten = \"x\"\nport = 1\n", Path::new("w.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("w.toml:3:") && err.contains("unknown field `port`"), "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let mut c = Config::default();
+        c.dataflow.process = 1;
+        assert!(c.validate().unwrap_err().to_string().contains("dataflow.process"));
+    }
+}

@@ -1,0 +1,377 @@
+//! The timely dataflow: from logged publishes to stored readings.
+//!
+//! ```text
+//! shard channel (one per worker, fed by the write-ahead log, sharded by device)
+//!   └▶ input ─exchange by patient─▶ Validate ─▶ Store ─▶ Checkpoint ─▶ probe
+//!                                   decode,      buffer an      persist the
+//!                                   validate,    interval,      stored frontier
+//!                                   dead letters flush when     (worker 0 of each
+//!                                                it is complete process)
+//! ```
+//!
+//! Time is the write-ahead log's commit epoch (ms). The Store operator holds
+//! a capability for every interval it has not yet flushed, so the frontier
+//! after it is the *stored* frontier: every publish logged before it is in
+//! the store, in every process. The Checkpoint operator writes that frontier
+//! (rounded down to an interval boundary) to disk and holds its own output
+//! back until it did, so the frontier after it tells when every process has
+//! checkpointed, and the log may forget what lies before.
+//!
+//! On start, the processes agree on the smallest checkpoint among them (a
+//! small dataflow of its own), each removes its files from that point on,
+//! and the log replays from there: every acknowledged publish is stored
+//! exactly once.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crossbeam_channel::{Sender, TryRecvError};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::vec::broadcast::Broadcast;
+use timely::dataflow::operators::{Exchange, Inspect, Operator, Probe};
+use timely::dataflow::{InputHandle, ProbeHandle};
+use timely::worker::Worker;
+use wardflow_ingest::codec::{self, DecodedReading};
+use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validator};
+use wardflow_ingest::wal::{InputEvent, ShardSource};
+use wardflow_ingest::{Envelope, metrics::IngestMetrics};
+use wardflow_model::{DeadLetter, DeviceId, PatientId, Reading, TimestampNs};
+use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_checkpoint};
+use wardflow_storage::{ShardWriter, StoreConfig};
+
+use crate::metrics::{EngineMetrics, Progress};
+
+/// One publish after validation: what Store writes and later stages
+/// (rules, research) will read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Validated {
+    pub device: DeviceId,
+    pub patient: Option<PatientId>,
+    pub received_ns: TimestampNs,
+    pub readings: Vec<Reading>,
+    pub dead: Vec<DeadLetter>,
+    /// The device's validation state after this publish (checkpointed).
+    pub state: DeviceState,
+}
+
+/// What every worker needs.
+pub struct DataflowContext {
+    pub root: PathBuf,
+    pub process: usize,
+    pub workers_per_process: usize,
+    pub interval_ms: u64,
+    pub validation: ValidationConfig,
+    pub sources: Mutex<Vec<Option<ShardSource>>>,
+    /// Worker 0 of the process sends the agreed checkpoint here once its
+    /// files are recovered: the log may then replay from it.
+    pub recovered: Mutex<Option<Sender<anyhow::Result<u64>>>>,
+    pub ingest_metrics: Arc<IngestMetrics>,
+    pub metrics: Arc<EngineMetrics>,
+    pub progress: Arc<Progress>,
+}
+
+/// Runs one worker: recovery, the dataflow, and the input loop until the
+/// write-ahead log closes its shard.
+pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
+    let index = worker.index();
+    let local = index % ctx.workers_per_process;
+    let leader = local == 0;
+
+    // 1. Agree on the checkpoint every process reached.
+    let mine = if leader {
+        match read_checkpoint(&ctx.root, ctx.process) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                report_recovery(ctx, Err(anyhow::anyhow!("reading the storage checkpoint: {e}")));
+                Some(0)
+            }
+        }
+    } else {
+        None
+    };
+    let checkpoint = agree_min(worker, mine);
+
+    // 2. Remove what the replay will write again; hand the checkpoint to the log.
+    if leader {
+        let result = recover(&ctx.root, ctx.process, checkpoint)
+            .map(|report| {
+                tracing::info!(
+                    checkpoint,
+                    removed = report.uncommitted,
+                    covered = report.covered,
+                    temporary = report.temporary,
+                    "storage recovered"
+                );
+                checkpoint
+            })
+            .map_err(|e| anyhow::anyhow!("recovering the store: {e}"));
+        ctx.progress.checkpoint.store(checkpoint, Ordering::Relaxed);
+        report_recovery(ctx, result);
+    }
+    let states = match load_states::<DeviceState>(&ctx.root, checkpoint) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("device states not restored, resends right after this restart may be stored twice: {e}");
+            Default::default()
+        }
+    };
+
+    // 3. The dataflow.
+    let mut input: InputHandle<u64, _> = InputHandle::new();
+    let stored = ProbeHandle::new();
+    let persisted = ProbeHandle::new();
+    let store_config = StoreConfig {
+        root: ctx.root.clone(),
+        process: ctx.process,
+        interval_ms: ctx.interval_ms,
+    };
+    worker.dataflow::<u64, _, _>(|scope| {
+        let validated = input
+            .to_stream(scope)
+            .exchange(|e: &Envelope| e.route())
+            .unary::<CapacityContainerBuilder<Vec<Validated>>, _, _, _>(Pipeline, "Validate", {
+                let metrics = ctx.ingest_metrics.clone();
+                let config = ctx.validation;
+                move |_cap, _info| {
+                    let mut validator = Validator::new(config);
+                    validator.restore(states);
+                    let mut decoded = Vec::new();
+                    move |input, output| {
+                        input.for_each(|cap, data: &mut Vec<Envelope>| {
+                            let mut session = output.session(&cap);
+                            for env in data.drain(..) {
+                                session.give(validate_one(&mut validator, &mut decoded, env));
+                            }
+                        });
+                        metrics.record_validation(&validator.take_counts());
+                    }
+                }
+            });
+        let stored_stream = validated.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Store", {
+            let metrics = ctx.metrics.clone();
+            let progress = ctx.progress.clone();
+            move |initial, info| {
+                drop(initial);
+                let mut writer: ShardWriter<DeviceState> = ShardWriter::new(store_config, index);
+                let interval_ms = writer.config().interval_ms;
+                let activator = scope.activator_for(info.address.clone());
+                // The least capability of each interval not yet flushed.
+                let mut held: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data: &mut Vec<Validated>| {
+                        let Some(&time) = cap.least() else { return };
+                        let interval = time - time % interval_ms;
+                        match held.get(&interval) {
+                            Some(c) if c.time() <= &time => {}
+                            _ => {
+                                if let Some(c) = cap.retain_least(output.output_index()) {
+                                    held.insert(interval, c);
+                                }
+                            }
+                        }
+                        for v in data.drain(..) {
+                            writer.append(time, &v.device, v.patient.as_ref(), v.received_ns, &v.readings, v.dead, v.state);
+                        }
+                    });
+                    let f = frontier.frontier().first().copied();
+                    let complete = writer
+                        .earliest_pending()
+                        .is_some_and(|s| f.is_none_or(|f| s + interval_ms <= f));
+                    if complete {
+                        match writer.flush_before(f) {
+                            Ok(stats) => {
+                                metrics.readings_stored.inc_by(stats.readings);
+                                metrics.dead_letters_stored.inc_by(stats.dead_letters);
+                                metrics.storage_files_written.inc_by(stats.files as u64);
+                                metrics.storage_bytes_written.inc_by(stats.bytes);
+                                metrics.storage_flush_seconds.observe(stats.micros as f64 / 1e6);
+                                progress.storage_healthy.store(true, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                tracing::error!("storage flush failed, retrying in 1 s (data stays in the write-ahead log): {e}");
+                                metrics.storage_errors.inc();
+                                progress.storage_healthy.store(false, Ordering::Relaxed);
+                                activator.activate_after(Duration::from_secs(1));
+                            }
+                        }
+                    }
+                    // Release the capabilities of flushed intervals.
+                    match writer.earliest_pending() {
+                        Some(first) => held.retain(|interval, _| *interval >= first),
+                        None => held.clear(),
+                    }
+                    metrics.storage_pending_readings.set(writer.pending_rows() as i64);
+                }
+            }
+        });
+        let stored_stream = stored_stream.probe_with(&stored);
+        stored_stream
+            .unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Checkpoint", {
+                let root = ctx.root.clone();
+                let process = ctx.process;
+                let interval_ms = ctx.interval_ms;
+                let progress = ctx.progress.clone();
+                let metrics = ctx.metrics.clone();
+                move |cap, info| {
+                    let activator = scope.activator_for(info.address.clone());
+                    // Only one worker per process writes; the others hold nothing.
+                    let mut cap = leader.then_some(cap);
+                    let mut persisted = checkpoint;
+                    move |(input, frontier), _output| {
+                        input.for_each(|_, _: &mut Vec<()>| {});
+                        let Some(c) = cap.as_mut() else { return };
+                        match frontier.frontier().first() {
+                            Some(&f) => {
+                                let boundary = f - f % interval_ms;
+                                if boundary > persisted {
+                                    match write_checkpoint(&root, process, boundary) {
+                                        Ok(()) => {
+                                            persisted = boundary;
+                                            c.downgrade(&boundary);
+                                            progress.checkpoint.store(boundary, Ordering::Relaxed);
+                                            metrics.checkpoint_epoch_ms.set(boundary as i64);
+                                        }
+                                        Err(e) => {
+                                            tracing::error!("writing the storage checkpoint failed, retrying: {e}");
+                                            activator.activate_after(Duration::from_secs(1));
+                                        }
+                                    }
+                                }
+                            }
+                            None => {
+                                cap = None;
+                            }
+                        }
+                    }
+                }
+            })
+            .probe_with(&persisted);
+    });
+
+    // 4. Feed the input from this worker's shard of the log.
+    let source = ctx.sources.lock()[local].take().expect("one source per local worker");
+    source.wake.register_current();
+    let mut open = true;
+    while open {
+        let mut fed = 0usize;
+        loop {
+            match source.rx.try_recv() {
+                Ok(InputEvent::Data(env)) => {
+                    if env.epoch > *input.time() {
+                        input.advance_to(env.epoch);
+                    }
+                    input.send(env);
+                    fed += 1;
+                    if fed >= 1024 {
+                        break;
+                    }
+                }
+                Ok(InputEvent::Advance(e)) => {
+                    if e > *input.time() {
+                        input.advance_to(e);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if leader {
+            publish_progress(ctx, &stored, &persisted);
+        }
+        if fed > 0 {
+            worker.step();
+        } else {
+            worker.step_or_park(Some(Duration::from_millis(20)));
+        }
+    }
+
+    // 5. The log is closed: finish, flushing everything.
+    drop(input);
+    while !persisted.done() {
+        worker.step_or_park(Some(Duration::from_millis(5)));
+    }
+    if leader {
+        publish_progress(ctx, &stored, &persisted);
+    }
+}
+
+fn report_recovery(ctx: &DataflowContext, result: anyhow::Result<u64>) {
+    if let Some(tx) = ctx.recovered.lock().take() {
+        let _ = tx.send(result);
+    }
+}
+
+fn publish_progress(ctx: &DataflowContext, stored: &ProbeHandle<u64>, persisted: &ProbeHandle<u64>) {
+    let first = |p: &ProbeHandle<u64>| p.with_frontier(|f| f.first().copied());
+    if let Some(s) = first(stored) {
+        ctx.progress.stored_frontier.store(s, Ordering::Relaxed);
+    }
+    if let Some(p) = first(persisted) {
+        ctx.progress.truncate_below.store(p, Ordering::Relaxed);
+    }
+}
+
+/// Decodes and validates one logged publish.
+fn validate_one(validator: &mut Validator, decoded: &mut Vec<DecodedReading>, env: Envelope) -> Validated {
+    decoded.clear();
+    let receipt = Receipt {
+        device: &env.device,
+        patient: env.patient.as_ref(),
+        received_ns: env.received_ns,
+    };
+    let mut readings = Vec::new();
+    let mut dead = Vec::new();
+    let state = match codec::decode(&env.payload, env.received_ns, decoded) {
+        Ok(_) => validator.validate(receipt, decoded, &mut readings, &mut dead),
+        Err(e) => {
+            tracing::debug!(device = %env.device, "undecodable payload: {e}");
+            validator.reject_payload(receipt, &e, &env.payload, &mut dead);
+            validator.device_state(env.device.as_str()).copied().unwrap_or_default()
+        }
+    };
+    Validated {
+        device: env.device,
+        patient: env.patient,
+        received_ns: env.received_ns,
+        readings,
+        dead,
+        state,
+    }
+}
+
+/// The minimum of the values the workers offer (each process's leader
+/// offers its checkpoint), known to every worker.
+fn agree_min(worker: &mut Worker, mine: Option<u64>) -> u64 {
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let sink = seen.clone();
+    let mut input: InputHandle<u64, _> = InputHandle::new();
+    let probe = ProbeHandle::new();
+    worker.dataflow::<u64, _, _>(|scope| {
+        input
+            .to_stream(scope)
+            .broadcast()
+            .inspect(move |x: &u64| sink.borrow_mut().push(*x))
+            .probe_with(&probe);
+    });
+    if let Some(v) = mine {
+        input.send(v);
+    }
+    drop(input);
+    while !probe.done() {
+        worker.step_or_park(Some(Duration::from_millis(1)));
+    }
+    let min = seen.borrow().iter().copied().min().unwrap_or(0);
+    min
+}

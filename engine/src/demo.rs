@@ -1,0 +1,125 @@
+//! `wardflow demo`: the engine and 50 simulated bedside monitors in one
+//! process, on loopback, with a temporary data directory.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use wardflow_simulator::{PayloadKind, SimConfig};
+use wardflow_storage::query::{ReadingQuery, query_readings};
+
+use crate::cli::{Cli, DemoArgs, effective_config, stop_flag};
+use crate::node::Node;
+use crate::output::{format_time, parse_duration};
+
+pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
+    let mut serve = args.serve.clone();
+    // Ephemeral ports unless asked otherwise, so the demo runs beside anything.
+    serve.mqtt.get_or_insert_with(|| "127.0.0.1:0".into());
+    serve.http.get_or_insert_with(|| "127.0.0.1:0".into());
+    let mut config = effective_config(cli, &serve)?;
+    let temp = match &cli.data_dir {
+        Some(_) => None,
+        None => {
+            let t = tempfile::Builder::new().prefix("wardflow-demo-").tempdir().context("creating a temporary data directory")?;
+            config.data_dir = t.path().to_path_buf();
+            Some(t)
+        }
+    };
+    let duration = args.duration.as_deref().map(|d| parse_duration("--duration", d)).transpose()?;
+    let stop = stop_flag()?;
+
+    let node = Node::start(&config)?;
+    let sim = SimConfig {
+        target: node.mqtt_addr.to_string(),
+        devices: args.patients,
+        rate: args.rate,
+        duration: None,
+        payload: PayloadKind::Senml,
+        batch: 7,
+        qos: 1,
+        window: 16,
+        threads: 1,
+        bad_ratio: args.bad_ratio,
+        seed: 2026,
+        device_prefix: "bed-".into(),
+    };
+    let creds = wardflow_simulator::register(&config.data_dir, &sim)?;
+    println!(
+        "wardflow demo: {} simulated patients on MQTT {}, metrics on http://{}/metrics, data in {}",
+        args.patients,
+        node.mqtt_addr,
+        node.http_addr,
+        config.data_dir.display()
+    );
+    println!("one line a second; Ctrl-C stops");
+
+    let sim_stop = Arc::new(AtomicBool::new(false));
+    let simulator = {
+        let (sim, stop) = (sim.clone(), sim_stop.clone());
+        std::thread::Builder::new()
+            .name("demo-simulator".into())
+            .spawn(move || wardflow_simulator::run(&sim, creds, stop, |_| {}))?
+    };
+
+    let started = Instant::now();
+    let m = node.metrics.clone();
+    let totals = || {
+        let rejected: u64 = wardflow_model::RejectReason::ALL
+            .iter()
+            .map(|r| m.ingest.readings_rejected.get_or_create(&[("reason", r.code())]).get())
+            .sum();
+        (m.ingest.readings_accepted.get(), m.engine.readings_stored.get(), rejected)
+    };
+    let mut last = totals();
+    let mut last_at = Instant::now();
+    while !stop.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
+        std::thread::sleep(Duration::from_millis(100));
+        if last_at.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let now = totals();
+        let secs = last_at.elapsed().as_secs_f64();
+        let rate = |a: u64, b: u64| (a - b) as f64 / secs;
+        println!(
+            "{:>5.0}s  accepted {:>6.0}/s  stored {:>6.0}/s  dead letters {:>4.0}/s  (total stored {}, dead letters {})  connections {}  lag {} ms",
+            started.elapsed().as_secs_f64(),
+            rate(now.0, last.0),
+            rate(now.1, last.1),
+            rate(now.2, last.2),
+            now.1,
+            now.2,
+            m.ingest.connections.get(),
+            m.engine.dataflow_lag_ms.get(),
+        );
+        (last, last_at) = (now, Instant::now());
+    }
+
+    println!("stopping: devices first, then the engine stores everything it accepted");
+    sim_stop.store(true, Ordering::SeqCst);
+    let report = simulator.join().map_err(|_| anyhow::anyhow!("the simulator panicked"))?;
+    let data_dir = node.data_dir.clone();
+    node.shutdown()?;
+    let (accepted, stored, dead) = totals();
+    println!("{report}");
+    println!("accepted {accepted} readings, stored {stored}, dead letters {dead}");
+    let q = ReadingQuery {
+        patient: Some("bed-patient-0000".into()),
+        ..Default::default()
+    };
+    if let Some(last) = query_readings(&data_dir, &q)?.last() {
+        println!(
+            "latest stored reading of bed-patient-0000: {} {} = {} {}",
+            format_time(last.time_ns),
+            last.metric,
+            last.value,
+            last.unit
+        );
+    }
+    if temp.is_some() {
+        println!("(the temporary data directory is removed; pass --data-dir to keep the data)");
+    }
+    drop(temp);
+    Ok(())
+}

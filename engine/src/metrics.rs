@@ -1,0 +1,131 @@
+//! The engine's metrics and the registry `/metrics` serves.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use wardflow_ingest::metrics::IngestMetrics;
+
+/// Dataflow and storage metrics.
+pub struct EngineMetrics {
+    pub readings_stored: Counter,
+    pub dead_letters_stored: Counter,
+    pub storage_files_written: Counter,
+    pub storage_bytes_written: Counter,
+    pub storage_flush_seconds: Histogram,
+    pub storage_errors: Counter,
+    pub storage_pending_readings: Gauge,
+    pub compaction_files_merged: Counter,
+    pub checkpoint_epoch_ms: Gauge,
+    pub dataflow_lag_ms: Gauge,
+    pub dataflow_workers: Gauge,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        Self {
+            readings_stored: Counter::default(),
+            dead_letters_stored: Counter::default(),
+            storage_files_written: Counter::default(),
+            storage_bytes_written: Counter::default(),
+            // 100 µs .. ~3 s
+            storage_flush_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 16)),
+            storage_errors: Counter::default(),
+            storage_pending_readings: Gauge::default(),
+            compaction_files_merged: Counter::default(),
+            checkpoint_epoch_ms: Gauge::default(),
+            dataflow_lag_ms: Gauge::default(),
+            dataflow_workers: Gauge::default(),
+        }
+    }
+}
+
+impl EngineMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register("readings_stored", "Readings written to the store", self.readings_stored.clone());
+        r.register("dead_letters_stored", "Dead letters written to the store", self.dead_letters_stored.clone());
+        r.register("storage_files_written", "Parquet and state files written", self.storage_files_written.clone());
+        r.register("storage_bytes_written", "Bytes of Parquet written", self.storage_bytes_written.clone());
+        r.register("storage_flush_seconds", "Time to write one worker's flush", self.storage_flush_seconds.clone());
+        r.register("storage_errors", "Failed storage writes (retried)", self.storage_errors.clone());
+        r.register(
+            "storage_pending_readings",
+            "Readings buffered for the next flush",
+            self.storage_pending_readings.clone(),
+        );
+        r.register(
+            "compaction_files_merged",
+            "Small files merged by compaction",
+            self.compaction_files_merged.clone(),
+        );
+        r.register(
+            "checkpoint_epoch_ms",
+            "Storage checkpoint: every publish logged before this time (ms since epoch) is stored",
+            self.checkpoint_epoch_ms.clone(),
+        );
+        r.register(
+            "dataflow_lag_ms",
+            "How far the stored frontier trails the wall clock",
+            self.dataflow_lag_ms.clone(),
+        );
+        r.register("dataflow_workers", "Timely workers in this process", self.dataflow_workers.clone());
+    }
+}
+
+/// Progress the dataflow reports to the node.
+#[derive(Default)]
+pub struct Progress {
+    /// Every publish logged before this epoch is stored (global frontier).
+    pub stored_frontier: AtomicU64,
+    /// Every process has checkpointed up to here: the log may forget before it.
+    pub truncate_below: AtomicU64,
+    /// The latest checkpoint written by this process.
+    pub checkpoint: AtomicU64,
+    /// False while a storage write keeps failing.
+    pub storage_healthy: AtomicBool,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            storage_healthy: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
+    pub fn stored_frontier(&self) -> u64 {
+        self.stored_frontier.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything `/metrics` serves.
+pub struct Metrics {
+    pub ingest: Arc<IngestMetrics>,
+    pub engine: Arc<EngineMetrics>,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let ingest = Arc::new(IngestMetrics::default());
+        let engine = Arc::new(EngineMetrics::default());
+        let mut registry = Registry::with_prefix("wardflow");
+        ingest.register(&mut registry);
+        engine.register(&mut registry);
+        Arc::new(Metrics {
+            ingest,
+            engine,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

@@ -1,0 +1,376 @@
+//! A running Wardflow node: the pieces of `wardflow serve`, started and
+//! stopped in the order that keeps every acknowledged reading.
+//!
+//! Start: registry → dataflow workers (which agree on the checkpoint and
+//! recover the store) → write-ahead log (replaying from the checkpoint) →
+//! MQTT and HTTP listeners → housekeeping (log truncation, compaction,
+//! gauges). Stop runs the other way: listeners first, so no new publish is
+//! accepted; then the log drains into the dataflow, which flushes everything
+//! and writes its last checkpoint.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use ntex::web::{self, App, HttpResponse};
+use parking_lot::Mutex;
+use wardflow_ingest::budget::MemoryBudget;
+use wardflow_ingest::registry::RegistryWatcher;
+use wardflow_ingest::server::{IngestContext, mqtt_config, mqtt_service};
+use wardflow_ingest::wal::{Shards, Wal, WalConfig, WalControl};
+use wardflow_storage::checkpoint::consolidate_states;
+use wardflow_storage::compact::{CompactionPolicy, compact};
+
+use crate::config::Config;
+use crate::dataflow::{DataflowContext, run_worker};
+use crate::metrics::{Metrics, Progress};
+
+/// A started node.
+pub struct Node {
+    pub metrics: Arc<Metrics>,
+    pub progress: Arc<Progress>,
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub data_dir: PathBuf,
+    net: Option<NetThread>,
+    wal: Option<Wal>,
+    timely: Option<timely::communication::WorkerGuards<()>>,
+    housekeeping: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+struct NetThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: JoinHandle<()>,
+}
+
+fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen for {what} on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn timely_config(config: &Config) -> anyhow::Result<timely::Config> {
+    let workers = config.workers();
+    let d = &config.dataflow;
+    let communication = if d.processes <= 1 {
+        timely::CommunicationConfig::Process(workers)
+    } else {
+        let addresses = match &d.hostfile {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading hostfile {}", path.display()))?;
+                let hosts: Vec<String> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect();
+                if hosts.len() != d.processes {
+                    bail!(
+                        "{}: lists {} hosts but dataflow.processes is {}",
+                        path.display(),
+                        hosts.len(),
+                        d.processes
+                    );
+                }
+                hosts
+            }
+            None => (0..d.processes).map(|i| format!("127.0.0.1:{}", 2101 + i)).collect(),
+        };
+        timely::CommunicationConfig::Cluster {
+            threads: workers,
+            process: d.process,
+            addresses,
+            report: false,
+            zerocopy: false,
+        }
+    };
+    Ok(timely::Config {
+        communication,
+        worker: timely::WorkerConfig::default(),
+    })
+}
+
+impl Node {
+    /// Starts a node; returns once it accepts connections.
+    pub fn start(config: &Config) -> anyhow::Result<Node> {
+        config.validate()?;
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        // Bind first: a taken port is the most common start failure.
+        let mqtt_listener = bind("MQTT", &config.mqtt.listen)?;
+        let http_listener = bind("HTTP", &config.http.listen)?;
+        let (mqtt_addr, http_addr) = (mqtt_listener.local_addr()?, http_listener.local_addr()?);
+
+        let registry = RegistryWatcher::open(&data_dir)?;
+        registry.spawn_poller(Duration::from_millis(500));
+        let metrics = Metrics::new();
+        let progress = Arc::new(Progress::new());
+        let budget = MemoryBudget::new(config.in_flight_budget());
+        metrics.ingest.memory_budget_bytes.set(budget.capacity() as i64);
+
+        // The dataflow.
+        let workers = config.workers();
+        metrics.engine.dataflow_workers.set(workers as i64);
+        let (shards, sources) = Shards::new(workers);
+        let (recovered_tx, recovered_rx) = crossbeam_channel::bounded(1);
+        let ctx = Arc::new(DataflowContext {
+            root: data_dir.clone(),
+            process: config.dataflow.process,
+            workers_per_process: workers,
+            interval_ms: config.storage.flush_interval_ms,
+            validation: config.validation_config(),
+            sources: Mutex::new(sources.into_iter().map(Some).collect()),
+            recovered: Mutex::new(Some(recovered_tx)),
+            ingest_metrics: metrics.ingest.clone(),
+            metrics: metrics.engine.clone(),
+            progress: progress.clone(),
+        });
+        let guards = timely::execute(timely_config(config)?, {
+            let ctx = ctx.clone();
+            move |worker| run_worker(worker, &ctx)
+        })
+        .map_err(|e| anyhow::anyhow!("starting the dataflow: {e}"))?;
+        let checkpoint = recovered_rx
+            .recv()
+            .context("the dataflow stopped before recovering the store")??;
+
+        // The log, replaying from the checkpoint.
+        let wal_dir = data_dir.join("wal").join(format!("p{}", config.dataflow.process));
+        let mut wal_config = WalConfig::new(wal_dir);
+        wal_config.segment_bytes = config.wal.segment_mb << 20;
+        let wal = Wal::start(wal_config, checkpoint, shards, budget.clone(), metrics.ingest.clone())?;
+
+        // Listeners.
+        let ingest = Arc::new(IngestContext {
+            registry,
+            wal: wal.handle.clone(),
+            budget: budget.clone(),
+            metrics: metrics.ingest.clone(),
+        });
+        let health = Arc::new(Health {
+            metrics: metrics.clone(),
+            progress: progress.clone(),
+            wal: wal.handle.control(),
+            budget: budget.clone(),
+        });
+        let net = start_net(config, mqtt_listener, http_listener, ingest, health)?;
+
+        // Housekeeping.
+        let stop = Arc::new(AtomicBool::new(false));
+        let hk = {
+            let (stop, progress, metrics, handle) = (stop.clone(), progress.clone(), metrics.clone(), wal.handle.control());
+            let root = data_dir.clone();
+            let process = config.dataflow.process;
+            let policy = CompactionPolicy {
+                min_files: config.storage.compaction_min_files,
+                max_rows: config.storage.compaction_max_rows,
+            };
+            std::thread::Builder::new()
+                .name("housekeeping".into())
+                .spawn(move || housekeeping(stop, progress, metrics, handle, budget, root, process, policy))?
+        };
+        tracing::info!(%mqtt_addr, %http_addr, data_dir = %data_dir.display(), workers, checkpoint, "wardflow is serving");
+        Ok(Node {
+            metrics,
+            progress,
+            mqtt_addr,
+            http_addr,
+            data_dir,
+            net: Some(net),
+            wal: Some(wal),
+            timely: Some(guards),
+            housekeeping: Some((stop, hk)),
+        })
+    }
+
+    /// Stops accepting, stores everything accepted, and returns.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(mut net) = self.net.take() {
+            if let Some(tx) = net.stop.take() {
+                let _ = tx.send(());
+            }
+            let _ = net.join.join();
+        }
+        if let Some(wal) = self.wal.take() {
+            wal.shutdown();
+        }
+        if let Some(guards) = self.timely.take() {
+            for r in guards.join() {
+                if let Err(e) = r {
+                    tracing::error!("a dataflow worker failed: {e}");
+                }
+            }
+        }
+        if let Some((stop, join)) = self.housekeeping.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = join.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// What /healthz and /metrics read.
+struct Health {
+    metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
+    wal: WalControl,
+    budget: Arc<MemoryBudget>,
+}
+
+impl Health {
+    fn refresh_gauges(&self) {
+        let i = &self.metrics.ingest;
+        i.memory_in_flight_bytes.set(self.budget.in_use() as i64);
+        i.backpressure_waits.set(self.budget.waits() as i64);
+        let stored = self.progress.stored_frontier();
+        if stored > 0 {
+            let now = (wardflow_model::now_ns() / 1_000_000) as i64;
+            self.metrics.engine.dataflow_lag_ms.set((now - stored as i64).max(0));
+        }
+    }
+
+    fn report(&self) -> (bool, serde_json::Value) {
+        self.refresh_gauges();
+        let wal_ok = !self.wal.is_failed();
+        let storage_ok = self.progress.storage_healthy.load(Ordering::Relaxed);
+        let lag = self.metrics.engine.dataflow_lag_ms.get();
+        let ok = wal_ok && storage_ok;
+        (
+            ok,
+            serde_json::json!({
+                "status": if ok { "ok" } else { "failing" },
+                "write_ahead_log": if wal_ok { "ok" } else { "failed" },
+                "storage": if storage_ok { "ok" } else { "failing" },
+                "checkpoint_epoch_ms": self.progress.checkpoint.load(Ordering::Relaxed),
+                "dataflow_lag_ms": lag,
+                "memory_in_flight_bytes": self.budget.in_use(),
+            }),
+        )
+    }
+}
+
+fn start_net(
+    config: &Config,
+    mqtt: TcpListener,
+    http: TcpListener,
+    ingest: Arc<IngestContext>,
+    health: Arc<Health>,
+) -> anyhow::Result<NetThread> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(1);
+    let limits = config.mqtt_limits();
+    let io_threads = config.mqtt.io_threads;
+    let join = std::thread::Builder::new().name("net".into()).spawn(move || {
+        ntex::rt::System::build()
+            .name("wardflow-net")
+            .build(ntex::rt::DefaultRuntime)
+            .block_on(async move {
+                let started = (|| {
+                    let mqtt = ntex::server::build()
+                        .listen("mqtt", mqtt, async move |_| mqtt_service(ingest.clone()))?
+                        .config("mqtt", mqtt_config(&limits))
+                        .workers(io_threads)
+                        .disable_signals()
+                        .run();
+                    let http = web::HttpServer::new(async move || {
+                        App::new()
+                            .state(health.clone())
+                            .route("/healthz", web::get().to(healthz))
+                            .route("/metrics", web::get().to(metrics))
+                    })
+                    .listen(http)?
+                    .workers(1)
+                    .disable_signals()
+                    .run();
+                    Ok::<_, std::io::Error>((mqtt, http))
+                })();
+                match started {
+                    Ok((mqtt, http)) => {
+                        let _ = ready_tx.send(Ok(()));
+                        let _ = stop_rx.await;
+                        mqtt.stop(true).await;
+                        http.stop(true).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+    })?;
+    ready_rx.recv().context("network thread ended early")??;
+    Ok(NetThread {
+        stop: Some(stop_tx),
+        join,
+    })
+}
+
+async fn healthz(health: web::types::State<Arc<Health>>) -> HttpResponse {
+    let (ok, body) = health.report();
+    let mut r = if ok {
+        HttpResponse::Ok()
+    } else {
+        HttpResponse::ServiceUnavailable()
+    };
+    r.content_type("application/json").body(body.to_string())
+}
+
+async fn metrics(health: web::types::State<Arc<Health>>) -> HttpResponse {
+    health.refresh_gauges();
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(health.metrics.encode())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn housekeeping(
+    stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+    metrics: Arc<Metrics>,
+    wal: WalControl,
+    budget: Arc<MemoryBudget>,
+    root: PathBuf,
+    process: usize,
+    policy: CompactionPolicy,
+) {
+    let mut last_compaction = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+        wal.truncate_below(progress.truncate_below.load(Ordering::Relaxed));
+        metrics.ingest.memory_in_flight_bytes.set(budget.in_use() as i64);
+        if last_compaction.elapsed() >= Duration::from_secs(5) {
+            last_compaction = Instant::now();
+            let checkpoint = progress.checkpoint.load(Ordering::Relaxed);
+            if checkpoint > 0 {
+                compact_once(&root, process, checkpoint, &policy, &metrics);
+            }
+        }
+    }
+}
+
+fn compact_once(root: &Path, process: usize, checkpoint: u64, policy: &CompactionPolicy, metrics: &Metrics) {
+    match compact(root, process, checkpoint, policy) {
+        Ok(s) if s.files_in > 0 => {
+            metrics.engine.compaction_files_merged.inc_by(s.files_in as u64);
+            tracing::debug!(files_in = s.files_in, files_out = s.files_out, rows = s.rows, "compacted");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("compaction failed, will retry: {e}"),
+    }
+    if let Err(e) = consolidate_states::<wardflow_ingest::validate::DeviceState>(root, process, checkpoint) {
+        tracing::warn!("consolidating device states failed, will retry: {e}");
+    }
+}
