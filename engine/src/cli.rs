@@ -18,6 +18,10 @@ use crate::config::Config;
 use crate::node::Node;
 use crate::output::{Format, Rows, format_time, parse_duration, parse_time};
 
+/// Wardflow at info; the network libraries only when something is wrong
+/// (ntex-mqtt's client warns on every closed connection).
+pub const DEFAULT_LOG: &str = "info,ntex=warn,ntex_server=warn,ntex_rt=warn,ntex_service=warn,ntex_io=warn,ntex_mqtt=warn,ntex_mqtt::control=error";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "wardflow",
@@ -33,8 +37,8 @@ pub struct Cli {
     /// TOML configuration file (see `wardflow config` for every key)
     #[arg(long, global = true, env = "WARDFLOW_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log filter, e.g. `info`, `warn`, `wardflow_ingest=debug`
-    #[arg(long, global = true, env = "WARDFLOW_LOG", default_value = "info")]
+    /// Log filter (tracing EnvFilter syntax), e.g. `info`, `warn`, `wardflow_ingest=debug`
+    #[arg(long, global = true, env = "WARDFLOW_LOG", default_value = DEFAULT_LOG)]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,

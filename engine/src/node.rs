@@ -231,16 +231,21 @@ struct Health {
     budget: Arc<MemoryBudget>,
 }
 
+/// Updates the gauges that are sampled rather than counted.
+fn refresh_gauges(metrics: &Metrics, progress: &Progress, budget: &MemoryBudget) {
+    let i = &metrics.ingest;
+    i.memory_in_flight_bytes.set(budget.in_use() as i64);
+    i.backpressure_waits.set(budget.waits() as i64);
+    let stored = progress.stored_frontier();
+    if stored > 0 {
+        let now = (wardflow_model::now_ns() / 1_000_000) as i64;
+        metrics.engine.dataflow_lag_ms.set((now - stored as i64).max(0));
+    }
+}
+
 impl Health {
     fn refresh_gauges(&self) {
-        let i = &self.metrics.ingest;
-        i.memory_in_flight_bytes.set(self.budget.in_use() as i64);
-        i.backpressure_waits.set(self.budget.waits() as i64);
-        let stored = self.progress.stored_frontier();
-        if stored > 0 {
-            let now = (wardflow_model::now_ns() / 1_000_000) as i64;
-            self.metrics.engine.dataflow_lag_ms.set((now - stored as i64).max(0));
-        }
+        refresh_gauges(&self.metrics, &self.progress, &self.budget);
     }
 
     fn report(&self) -> (bool, serde_json::Value) {
@@ -350,7 +355,7 @@ fn housekeeping(
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         wal.truncate_below(progress.truncate_below.load(Ordering::Relaxed));
-        metrics.ingest.memory_in_flight_bytes.set(budget.in_use() as i64);
+        refresh_gauges(&metrics, &progress, &budget);
         if last_compaction.elapsed() >= Duration::from_secs(5) {
             last_compaction = Instant::now();
             let checkpoint = progress.checkpoint.load(Ordering::Relaxed);

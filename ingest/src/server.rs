@@ -71,6 +71,10 @@ pub fn mqtt_config(limits: &MqttLimits) -> SharedCfg {
     SharedCfg::new("MQTT").add(
         MqttServiceConfig::new()
             .set_max_qos(QoS::AtLeastOnce)
+            // A publish that arrived before the device's DISCONNECT is
+            // stored even if it is handled after it (ntex-mqtt drops it
+            // otherwise): received means logged.
+            .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce))
             .set_max_size(limits.max_packet_bytes)
             .set_max_receive(limits.max_inflight)
             .set_max_receive_size(limits.max_inflight_bytes)

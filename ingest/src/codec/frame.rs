@@ -176,8 +176,13 @@ fn decode_record(h: &Header, i: usize, r: &[u8]) -> DecodedReading {
         Some(Some(u)) => DecodedUnit::Known(*u),
         None => DecodedUnit::Unknown(format_compact!("unit id {}", r[12])),
     };
-    let value = match float_from_bits(u32_at(r, 8)) {
+    let bits = u32_at(r, 8);
+    let value = match float_from_bits(bits) {
         Ok(v) => DecodedValue::Number(v),
+        // NaN and the infinities are numbers, just not finite ones.
+        Err(_) if bits & 0x00ff_ffff == 0x007f_ffff => DecodedValue::Number(f64::NAN),
+        Err(_) if bits & 0x00ff_ffff == 0x007f_fffe => DecodedValue::Number(f64::INFINITY),
+        Err(_) if bits & 0x00ff_ffff == 0x0080_0002 => DecodedValue::Number(f64::NEG_INFINITY),
         Err(special) => DecodedValue::NotANumber(special.into()),
     };
     DecodedReading {
