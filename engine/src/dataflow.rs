@@ -338,7 +338,7 @@ fn validate_one(validator: &mut Validator, decoded: &mut Vec<DecodedReading>, en
         Err(e) => {
             tracing::debug!(device = %env.device, "undecodable payload: {e}");
             validator.reject_payload(receipt, &e, &env.payload, &mut dead);
-            validator.device_state(env.device.as_str()).copied().unwrap_or_default()
+            validator.device_state(env.device.as_str()).cloned().unwrap_or_default()
         }
     };
     Validated {

@@ -4,14 +4,17 @@
 //! counted as duplicates.
 //!
 //! Checks, in order:
-//! 1. Sequence (per device). A reading whose sequence number is not above the
-//!    device's last one is a resend and dropped, unless its time is newer
-//!    than anything the device sent before: then the device restarted its
-//!    counter, and the reading is accepted (counted as a sequence reset). A
-//!    jump forward is accepted and the missing numbers counted as a gap.
-//!    Without a sequence number, a reading at the same time as the newest of
-//!    its device and metric is a resend; an earlier one is dead-lettered as
-//!    out of order (it cannot be told from a resend).
+//! 1. Sequence (per device). Wardflow remembers exactly which sequence
+//!    numbers each device has sent, as a set of ranges ([`SeqSet`]; one range
+//!    while nothing is missing). A number already in the set is a resend and
+//!    dropped, unless its time is newer than anything the device sent before:
+//!    then the device restarted its counter, and the set starts afresh
+//!    (counted as a sequence reset). A number not in the set is new, however
+//!    late it arrives (a device resending after a reconnect, out of order);
+//!    a jump forward is counted as a gap. Without a sequence number, a reading
+//!    at the same time as the newest of its device and metric is a resend; an
+//!    earlier one is dead-lettered as out of order (it cannot be told from a
+//!    resend).
 //! 2. Metric known; unit known and of the metric's quantity (converted to
 //!    the canonical unit); value a finite number within the metric's
 //!    plausible range; time no further ahead of the receipt than the allowed
@@ -50,11 +53,85 @@ impl Default for ValidationConfig {
     }
 }
 
+/// The sequence numbers a device has sent: sorted, disjoint, inclusive
+/// ranges. Contiguous numbering keeps one range; each hole adds one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqSet {
+    ranges: Vec<(u64, u64)>,
+    /// Numbers below this are no longer tracked (see [`SeqSet::MAX_RANGES`]).
+    floor: u64,
+}
+
+/// Where a sequence number stands against a [`SeqSet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqStatus {
+    New,
+    Seen,
+    /// Below the tracked window: whether it was seen is no longer known.
+    BelowWindow,
+}
+
+impl SeqSet {
+    /// Most holes remembered per device; past this the oldest range is
+    /// forgotten and numbers below it are dead-lettered rather than guessed.
+    pub const MAX_RANGES: usize = 256;
+
+    pub fn status(&self, seq: u64) -> SeqStatus {
+        if seq < self.floor {
+            return SeqStatus::BelowWindow;
+        }
+        // The first range ending at or after seq.
+        let i = self.ranges.partition_point(|&(_, end)| end < seq);
+        match self.ranges.get(i) {
+            Some(&(start, _)) if start <= seq => SeqStatus::Seen,
+            _ => SeqStatus::New,
+        }
+    }
+
+    /// Adds `seq`; returns how many numbers it skipped past the highest seen.
+    pub fn insert(&mut self, seq: u64) -> u64 {
+        let gap = match self.ranges.last() {
+            Some(&(_, end)) if seq > end => seq - end - 1,
+            _ => 0,
+        };
+        let i = self.ranges.partition_point(|&(_, end)| end.saturating_add(1) < seq);
+        match self.ranges.get(i).copied() {
+            Some((start, end)) if start <= seq && seq <= end => return 0,
+            Some((start, _)) if start == seq.saturating_add(1) => self.ranges[i].0 = seq,
+            Some((_, end)) if end.saturating_add(1) == seq => {
+                self.ranges[i].1 = seq;
+                // Joining the next range closes a hole.
+                if let Some(&(next_start, next_end)) = self.ranges.get(i + 1)
+                    && next_start == seq.saturating_add(1)
+                {
+                    self.ranges[i].1 = next_end;
+                    self.ranges.remove(i + 1);
+                }
+            }
+            _ => self.ranges.insert(i, (seq, seq)),
+        }
+        if self.ranges.len() > Self::MAX_RANGES {
+            let (_, end) = self.ranges.remove(0);
+            self.floor = end + 1;
+        }
+        gap
+    }
+
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+        self.floor = 0;
+    }
+
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+}
+
 /// What validation remembers of a device: enough to tell resends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
-    /// The last sequence number accepted.
-    pub last_seq: Option<u64>,
+    /// The sequence numbers received since the device's last counter reset.
+    pub seen: SeqSet,
     /// The newest reading time of the device.
     pub max_time_ns: TimestampNs,
     /// The newest reading time per metric.
@@ -64,7 +141,7 @@ pub struct DeviceState {
 impl Default for DeviceState {
     fn default() -> Self {
         Self {
-            last_seq: None,
+            seen: SeqSet::default(),
             max_time_ns: i64::MIN,
             metric_max_time_ns: [i64::MIN; Metric::COUNT],
         }
@@ -146,7 +223,11 @@ impl Validator {
             None => self.devices.entry(receipt.device.clone()).or_default(),
         };
         for d in decoded {
-            match check(&config, state, receipt.received_ns, d) {
+            let verdict = match check_sequence(&mut self.counts, state, d) {
+                Some(v) => v,
+                None => check_content(&config, receipt.received_ns, d),
+            };
+            match verdict {
                 Verdict::Accept(r) => {
                     self.counts.accepted += 1;
                     readings.push(r);
@@ -157,9 +238,13 @@ impl Validator {
                     dead.push(dead_letter(receipt, reason, detail, Some(d), None));
                 }
             }
-            track_sequence(&mut self.counts, state, d);
+            if let DecodedMetric::Known(m) = d.metric {
+                let slot = &mut state.metric_max_time_ns[m as usize];
+                *slot = (*slot).max(d.time_ns);
+            }
+            state.max_time_ns = state.max_time_ns.max(d.time_ns);
         }
-        *state
+        state.clone()
     }
 
     /// Records a publish that could not be decoded at all.
@@ -179,64 +264,52 @@ impl Validator {
     }
 }
 
-/// Advances the device's sequence and time marks past `d`.
-fn track_sequence(counts: &mut ValidationCounts, state: &mut DeviceState, d: &DecodedReading) {
-    if let Some(seq) = d.seq {
-        match state.last_seq {
-            Some(last) if seq > last => {
-                counts.gap_readings += seq - last - 1;
-                state.last_seq = Some(seq);
-            }
-            Some(_) if d.time_ns > state.max_time_ns => {
+/// Decides resends and records `d` in the device's sequence set. `None`
+/// means the reading is new and goes on to the content checks.
+fn check_sequence(counts: &mut ValidationCounts, state: &mut DeviceState, d: &DecodedReading) -> Option<Verdict> {
+    match d.seq {
+        Some(seq) => match state.seen.status(seq) {
+            SeqStatus::Seen if d.time_ns > state.max_time_ns => {
+                // Newer than anything the device sent: it restarted its counter.
                 counts.seq_resets += 1;
-                state.last_seq = Some(seq);
+                state.seen.clear();
+                state.seen.insert(seq);
+                None
             }
-            Some(_) => {}
-            None => state.last_seq = Some(seq),
+            SeqStatus::Seen => Some(Verdict::Duplicate),
+            SeqStatus::BelowWindow => Some(Verdict::Reject(
+                RejectReason::OutOfOrder,
+                format!(
+                    "sequence number {seq} is older than the {} ranges of numbers remembered for this device",
+                    SeqSet::MAX_RANGES
+                ),
+            )),
+            SeqStatus::New => {
+                counts.gap_readings += state.seen.insert(seq);
+                None
+            }
+        },
+        None => {
+            let DecodedMetric::Known(m) = d.metric else { return None };
+            let newest = state.metric_max_time_ns[m as usize];
+            if d.time_ns == newest {
+                return Some(Verdict::Duplicate);
+            }
+            (d.time_ns < newest).then(|| {
+                Verdict::Reject(
+                    RejectReason::OutOfOrder,
+                    format!(
+                        "reading without seq at {} ns is before the device's newest {m} reading at {newest} ns",
+                        d.time_ns
+                    ),
+                )
+            })
         }
-    }
-    state.max_time_ns = state.max_time_ns.max(d.time_ns);
-    if let DecodedMetric::Known(m) = d.metric {
-        let slot = &mut state.metric_max_time_ns[m as usize];
-        *slot = (*slot).max(d.time_ns);
     }
 }
 
 #[inline]
-fn check(
-    config: &ValidationConfig,
-    state: &DeviceState,
-    received_ns: TimestampNs,
-    d: &DecodedReading,
-) -> Verdict {
-    // 1. Resends.
-    match d.seq {
-        Some(seq) => {
-            if matches!(state.last_seq, Some(last) if seq <= last) && d.time_ns <= state.max_time_ns
-            {
-                return Verdict::Duplicate;
-            }
-        }
-        None => {
-            if let DecodedMetric::Known(m) = d.metric {
-                let newest = state.metric_max_time_ns[m as usize];
-                if d.time_ns == newest {
-                    return Verdict::Duplicate;
-                }
-                if d.time_ns < newest {
-                    return Verdict::Reject(
-                        RejectReason::OutOfOrder,
-                        format!(
-                            "reading without seq at {} ns is before the device's newest {m} reading at {newest} ns",
-                            d.time_ns
-                        ),
-                    );
-                }
-            }
-        }
-    }
-
-    // 2. Content.
+fn check_content(config: &ValidationConfig, received_ns: TimestampNs, d: &DecodedReading) -> Verdict {
     let metric = match &d.metric {
         DecodedMetric::Known(m) => *m,
         DecodedMetric::Unknown(name) => {
@@ -495,11 +568,13 @@ mod tests {
     #[test]
     fn a_restarted_sequence_with_newer_times_is_accepted() {
         let mut run = Run::new();
-        run.go(&[reading(Metric::Hr, 60.0, 0, Some(500))]);
-        let (ok, _) = run.go(&[reading(Metric::Hr, 61.0, 5, Some(0))]);
-        assert_eq!(ok.len(), 1);
-        assert_eq!(run.v.take_counts().seq_resets, 1);
-        assert_eq!(run.v.device_state("mon-1").unwrap().last_seq, Some(0));
+        run.go(&[reading(Metric::Hr, 60.0, 0, Some(0)), reading(Metric::Hr, 61.0, 1, Some(1))]);
+        // The device rebooted and counts from 0 again, with newer times.
+        let (ok, _) = run.go(&[reading(Metric::Hr, 62.0, 5, Some(0)), reading(Metric::Hr, 63.0, 6, Some(1))]);
+        assert_eq!(ok.len(), 2);
+        let c = run.v.take_counts();
+        assert_eq!((c.seq_resets, c.duplicates), (1, 0));
+        assert_eq!(run.v.device_state("mon-1").unwrap().seen.ranges(), [(0, 1)]);
     }
 
     #[test]
@@ -509,6 +584,59 @@ mod tests {
         assert_eq!(run.go(&bad).1.len(), 1);
         assert_eq!(run.go(&bad).1.len(), 0);
         assert_eq!(run.v.take_counts().duplicates, 1);
+    }
+
+    #[test]
+    fn late_readings_that_were_never_seen_are_accepted() {
+        // A device reconnects, sends new readings, then resends what the
+        // server never got: the late ones are new, not resends.
+        let mut run = Run::new();
+        assert_eq!(run.go(&[reading(Metric::Hr, 60.0, 0, Some(0))]).0.len(), 1);
+        assert_eq!(run.go(&[reading(Metric::Hr, 62.0, 2, Some(2))]).0.len(), 1);
+        let (ok, dead) = run.go(&[reading(Metric::Hr, 61.0, 1, Some(1))]);
+        assert_eq!((ok.len(), dead.len()), (1, 0));
+        assert_eq!(run.v.device_state("mon-1").unwrap().seen.ranges(), [(0, 2)]);
+        assert_eq!(run.go(&[reading(Metric::Hr, 61.0, 1, Some(1))]).0.len(), 0, "now it is a resend");
+        let c = run.v.take_counts();
+        assert_eq!((c.accepted, c.duplicates, c.gap_readings), (3, 1, 1));
+    }
+
+    #[test]
+    fn seq_set_matches_a_plain_set() {
+        use proptest::prelude::*;
+        proptest!(|(ops in proptest::collection::vec(0u64..600, 0..400))| {
+            let mut set = SeqSet::default();
+            let mut model = std::collections::BTreeSet::new();
+            for seq in ops {
+                let expected = if model.contains(&seq) { SeqStatus::Seen } else { SeqStatus::New };
+                prop_assert_eq!(set.status(seq), expected);
+                set.insert(seq);
+                model.insert(seq);
+                // Ranges stay sorted, disjoint and non-adjacent.
+                for w in set.ranges().windows(2) {
+                    prop_assert!(w[0].1 + 1 < w[1].0, "{:?}", set.ranges());
+                }
+            }
+            let covered: u64 = set.ranges().iter().map(|(a, b)| b - a + 1).sum();
+            prop_assert_eq!(covered, model.len() as u64);
+        });
+    }
+
+    #[test]
+    fn too_many_holes_forget_the_oldest_numbers_and_say_so() {
+        let mut set = SeqSet::default();
+        for i in 0..=SeqSet::MAX_RANGES as u64 {
+            set.insert(i * 2);
+        }
+        assert_eq!(set.ranges().len(), SeqSet::MAX_RANGES);
+        assert_eq!(set.status(0), SeqStatus::BelowWindow);
+        assert_eq!(set.status(1), SeqStatus::New, "known to be a hole");
+        assert_eq!(set.status(2), SeqStatus::Seen);
+        let mut run = Run::new();
+        run.v.restore([(run.device.clone(), DeviceState { seen: set, max_time_ns: NOW, ..DeviceState::default() })]);
+        let (ok, dead) = run.go(&[reading(Metric::Hr, 60.0, -1, Some(0))]);
+        assert!(ok.is_empty());
+        assert_eq!(dead[0].reason, RejectReason::OutOfOrder);
     }
 
     #[test]

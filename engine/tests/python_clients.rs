@@ -1,0 +1,31 @@
+//! Runs the Python client tests (tests/python, paho-mqtt and pyarrow)
+//! against the `wardflow` binary this build produced.
+
+mod common;
+
+use std::process::Command;
+
+fn run_python(pattern: &str) {
+    let root = common::repo_root();
+    let out = Command::new("python3")
+        .args(["-m", "unittest", "discover", "-v", "-s", "tests/python", "-p", pattern])
+        .current_dir(&root)
+        .env("WARDFLOW_BIN", common::BIN)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert!(out.status.success(), "python tests failed:\n{stderr}");
+    assert!(!stderr.contains("skipped"), "no Python test may be skipped:\n{stderr}");
+}
+
+#[test]
+fn paho_mqtt_clients() {
+    run_python("test_paho.py");
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_reading() {
+    run_python("test_crash.py");
+}
