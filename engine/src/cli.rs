@@ -252,10 +252,10 @@ pub struct QueryArgs {
     #[arg(long)]
     pub device: Option<String>,
     /// From this time (RFC 3339, a date, now, or -15m / -2h / -1d)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub from: Option<String>,
     /// Up to (not including) this time
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub to: Option<String>,
     /// Print at most this many readings (the latest ones)
     #[arg(long)]
@@ -273,9 +273,11 @@ pub enum DeadlettersCommand {
         /// Reason code, e.g. implausible_value, malformed_payload
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long)]
+        /// From this receipt time (RFC 3339, a date, now, or -15m / -2h / -1d)
+        #[arg(long, allow_hyphen_values = true)]
         from: Option<String>,
-        #[arg(long)]
+        /// Up to (not including) this receipt time
+        #[arg(long, allow_hyphen_values = true)]
         to: Option<String>,
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -326,7 +328,8 @@ pub fn main() -> anyhow::Result<()> {
 pub fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
-    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst)).context("installing the Ctrl-C handler")?;
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
     Ok(stop)
 }
 
@@ -348,7 +351,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
     match cmd {
-        DevicesCommand::Add { device, patient, secret } => {
+        DevicesCommand::Add {
+            device,
+            patient,
+            secret,
+        } => {
             let d = DeviceId::new(device).context("device")?;
             let p = PatientId::new(patient).context("--patient")?;
             let s = Registry::add(data_dir, d.clone(), p.clone(), secret.as_deref())?;
@@ -376,13 +383,19 @@ fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
                 .collect();
             let text = Rows {
                 header: vec!["device", "patient", "added"],
-                rows: rows.iter().map(|r| vec![r.device.into(), r.patient.into(), r.added.clone()]).collect(),
+                rows: rows
+                    .iter()
+                    .map(|r| vec![r.device.into(), r.patient.into(), r.added.clone()])
+                    .collect(),
             };
             print_rows(*format, &text, &rows)?;
         }
         DevicesCommand::Remove { device } => {
             let removed = Registry::remove(data_dir, device)?;
-            println!("device {} removed (was bound to patient {})", removed.id, removed.patient);
+            println!(
+                "device {} removed (was bound to patient {})",
+                removed.id, removed.patient
+            );
         }
     }
     Ok(())
@@ -405,7 +418,10 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
     let metric = match &args.metric {
         Some(m) => Some(Metric::from_name(m).with_context(|| {
             let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
-            format!("--metric: unknown metric {m:?}; known metrics are {}", known.join(", "))
+            format!(
+                "--metric: unknown metric {m:?}; known metrics are {}",
+                known.join(", ")
+            )
         })?),
         None => None,
     };
@@ -413,8 +429,16 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
         patient: Some(args.patient.clone()),
         device: args.device.clone(),
         metric,
-        from_ns: args.from.as_deref().map(|s| parse_time("--from", s)).transpose()?,
-        to_ns: args.to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
+        from_ns: args
+            .from
+            .as_deref()
+            .map(|s| parse_time("--from", s))
+            .transpose()?,
+        to_ns: args
+            .to
+            .as_deref()
+            .map(|s| parse_time("--to", s))
+            .transpose()?,
     };
     let mut rows = query_readings(data_dir, &q)?;
     if let Some(limit) = args.limit {
@@ -422,7 +446,9 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
         rows.drain(..skip);
     }
     let text = Rows {
-        header: vec!["time", "patient", "device", "metric", "value", "unit", "seq", "quality"],
+        header: vec![
+            "time", "patient", "device", "metric", "value", "unit", "seq", "quality",
+        ],
         rows: rows
             .iter()
             .map(|r| {
@@ -454,20 +480,31 @@ fn deadletters(data_dir: &Path, cmd: &DeadlettersCommand) -> anyhow::Result<()> 
     if let Some(r) = reason
         && wardflow_model::RejectReason::from_code(r).is_none()
     {
-        let known: Vec<&str> = wardflow_model::RejectReason::ALL.iter().map(|r| r.code()).collect();
-        bail!("--reason: unknown reason {r:?}; reasons are {}", known.join(", "));
+        let known: Vec<&str> = wardflow_model::RejectReason::ALL
+            .iter()
+            .map(|r| r.code())
+            .collect();
+        bail!(
+            "--reason: unknown reason {r:?}; reasons are {}",
+            known.join(", ")
+        );
     }
     let q = DeadLetterQuery {
         device: device.clone(),
         reason: reason.clone(),
-        from_ns: from.as_deref().map(|s| parse_time("--from", s)).transpose()?,
+        from_ns: from
+            .as_deref()
+            .map(|s| parse_time("--from", s))
+            .transpose()?,
         to_ns: to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
     };
     let mut rows = query_dead_letters(data_dir, &q)?;
     let total = rows.len();
     rows.truncate(*limit);
     let text = Rows {
-        header: vec!["received", "device", "patient", "reason", "metric", "raw", "detail"],
+        header: vec![
+            "received", "device", "patient", "reason", "metric", "raw", "detail",
+        ],
         rows: rows
             .iter()
             .map(|d| {
@@ -485,7 +522,10 @@ fn deadletters(data_dir: &Path, cmd: &DeadlettersCommand) -> anyhow::Result<()> 
     };
     print_rows(*format, &text, &rows)?;
     if total > rows.len() {
-        eprintln!("({} of {total} dead letters shown; --limit shows more)", rows.len());
+        eprintln!(
+            "({} of {total} dead letters shown; --limit shows more)",
+            rows.len()
+        );
     }
     Ok(())
 }
@@ -498,7 +538,11 @@ struct CredentialFile {
 }
 
 fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
-    let target = args.target.strip_prefix("mqtt://").unwrap_or(&args.target).to_string();
+    let target = args
+        .target
+        .strip_prefix("mqtt://")
+        .unwrap_or(&args.target)
+        .to_string();
     if target.contains("://") {
         bail!("--target: only mqtt:// is supported, got {}", args.target);
     }
@@ -531,13 +575,14 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
                     secret: c.secret.clone(),
                 })
                 .collect();
-            std::fs::write(path, serde_json::to_vec_pretty(&file)?).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(path, serde_json::to_vec_pretty(&file)?)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
         creds
     } else if let Some(path) = &args.credentials {
         let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let file: Vec<CredentialFile> =
-            serde_json::from_slice(&text).with_context(|| format!("{}: not a credentials file", path.display()))?;
+        let file: Vec<CredentialFile> = serde_json::from_slice(&text)
+            .with_context(|| format!("{}: not a credentials file", path.display()))?;
         let mut creds = Vec::new();
         for c in file.into_iter().take(config.devices) {
             creds.push(Credential {
@@ -547,11 +592,18 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
             });
         }
         if creds.len() < config.devices {
-            bail!("{}: holds {} devices, --devices asks for {}", path.display(), creds.len(), config.devices);
+            bail!(
+                "{}: holds {} devices, --devices asks for {}",
+                path.display(),
+                creds.len(),
+                config.devices
+            );
         }
         creds
     } else {
-        bail!("the simulator needs device secrets: pass --register (registers its devices in --data-dir) or --credentials FILE");
+        bail!(
+            "the simulator needs device secrets: pass --register (registers its devices in --data-dir) or --credentials FILE"
+        );
     };
     let stop = stop_flag()?;
     let started = Instant::now();
@@ -563,7 +615,10 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
     }
     tracing::debug!("simulation took {:?}", started.elapsed());
     if report.sent == 0 {
-        bail!("nothing was sent: no device could connect to {}", config.target);
+        bail!(
+            "nothing was sent: no device could connect to {}",
+            config.target
+        );
     }
     Ok(())
 }

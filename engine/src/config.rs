@@ -208,7 +208,9 @@ impl Config {
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map_or((1, 1), |span| line_column(text, span.start));
+            let (line, column) = e
+                .span()
+                .map_or((1, 1), |span| line_column(text, span.start));
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -279,7 +281,10 @@ impl Config {
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |nl| before.len() - nl - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |nl| before.len() - nl - 1)
+        + 1;
     (line, column)
 }
 
@@ -305,17 +310,29 @@ mod tests {
     #[test]
     fn errors_name_file_line_and_field() {
         let text = "data_dir = \"d\"\n\n[storage]\nflush_interval_ms = \"soon\"\n";
-        let err = Config::parse(text, Path::new("wardflow.toml")).unwrap_err().to_string();
+        let err = Config::parse(text, Path::new("wardflow.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("wardflow.toml:4:"), "{err}");
         assert!(err.contains("invalid type"), "{err}");
-        let err = Config::parse("[mqtt]\nlisten = \"x\"\nport = 1\n", Path::new("w.toml")).unwrap_err().to_string();
-        assert!(err.starts_with("w.toml:3:") && err.contains("unknown field `port`"), "{err}");
+        let err = Config::parse("[mqtt]\nlisten = \"x\"\nport = 1\n", Path::new("w.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("w.toml:3:") && err.contains("unknown field `port`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn impossible_values_are_refused() {
         let mut c = Config::default();
         c.dataflow.process = 1;
-        assert!(c.validate().unwrap_err().to_string().contains("dataflow.process"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("dataflow.process")
+        );
     }
 }

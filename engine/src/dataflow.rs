@@ -91,7 +91,10 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         match read_checkpoint(&ctx.root, ctx.process) {
             Ok(c) => Some(c),
             Err(e) => {
-                report_recovery(ctx, Err(anyhow::anyhow!("reading the storage checkpoint: {e}")));
+                report_recovery(
+                    ctx,
+                    Err(anyhow::anyhow!("reading the storage checkpoint: {e}")),
+                );
                 Some(0)
             }
         }
@@ -120,7 +123,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     let states = match load_states::<DeviceState>(&ctx.root, checkpoint) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("device states not restored, resends right after this restart may be stored twice: {e}");
+            tracing::error!(
+                "device states not restored, resends right after this restart may be stored twice: {e}"
+            );
             Default::default()
         }
     };
@@ -258,7 +263,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     });
 
     // 4. Feed the input from this worker's shard of the log.
-    let source = ctx.sources.lock()[local].take().expect("one source per local worker");
+    let source = ctx.sources.lock()[local]
+        .take()
+        .expect("one source per local worker");
     source.wake.register_current();
     let mut open = true;
     while open {
@@ -313,7 +320,11 @@ fn report_recovery(ctx: &DataflowContext, result: anyhow::Result<u64>) {
     }
 }
 
-fn publish_progress(ctx: &DataflowContext, stored: &ProbeHandle<u64>, persisted: &ProbeHandle<u64>) {
+fn publish_progress(
+    ctx: &DataflowContext,
+    stored: &ProbeHandle<u64>,
+    persisted: &ProbeHandle<u64>,
+) {
     let first = |p: &ProbeHandle<u64>| p.with_frontier(|f| f.first().copied());
     if let Some(s) = first(stored) {
         ctx.progress.stored_frontier.store(s, Ordering::Relaxed);
@@ -324,7 +335,11 @@ fn publish_progress(ctx: &DataflowContext, stored: &ProbeHandle<u64>, persisted:
 }
 
 /// Decodes and validates one logged publish.
-fn validate_one(validator: &mut Validator, decoded: &mut Vec<DecodedReading>, env: Envelope) -> Validated {
+fn validate_one(
+    validator: &mut Validator,
+    decoded: &mut Vec<DecodedReading>,
+    env: Envelope,
+) -> Validated {
     decoded.clear();
     let receipt = Receipt {
         device: &env.device,
@@ -338,7 +353,10 @@ fn validate_one(validator: &mut Validator, decoded: &mut Vec<DecodedReading>, en
         Err(e) => {
             tracing::debug!(device = %env.device, "undecodable payload: {e}");
             validator.reject_payload(receipt, &e, &env.payload, &mut dead);
-            validator.device_state(env.device.as_str()).cloned().unwrap_or_default()
+            validator
+                .device_state(env.device.as_str())
+                .cloned()
+                .unwrap_or_default()
         }
     };
     Validated {

@@ -22,12 +22,19 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     let temp = match &cli.data_dir {
         Some(_) => None,
         None => {
-            let t = tempfile::Builder::new().prefix("wardflow-demo-").tempdir().context("creating a temporary data directory")?;
+            let t = tempfile::Builder::new()
+                .prefix("wardflow-demo-")
+                .tempdir()
+                .context("creating a temporary data directory")?;
             config.data_dir = t.path().to_path_buf();
             Some(t)
         }
     };
-    let duration = args.duration.as_deref().map(|d| parse_duration("--duration", d)).transpose()?;
+    let duration = args
+        .duration
+        .as_deref()
+        .map(|d| parse_duration("--duration", d))
+        .transpose()?;
     let stop = stop_flag()?;
 
     let node = Node::start(&config)?;
@@ -68,9 +75,18 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     let totals = || {
         let rejected: u64 = wardflow_model::RejectReason::ALL
             .iter()
-            .map(|r| m.ingest.readings_rejected.get_or_create(&[("reason", r.code())]).get())
+            .map(|r| {
+                m.ingest
+                    .readings_rejected
+                    .get_or_create(&[("reason", r.code())])
+                    .get()
+            })
             .sum();
-        (m.ingest.readings_accepted.get(), m.engine.readings_stored.get(), rejected)
+        (
+            m.ingest.readings_accepted.get(),
+            m.engine.readings_stored.get(),
+            rejected,
+        )
     };
     let mut last = totals();
     let mut last_at = Instant::now();
@@ -98,7 +114,9 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
 
     println!("stopping: devices first, then the engine stores everything it accepted");
     sim_stop.store(true, Ordering::SeqCst);
-    let report = simulator.join().map_err(|_| anyhow::anyhow!("the simulator panicked"))?;
+    let report = simulator
+        .join()
+        .map_err(|_| anyhow::anyhow!("the simulator panicked"))?;
     let data_dir = node.data_dir.clone();
     node.shutdown()?;
     let (accepted, stored, dead) = totals();

@@ -45,12 +45,36 @@ impl Default for EngineMetrics {
 
 impl EngineMetrics {
     fn register(&self, r: &mut Registry) {
-        r.register("readings_stored", "Readings written to the store", self.readings_stored.clone());
-        r.register("dead_letters_stored", "Dead letters written to the store", self.dead_letters_stored.clone());
-        r.register("storage_files_written", "Parquet and state files written", self.storage_files_written.clone());
-        r.register("storage_bytes_written", "Bytes of Parquet written", self.storage_bytes_written.clone());
-        r.register("storage_flush_seconds", "Time to write one worker's flush", self.storage_flush_seconds.clone());
-        r.register("storage_errors", "Failed storage writes (retried)", self.storage_errors.clone());
+        r.register(
+            "readings_stored",
+            "Readings written to the store",
+            self.readings_stored.clone(),
+        );
+        r.register(
+            "dead_letters_stored",
+            "Dead letters written to the store",
+            self.dead_letters_stored.clone(),
+        );
+        r.register(
+            "storage_files_written",
+            "Parquet and state files written",
+            self.storage_files_written.clone(),
+        );
+        r.register(
+            "storage_bytes_written",
+            "Bytes of Parquet written",
+            self.storage_bytes_written.clone(),
+        );
+        r.register(
+            "storage_flush_seconds",
+            "Time to write one worker's flush",
+            self.storage_flush_seconds.clone(),
+        );
+        r.register(
+            "storage_errors",
+            "Failed storage writes (retried)",
+            self.storage_errors.clone(),
+        );
         r.register(
             "storage_pending_readings",
             "Readings buffered for the next flush",
@@ -71,7 +95,11 @@ impl EngineMetrics {
             "How far the stored frontier trails the wall clock",
             self.dataflow_lag_ms.clone(),
         );
-        r.register("dataflow_workers", "Timely workers in this process", self.dataflow_workers.clone());
+        r.register(
+            "dataflow_workers",
+            "Timely workers in this process",
+            self.dataflow_workers.clone(),
+        );
     }
 }
 
@@ -125,7 +153,8 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
         out
     }
 }

@@ -48,7 +48,8 @@ struct NetThread {
 }
 
 fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
-    let l = TcpListener::bind(addr).with_context(|| format!("cannot listen for {what} on {addr}"))?;
+    let l =
+        TcpListener::bind(addr).with_context(|| format!("cannot listen for {what} on {addr}"))?;
     l.set_nonblocking(true)?;
     Ok(l)
 }
@@ -61,7 +62,8 @@ fn timely_config(config: &Config) -> anyhow::Result<timely::Config> {
     } else {
         let addresses = match &d.hostfile {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading hostfile {}", path.display()))?;
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading hostfile {}", path.display()))?;
                 let hosts: Vec<String> = text
                     .lines()
                     .map(str::trim)
@@ -78,7 +80,9 @@ fn timely_config(config: &Config) -> anyhow::Result<timely::Config> {
                 }
                 hosts
             }
-            None => (0..d.processes).map(|i| format!("127.0.0.1:{}", 2101 + i)).collect(),
+            None => (0..d.processes)
+                .map(|i| format!("127.0.0.1:{}", 2101 + i))
+                .collect(),
         };
         timely::CommunicationConfig::Cluster {
             threads: workers,
@@ -99,7 +103,8 @@ impl Node {
     pub fn start(config: &Config) -> anyhow::Result<Node> {
         config.validate()?;
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating data directory {}", data_dir.display()))?;
         // Bind first: a taken port is the most common start failure.
         let mqtt_listener = bind("MQTT", &config.mqtt.listen)?;
         let http_listener = bind("HTTP", &config.http.listen)?;
@@ -110,7 +115,10 @@ impl Node {
         let metrics = Metrics::new();
         let progress = Arc::new(Progress::new());
         let budget = MemoryBudget::new(config.in_flight_budget());
-        metrics.ingest.memory_budget_bytes.set(budget.capacity() as i64);
+        metrics
+            .ingest
+            .memory_budget_bytes
+            .set(budget.capacity() as i64);
 
         // The dataflow.
         let workers = config.workers();
@@ -139,10 +147,18 @@ impl Node {
             .context("the dataflow stopped before recovering the store")??;
 
         // The log, replaying from the checkpoint.
-        let wal_dir = data_dir.join("wal").join(format!("p{}", config.dataflow.process));
+        let wal_dir = data_dir
+            .join("wal")
+            .join(format!("p{}", config.dataflow.process));
         let mut wal_config = WalConfig::new(wal_dir);
         wal_config.segment_bytes = config.wal.segment_mb << 20;
-        let wal = Wal::start(wal_config, checkpoint, shards, budget.clone(), metrics.ingest.clone())?;
+        let wal = Wal::start(
+            wal_config,
+            checkpoint,
+            shards,
+            budget.clone(),
+            metrics.ingest.clone(),
+        )?;
 
         // Listeners.
         let ingest = Arc::new(IngestContext {
@@ -162,7 +178,12 @@ impl Node {
         // Housekeeping.
         let stop = Arc::new(AtomicBool::new(false));
         let hk = {
-            let (stop, progress, metrics, handle) = (stop.clone(), progress.clone(), metrics.clone(), wal.handle.control());
+            let (stop, progress, metrics, handle) = (
+                stop.clone(),
+                progress.clone(),
+                metrics.clone(),
+                wal.handle.control(),
+            );
             let root = data_dir.clone();
             let process = config.dataflow.process;
             let policy = CompactionPolicy {
@@ -171,7 +192,11 @@ impl Node {
             };
             std::thread::Builder::new()
                 .name("housekeeping".into())
-                .spawn(move || housekeeping(stop, progress, metrics, handle, budget, root, process, policy))?
+                .spawn(move || {
+                    housekeeping(
+                        stop, progress, metrics, handle, budget, root, process, policy,
+                    )
+                })?
         };
         tracing::info!(%mqtt_addr, %http_addr, data_dir = %data_dir.display(), workers, checkpoint, "wardflow is serving");
         Ok(Node {
@@ -239,7 +264,10 @@ fn refresh_gauges(metrics: &Metrics, progress: &Progress, budget: &MemoryBudget)
     let stored = progress.stored_frontier();
     if stored > 0 {
         let now = (wardflow_model::now_ns() / 1_000_000) as i64;
-        metrics.engine.dataflow_lag_ms.set((now - stored as i64).max(0));
+        metrics
+            .engine
+            .dataflow_lag_ms
+            .set((now - stored as i64).max(0));
     }
 }
 
@@ -279,43 +307,45 @@ fn start_net(
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(1);
     let limits = config.mqtt_limits();
     let io_threads = config.mqtt.io_threads;
-    let join = std::thread::Builder::new().name("net".into()).spawn(move || {
-        ntex::rt::System::build()
-            .name("wardflow-net")
-            .build(ntex::rt::DefaultRuntime)
-            .block_on(async move {
-                let started = (|| {
-                    let mqtt = ntex::server::build()
-                        .listen("mqtt", mqtt, async move |_| mqtt_service(ingest.clone()))?
-                        .config("mqtt", mqtt_config(&limits))
-                        .workers(io_threads)
+    let join = std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || {
+            ntex::rt::System::build()
+                .name("wardflow-net")
+                .build(ntex::rt::DefaultRuntime)
+                .block_on(async move {
+                    let started = (|| {
+                        let mqtt = ntex::server::build()
+                            .listen("mqtt", mqtt, async move |_| mqtt_service(ingest.clone()))?
+                            .config("mqtt", mqtt_config(&limits))
+                            .workers(io_threads)
+                            .disable_signals()
+                            .run();
+                        let http = web::HttpServer::new(async move || {
+                            App::new()
+                                .state(health.clone())
+                                .route("/healthz", web::get().to(healthz))
+                                .route("/metrics", web::get().to(metrics))
+                        })
+                        .listen(http)?
+                        .workers(1)
                         .disable_signals()
                         .run();
-                    let http = web::HttpServer::new(async move || {
-                        App::new()
-                            .state(health.clone())
-                            .route("/healthz", web::get().to(healthz))
-                            .route("/metrics", web::get().to(metrics))
-                    })
-                    .listen(http)?
-                    .workers(1)
-                    .disable_signals()
-                    .run();
-                    Ok::<_, std::io::Error>((mqtt, http))
-                })();
-                match started {
-                    Ok((mqtt, http)) => {
-                        let _ = ready_tx.send(Ok(()));
-                        let _ = stop_rx.await;
-                        mqtt.stop(true).await;
-                        http.stop(true).await;
+                        Ok::<_, std::io::Error>((mqtt, http))
+                    })();
+                    match started {
+                        Ok((mqtt, http)) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let _ = stop_rx.await;
+                            mqtt.stop(true).await;
+                            http.stop(true).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
                     }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                }
-            });
-    })?;
+                });
+        })?;
     ready_rx.recv().context("network thread ended early")??;
     Ok(NetThread {
         stop: Some(stop_tx),
@@ -366,16 +396,32 @@ fn housekeeping(
     }
 }
 
-fn compact_once(root: &Path, process: usize, checkpoint: u64, policy: &CompactionPolicy, metrics: &Metrics) {
+fn compact_once(
+    root: &Path,
+    process: usize,
+    checkpoint: u64,
+    policy: &CompactionPolicy,
+    metrics: &Metrics,
+) {
     match compact(root, process, checkpoint, policy) {
         Ok(s) if s.files_in > 0 => {
-            metrics.engine.compaction_files_merged.inc_by(s.files_in as u64);
-            tracing::debug!(files_in = s.files_in, files_out = s.files_out, rows = s.rows, "compacted");
+            metrics
+                .engine
+                .compaction_files_merged
+                .inc_by(s.files_in as u64);
+            tracing::debug!(
+                files_in = s.files_in,
+                files_out = s.files_out,
+                rows = s.rows,
+                "compacted"
+            );
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("compaction failed, will retry: {e}"),
     }
-    if let Err(e) = consolidate_states::<wardflow_ingest::validate::DeviceState>(root, process, checkpoint) {
+    if let Err(e) =
+        consolidate_states::<wardflow_ingest::validate::DeviceState>(root, process, checkpoint)
+    {
         tracing::warn!("consolidating device states failed, will retry: {e}");
     }
 }

@@ -29,19 +29,23 @@ impl Rows {
                 *w = (*w).max(c.chars().count());
             }
         }
-        let line = |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
-            let mut first = true;
-            let mut text = String::new();
-            for (c, w) in cells.zip(&width) {
-                if !first {
-                    text.push_str("  ");
+        let line =
+            |out: &mut dyn Write, cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
+                let mut first = true;
+                let mut text = String::new();
+                for (c, w) in cells.zip(&width) {
+                    if !first {
+                        text.push_str("  ");
+                    }
+                    first = false;
+                    text.push_str(c);
+                    text.extend(std::iter::repeat_n(
+                        ' ',
+                        w.saturating_sub(c.chars().count()),
+                    ));
                 }
-                first = false;
-                text.push_str(c);
-                text.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
-            }
-            writeln!(out, "{}", text.trim_end())
-        };
+                writeln!(out, "{}", text.trim_end())
+            };
         line(out, &mut self.header.iter().copied())?;
         for r in &self.rows {
             line(out, &mut r.iter().map(String::as_str))?;
@@ -59,7 +63,11 @@ impl Rows {
         };
         writeln!(out, "{}", self.header.join(","))?;
         for r in &self.rows {
-            writeln!(out, "{}", r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","))?;
+            writeln!(
+                out,
+                "{}",
+                r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(",")
+            )?;
         }
         Ok(())
     }
@@ -82,7 +90,10 @@ pub fn parse_time(flag: &str, s: &str) -> anyhow::Result<TimestampNs> {
     } else if let Some(rel) = s.strip_prefix('-') {
         let nanos = match rel.strip_suffix('d').and_then(|d| d.parse::<i64>().ok()) {
             Some(days) => days.checked_mul(86_400_000_000_000),
-            None => rel.parse::<SignedDuration>().ok().and_then(|d| i64::try_from(d.as_nanos()).ok()),
+            None => rel
+                .parse::<SignedDuration>()
+                .ok()
+                .and_then(|d| i64::try_from(d.as_nanos()).ok()),
         };
         nanos.map(|d| now - d)
     } else if let Ok(t) = s.parse::<Timestamp>() {
@@ -106,7 +117,9 @@ pub fn parse_duration(flag: &str, s: &str) -> anyhow::Result<std::time::Duration
     s.parse::<SignedDuration>()
         .ok()
         .and_then(|d| std::time::Duration::try_from(d).ok())
-        .ok_or_else(|| anyhow::anyhow!("{flag}: cannot read {s:?} as a duration; use e.g. 30s, 5m or 1h30m"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("{flag}: cannot read {s:?} as a duration; use e.g. 30s, 5m or 1h30m")
+        })
 }
 
 #[cfg(test)]
@@ -116,8 +129,14 @@ mod tests {
     #[test]
     fn times_parse_in_every_documented_form() {
         let now = wardflow_model::now_ns();
-        assert_eq!(parse_time("--from", "2026-11-25T10:00:00Z").unwrap(), 1_795_600_800_000_000_000);
-        assert_eq!(parse_time("--from", "2026-11-25").unwrap(), 1_795_564_800_000_000_000);
+        assert_eq!(
+            parse_time("--from", "2026-11-25T10:00:00Z").unwrap(),
+            1_795_600_800_000_000_000
+        );
+        assert_eq!(
+            parse_time("--from", "2026-11-25").unwrap(),
+            1_795_564_800_000_000_000
+        );
         let hour_ago = parse_time("--from", "-1h").unwrap();
         assert!((now - hour_ago - 3_600_000_000_000).abs() < 5_000_000_000);
         let day_ago = parse_time("--from", "-1d").unwrap();
@@ -125,7 +144,10 @@ mod tests {
         let err = parse_time("--to", "yesterday").unwrap_err().to_string();
         assert!(err.starts_with("--to: cannot read \"yesterday\""), "{err}");
         assert_eq!(parse_duration("--duration", "90s").unwrap().as_secs(), 90);
-        assert_eq!(parse_duration("--duration", "1h30m").unwrap().as_secs(), 5400);
+        assert_eq!(
+            parse_duration("--duration", "1h30m").unwrap().as_secs(),
+            5400
+        );
         assert!(parse_duration("--duration", "soon").is_err());
     }
 
@@ -133,14 +155,26 @@ mod tests {
     fn csv_quotes_what_needs_it_and_tables_align() {
         let rows = Rows {
             header: vec!["a", "bb"],
-            rows: vec![vec!["x,y".into(), "1".into()], vec!["z".into(), "say \"hi\"".into()]],
+            rows: vec![
+                vec!["x,y".into(), "1".into()],
+                vec!["z".into(), "say \"hi\"".into()],
+            ],
         };
         let mut csv = Vec::new();
         rows.write_csv(&mut csv).unwrap();
-        assert_eq!(String::from_utf8(csv).unwrap(), "a,bb\n\"x,y\",1\nz,\"say \"\"hi\"\"\"\n");
+        assert_eq!(
+            String::from_utf8(csv).unwrap(),
+            "a,bb\n\"x,y\",1\nz,\"say \"\"hi\"\"\"\n"
+        );
         let mut table = Vec::new();
         rows.write_table(&mut table).unwrap();
-        assert_eq!(String::from_utf8(table).unwrap(), "a    bb\nx,y  1\nz    say \"hi\"\n");
-        assert_eq!(format_time(1_795_600_800_123_000_000), "2026-11-25T10:00:00.123Z");
+        assert_eq!(
+            String::from_utf8(table).unwrap(),
+            "a    bb\nx,y  1\nz    say \"hi\"\n"
+        );
+        assert_eq!(
+            format_time(1_795_600_800_123_000_000),
+            "2026-11-25T10:00:00.123Z"
+        );
     }
 }

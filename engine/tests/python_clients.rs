@@ -8,7 +8,16 @@ use std::process::Command;
 fn run_python(pattern: &str) {
     let root = common::repo_root();
     let out = Command::new("python3")
-        .args(["-m", "unittest", "discover", "-v", "-s", "tests/python", "-p", pattern])
+        .args([
+            "-m",
+            "unittest",
+            "discover",
+            "-v",
+            "-s",
+            "tests/python",
+            "-p",
+            pattern,
+        ])
         .current_dir(&root)
         .env("WARDFLOW_BIN", common::BIN)
         .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -17,7 +26,10 @@ fn run_python(pattern: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stderr}");
     assert!(out.status.success(), "python tests failed:\n{stderr}");
-    assert!(!stderr.contains("skipped"), "no Python test may be skipped:\n{stderr}");
+    assert!(
+        !stderr.contains("skipped"),
+        "no Python test may be skipped:\n{stderr}"
+    );
 }
 
 #[test]

@@ -73,7 +73,9 @@ impl IngestMetrics {
         }
         for (reason, n) in RejectReason::ALL.iter().zip(c.rejected) {
             if n > 0 {
-                self.readings_rejected.get_or_create(&[("reason", reason.code())]).inc_by(n);
+                self.readings_rejected
+                    .get_or_create(&[("reason", reason.code())])
+                    .inc_by(n);
             }
         }
         if c.duplicates > 0 {
@@ -88,16 +90,36 @@ impl IngestMetrics {
     }
 
     pub fn register(&self, r: &mut Registry) {
-        r.register("mqtt_connections", "Open device connections", self.connections.clone());
-        r.register("mqtt_connects", "CONNECT attempts by result", self.connects.clone());
-        r.register("mqtt_publishes", "PUBLISH packets accepted, by QoS", self.publishes.clone());
-        r.register("mqtt_publish_bytes", "Payload bytes accepted", self.publish_bytes.clone());
+        r.register(
+            "mqtt_connections",
+            "Open device connections",
+            self.connections.clone(),
+        );
+        r.register(
+            "mqtt_connects",
+            "CONNECT attempts by result",
+            self.connects.clone(),
+        );
+        r.register(
+            "mqtt_publishes",
+            "PUBLISH packets accepted, by QoS",
+            self.publishes.clone(),
+        );
+        r.register(
+            "mqtt_publish_bytes",
+            "Payload bytes accepted",
+            self.publish_bytes.clone(),
+        );
         r.register(
             "mqtt_publishes_refused",
             "PUBLISH packets refused, by reason (topic, removed_device, log_failed)",
             self.publishes_refused.clone(),
         );
-        r.register("readings_accepted", "Readings validated and stored", self.readings_accepted.clone());
+        r.register(
+            "readings_accepted",
+            "Readings validated and stored",
+            self.readings_accepted.clone(),
+        );
         r.register(
             "readings_rejected",
             "Readings sent to dead letters, by reason",
@@ -123,17 +145,41 @@ impl IngestMetrics {
             "Write-ahead log group-commit fsync latency",
             self.wal_fsync_seconds.clone(),
         );
-        r.register("wal_bytes", "Bytes appended to the write-ahead log", self.wal_bytes.clone());
-        r.register("wal_commits", "Write-ahead log group commits", self.wal_commits.clone());
-        r.register("wal_records", "Publishes appended to the write-ahead log", self.wal_records.clone());
-        r.register("wal_replayed", "Publishes replayed from the write-ahead log on start", self.wal_replayed.clone());
-        r.register("wal_segments", "Write-ahead log segment files", self.wal_segments.clone());
+        r.register(
+            "wal_bytes",
+            "Bytes appended to the write-ahead log",
+            self.wal_bytes.clone(),
+        );
+        r.register(
+            "wal_commits",
+            "Write-ahead log group commits",
+            self.wal_commits.clone(),
+        );
+        r.register(
+            "wal_records",
+            "Publishes appended to the write-ahead log",
+            self.wal_records.clone(),
+        );
+        r.register(
+            "wal_replayed",
+            "Publishes replayed from the write-ahead log on start",
+            self.wal_replayed.clone(),
+        );
+        r.register(
+            "wal_segments",
+            "Write-ahead log segment files",
+            self.wal_segments.clone(),
+        );
         r.register(
             "wal_segments_deleted",
             "Write-ahead log segments deleted after the storage checkpoint passed them",
             self.wal_segments_deleted.clone(),
         );
-        r.register("wal_failed", "1 if the write-ahead log stopped after an I/O error", self.wal_failed.clone());
+        r.register(
+            "wal_failed",
+            "1 if the write-ahead log stopped after an I/O error",
+            self.wal_failed.clone(),
+        );
         r.register(
             "memory_budget_bytes",
             "Cap on payload bytes in flight between sockets and storage",

@@ -123,7 +123,11 @@ impl Registry {
             message: e.to_string(),
         })?;
         Ok(Registry {
-            devices: file.devices.into_iter().map(|d| (d.id.clone(), d)).collect(),
+            devices: file
+                .devices
+                .into_iter()
+                .map(|d| (d.id.clone(), d))
+                .collect(),
         })
     }
 
@@ -169,7 +173,9 @@ impl Registry {
                 }
                 let secret = match secret {
                     Some(s) if s.chars().count() < MIN_SECRET_LEN => {
-                        return Err(RegistryError::WeakSecret { len: s.chars().count() });
+                        return Err(RegistryError::WeakSecret {
+                            len: s.chars().count(),
+                        });
                     }
                     Some(s) => s,
                     None => {
@@ -254,7 +260,9 @@ fn with_lock<T>(
 /// The outcome of a device's CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthOutcome {
-    Accepted { patient: PatientId },
+    Accepted {
+        patient: PatientId,
+    },
     /// Not registered (MQTT v5 0x86 would leak existence; the server answers
     /// both cases alike unless configured otherwise).
     UnknownDevice,
@@ -293,9 +301,13 @@ impl RegistryWatcher {
     /// whether it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, RegistryError> {
         let path = self.data_dir.join(REGISTRY_FILE);
-        let stamp = fs::metadata(&path)
-            .ok()
-            .map(|m| (m.ino(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()));
+        let stamp = fs::metadata(&path).ok().map(|m| {
+            (
+                m.ino(),
+                m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                m.len(),
+            )
+        });
         let mut last = self.stamp.lock();
         if *last == stamp && stamp.is_some() {
             return Ok(false);
@@ -316,7 +328,9 @@ impl RegistryWatcher {
             .spawn(move || {
                 while let Some(w) = weak.upgrade() {
                     if let Err(e) = w.reload_if_changed() {
-                        tracing::warn!("device registry not reloaded, keeping the previous one: {e}");
+                        tracing::warn!(
+                            "device registry not reloaded, keeping the previous one: {e}"
+                        );
                     }
                     drop(w);
                     std::thread::sleep(period);
@@ -378,16 +392,34 @@ mod tests {
         assert!(!text.contains(&secret), "the secret itself is never stored");
 
         let w = RegistryWatcher::open(dir.path()).unwrap();
-        assert_eq!(w.authenticate("mon-1", secret.as_bytes()), AuthOutcome::Accepted { patient: p.clone() });
-        assert_eq!(w.authenticate("mon-1", secret.as_bytes()), AuthOutcome::Accepted { patient: p });
+        assert_eq!(
+            w.authenticate("mon-1", secret.as_bytes()),
+            AuthOutcome::Accepted { patient: p.clone() }
+        );
+        assert_eq!(
+            w.authenticate("mon-1", secret.as_bytes()),
+            AuthOutcome::Accepted { patient: p }
+        );
         assert_eq!(w.authenticate("mon-1", b"wrong"), AuthOutcome::BadSecret);
-        assert_eq!(w.authenticate("mon-2", secret.as_bytes()), AuthOutcome::UnknownDevice);
+        assert_eq!(
+            w.authenticate("mon-2", secret.as_bytes()),
+            AuthOutcome::UnknownDevice
+        );
 
-        assert!(matches!(Registry::add(dir.path(), d, ids("x", "y").1, None), Err(RegistryError::Exists(_))));
+        assert!(matches!(
+            Registry::add(dir.path(), d, ids("x", "y").1, None),
+            Err(RegistryError::Exists(_))
+        ));
         Registry::remove(dir.path(), "mon-1").unwrap();
-        assert!(matches!(Registry::remove(dir.path(), "mon-1"), Err(RegistryError::NotFound(_))));
+        assert!(matches!(
+            Registry::remove(dir.path(), "mon-1"),
+            Err(RegistryError::NotFound(_))
+        ));
         w.reload_if_changed().unwrap();
-        assert_eq!(w.authenticate("mon-1", secret.as_bytes()), AuthOutcome::UnknownDevice);
+        assert_eq!(
+            w.authenticate("mon-1", secret.as_bytes()),
+            AuthOutcome::UnknownDevice
+        );
     }
 
     #[test]
@@ -406,18 +438,31 @@ mod tests {
         let (d, p) = ids("mon-1", "p-1");
         let old = Registry::add(dir.path(), d.clone(), p.clone(), None).unwrap();
         let w = RegistryWatcher::open(dir.path()).unwrap();
-        assert!(matches!(w.authenticate("mon-1", old.as_bytes()), AuthOutcome::Accepted { .. }));
+        assert!(matches!(
+            w.authenticate("mon-1", old.as_bytes()),
+            AuthOutcome::Accepted { .. }
+        ));
         Registry::remove(dir.path(), "mon-1").unwrap();
         let new = Registry::add(dir.path(), d, p, None).unwrap();
         w.reload_if_changed().unwrap();
-        assert_eq!(w.authenticate("mon-1", old.as_bytes()), AuthOutcome::BadSecret);
-        assert!(matches!(w.authenticate("mon-1", new.as_bytes()), AuthOutcome::Accepted { .. }));
+        assert_eq!(
+            w.authenticate("mon-1", old.as_bytes()),
+            AuthOutcome::BadSecret
+        );
+        assert!(matches!(
+            w.authenticate("mon-1", new.as_bytes()),
+            AuthOutcome::Accepted { .. }
+        ));
     }
 
     #[test]
     fn a_corrupt_file_names_line_and_column() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(REGISTRY_FILE), "{\n  \"version\": 1,\n  \"devices\": [ oops ]\n}").unwrap();
+        fs::write(
+            dir.path().join(REGISTRY_FILE),
+            "{\n  \"version\": 1,\n  \"devices\": [ oops ]\n}",
+        )
+        .unwrap();
         let err = Registry::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("devices.json:3:"), "{err}");
     }

@@ -68,19 +68,20 @@ impl Default for MqttLimits {
 
 /// The ntex service configuration for the MQTT listener.
 pub fn mqtt_config(limits: &MqttLimits) -> SharedCfg {
-    SharedCfg::new("MQTT").add(
-        MqttServiceConfig::new()
-            .set_max_qos(QoS::AtLeastOnce)
-            // A publish that arrived before the device's DISCONNECT is
-            // stored even if it is handled after it (ntex-mqtt drops it
-            // otherwise): received means logged.
-            .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce))
-            .set_max_size(limits.max_packet_bytes)
-            .set_max_receive(limits.max_inflight)
-            .set_max_receive_size(limits.max_inflight_bytes)
-            .set_connect_timeout(ntex::time::Seconds(limits.connect_timeout_s)),
-    )
-    .into()
+    SharedCfg::new("MQTT")
+        .add(
+            MqttServiceConfig::new()
+                .set_max_qos(QoS::AtLeastOnce)
+                // A publish that arrived before the device's DISCONNECT is
+                // stored even if it is handled after it (ntex-mqtt drops it
+                // otherwise): received means logged.
+                .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce))
+                .set_max_size(limits.max_packet_bytes)
+                .set_max_receive(limits.max_inflight)
+                .set_max_receive_size(limits.max_inflight_bytes)
+                .set_connect_timeout(ntex::time::Seconds(limits.connect_timeout_s)),
+        )
+        .into()
 }
 
 /// What the connection handlers share.
@@ -174,7 +175,10 @@ async fn admit(
         }
         AuthOutcome::UnknownDevice | AuthOutcome::BadSecret => {
             result("bad_credentials");
-            tracing::info!(client_id, "connection refused: unknown device or wrong secret");
+            tracing::info!(
+                client_id,
+                "connection refused: unknown device or wrong secret"
+            );
             Admission::BadCredentials
         }
     }
@@ -204,7 +208,10 @@ async fn accept_publish(
     payload: Bytes,
 ) -> Result<(), Refusal> {
     let refuse = |r: Refusal, label: &'static str| {
-        ctx.metrics.publishes_refused.get_or_create(&[("reason", label)]).inc();
+        ctx.metrics
+            .publishes_refused
+            .get_or_create(&[("reason", label)])
+            .inc();
         Err(r)
     };
     if !is_own_readings_topic(topic, &session.device) {
@@ -258,11 +265,13 @@ async fn handshake_v3(
         pkt.username.as_ref().map(|u| u.to_string()),
         pkt.password.clone(),
     );
-    Ok(match admit(&ctx, &client_id, username.as_deref(), password).await {
-        Admission::Device(s) => hs.ack(s, false),
-        Admission::BadClientId => hs.identifier_rejected(),
-        Admission::BadCredentials => hs.bad_username_or_pwd(),
-    })
+    Ok(
+        match admit(&ctx, &client_id, username.as_deref(), password).await {
+            Admission::Device(s) => hs.ack(s, false),
+            Admission::BadClientId => hs.identifier_rejected(),
+            Admission::BadCredentials => hs.bad_username_or_pwd(),
+        },
+    )
 }
 
 async fn handshake_v5(
@@ -275,25 +284,31 @@ async fn handshake_v5(
         pkt.username.as_ref().map(|u| u.to_string()),
         pkt.password.clone(),
     );
-    Ok(match admit(&ctx, &client_id, username.as_deref(), password).await {
-        Admission::Device(s) => hs.ack(s).with(|ack| {
-            ack.max_qos = QoS::AtLeastOnce;
-            ack.retain_available = false;
-            ack.wildcard_subscription_available = false;
-            ack.shared_subscription_available = false;
-            ack.subscription_identifiers_available = false;
-        }),
-        Admission::BadClientId => hs.failed(ConnectAckReason::ClientIdentifierNotValid),
-        Admission::BadCredentials => hs.failed(ConnectAckReason::BadUserNameOrPassword),
-    })
+    Ok(
+        match admit(&ctx, &client_id, username.as_deref(), password).await {
+            Admission::Device(s) => hs.ack(s).with(|ack| {
+                ack.max_qos = QoS::AtLeastOnce;
+                ack.retain_available = false;
+                ack.wildcard_subscription_available = false;
+                ack.shared_subscription_available = false;
+                ack.subscription_identifiers_available = false;
+            }),
+            Admission::BadClientId => hs.failed(ConnectAckReason::ClientIdentifierNotValid),
+            Admission::BadCredentials => hs.failed(ConnectAckReason::BadUserNameOrPassword),
+        },
+    )
 }
 
 /// Logs why a device's connection ended.
 fn log_control(device: &DeviceId, msg: &Control<ConnectionError>) {
     match msg {
         Control::Stop(Reason::Error(e)) => tracing::info!(%device, "connection closed: {e:?}"),
-        Control::Stop(Reason::Protocol(e)) => tracing::info!(%device, "connection closed on a protocol error: {e:?}"),
-        Control::Stop(Reason::PeerGone(_)) => tracing::debug!(%device, "connection closed by the device"),
+        Control::Stop(Reason::Protocol(e)) => {
+            tracing::info!(%device, "connection closed on a protocol error: {e:?}")
+        }
+        Control::Stop(Reason::PeerGone(_)) => {
+            tracing::debug!(%device, "connection closed by the device")
+        }
         Control::WrBackpressure(_) => {}
     }
 }
@@ -305,32 +320,45 @@ pub fn mqtt_service(
     let (c3, c5) = (ctx.clone(), ctx.clone());
     let (p3, p5) = (ctx.clone(), ctx);
     MqttServer::new()
-        .v3(
-            v3::MqttServer::new(move |hs| handshake_v3(c3.clone(), hs))
-                .protocol(|msg: v3::ProtocolMessage| {
-                    Ready::<_, ConnectionError>::Ok(match msg {
-                        v3::ProtocolMessage::Subscribe(mut s) => {
-                            for mut sub in &mut s {
-                                sub.fail();
-                            }
-                            s.ack()
+        .v3(v3::MqttServer::new(move |hs| handshake_v3(c3.clone(), hs))
+            .protocol(|msg: v3::ProtocolMessage| {
+                Ready::<_, ConnectionError>::Ok(match msg {
+                    v3::ProtocolMessage::Subscribe(mut s) => {
+                        for mut sub in &mut s {
+                            sub.fail();
                         }
-                        other => other.ack(),
-                    })
+                        s.ack()
+                    }
+                    other => other.ack(),
                 })
-                .control(fn_factory_with_config(|session: v3::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
-                        log_control(&session.device, &msg);
-                        Ready::Ok::<Option<v3::codec::Encoded>, ConnectionError>(None)
-                    }))
-                }))
-                .publish(fn_factory_with_config(move |session: v3::Session<DeviceSession>| {
+            })
+            .control(fn_factory_with_config(
+                |session: v3::Session<DeviceSession>| {
+                    Ready::Ok::<_, ConnectionError>(fn_service(
+                        move |msg: Control<ConnectionError>| {
+                            log_control(&session.device, &msg);
+                            Ready::Ok::<Option<v3::codec::Encoded>, ConnectionError>(None)
+                        },
+                    ))
+                },
+            ))
+            .publish(fn_factory_with_config(
+                move |session: v3::Session<DeviceSession>| {
                     let ctx = p3.clone();
                     Ready::Ok::<_, ConnectionError>(fn_service(move |p: v3::Publish| {
                         let (ctx, session) = (ctx.clone(), session.clone());
                         async move {
-                            let payload = p.read_all().await.map_err(|_| ConnectionError::Payload)?;
-                            match accept_publish(&ctx, &session, p.publish_topic(), p.qos(), payload).await {
+                            let payload =
+                                p.read_all().await.map_err(|_| ConnectionError::Payload)?;
+                            match accept_publish(
+                                &ctx,
+                                &session,
+                                p.publish_topic(),
+                                p.qos(),
+                                payload,
+                            )
+                            .await
+                            {
                                 Ok(()) => Ok(()),
                                 Err(Refusal::Topic) => Err(ConnectionError::TopicDenied),
                                 Err(Refusal::Removed) => Err(ConnectionError::DeviceRemoved),
@@ -338,42 +366,52 @@ pub fn mqtt_service(
                             }
                         }
                     }))
-                })),
-        )
-        .v5(
-            v5::MqttServer::new(move |hs| handshake_v5(c5.clone(), hs))
-                .protocol(|msg: v5::ProtocolMessage| {
-                    Ready::<_, ConnectionError>::Ok(match msg {
-                        v5::ProtocolMessage::Subscribe(mut s) => {
-                            for mut sub in &mut s {
-                                sub.fail(SubscribeAckReason::NotAuthorized);
-                            }
-                            s.ack()
+                },
+            )))
+        .v5(v5::MqttServer::new(move |hs| handshake_v5(c5.clone(), hs))
+            .protocol(|msg: v5::ProtocolMessage| {
+                Ready::<_, ConnectionError>::Ok(match msg {
+                    v5::ProtocolMessage::Subscribe(mut s) => {
+                        for mut sub in &mut s {
+                            sub.fail(SubscribeAckReason::NotAuthorized);
                         }
-                        other => other.ack(),
-                    })
+                        s.ack()
+                    }
+                    other => other.ack(),
                 })
-                .control(fn_factory_with_config(|session: v5::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
-                        log_control(&session.device, &msg);
-                        Ready::Ok::<Option<v5::codec::Encoded>, ConnectionError>(None)
-                    }))
-                }))
-                .publish(fn_factory_with_config(move |session: v5::Session<DeviceSession>| {
+            })
+            .control(fn_factory_with_config(
+                |session: v5::Session<DeviceSession>| {
+                    Ready::Ok::<_, ConnectionError>(fn_service(
+                        move |msg: Control<ConnectionError>| {
+                            log_control(&session.device, &msg);
+                            Ready::Ok::<Option<v5::codec::Encoded>, ConnectionError>(None)
+                        },
+                    ))
+                },
+            ))
+            .publish(fn_factory_with_config(
+                move |session: v5::Session<DeviceSession>| {
                     let ctx = p5.clone();
                     Ready::Ok::<_, ConnectionError>(fn_service(move |p: v5::Publish| {
                         let (ctx, session) = (ctx.clone(), session.clone());
                         async move {
-                            let payload = p.read_all().await.map_err(|_| ConnectionError::Payload)?;
+                            let payload =
+                                p.read_all().await.map_err(|_| ConnectionError::Payload)?;
                             let qos = p.qos();
                             let result =
-                                accept_publish(&ctx, &session, p.publish_topic(), qos, payload).await;
+                                accept_publish(&ctx, &session, p.publish_topic(), qos, payload)
+                                    .await;
                             match (result, qos) {
                                 (Ok(()), _) => Ok(p.ack()),
                                 (Err(Refusal::Removed), _) => Err(ConnectionError::DeviceRemoved),
                                 // QoS 0 has no PUBACK to carry a reason: disconnect.
-                                (Err(Refusal::Topic), QoS::AtMostOnce) => Err(ConnectionError::TopicDenied),
-                                (Err(Refusal::LogFailed), QoS::AtMostOnce) => Err(ConnectionError::LogFailed),
+                                (Err(Refusal::Topic), QoS::AtMostOnce) => {
+                                    Err(ConnectionError::TopicDenied)
+                                }
+                                (Err(Refusal::LogFailed), QoS::AtMostOnce) => {
+                                    Err(ConnectionError::LogFailed)
+                                }
                                 (Err(Refusal::Topic), _) => {
                                     Ok(p.ack().reason_code(PublishAckReason::NotAuthorized))
                                 }
@@ -383,8 +421,8 @@ pub fn mqtt_service(
                             }
                         }
                     }))
-                })),
-        )
+                },
+            )))
 }
 
 #[cfg(test)]
@@ -394,11 +432,23 @@ mod tests {
     #[test]
     fn readings_topic_is_exact() {
         let d = DeviceId::new("mon-1").unwrap();
-        assert!(is_own_readings_topic("wardflow/v1/devices/mon-1/readings", &d));
-        assert!(!is_own_readings_topic("wardflow/v1/devices/mon-2/readings", &d));
-        assert!(!is_own_readings_topic("wardflow/v1/devices/mon-1/readings/x", &d));
+        assert!(is_own_readings_topic(
+            "wardflow/v1/devices/mon-1/readings",
+            &d
+        ));
+        assert!(!is_own_readings_topic(
+            "wardflow/v1/devices/mon-2/readings",
+            &d
+        ));
+        assert!(!is_own_readings_topic(
+            "wardflow/v1/devices/mon-1/readings/x",
+            &d
+        ));
         assert!(!is_own_readings_topic("wardflow/v1/devices/mon-1", &d));
         assert!(!is_own_readings_topic("other/mon-1/readings", &d));
-        assert_eq!(readings_topic("mon-1"), "wardflow/v1/devices/mon-1/readings");
+        assert_eq!(
+            readings_topic("mon-1"),
+            "wardflow/v1/devices/mon-1/readings"
+        );
     }
 }

@@ -94,7 +94,9 @@ impl SeqSet {
             Some(&(_, end)) if seq > end => seq - end - 1,
             _ => 0,
         };
-        let i = self.ranges.partition_point(|&(_, end)| end.saturating_add(1) < seq);
+        let i = self
+            .ranges
+            .partition_point(|&(_, end)| end.saturating_add(1) < seq);
         match self.ranges.get(i).copied() {
             Some((start, end)) if start <= seq && seq <= end => return 0,
             Some((start, _)) if start == seq.saturating_add(1) => self.ranges[i].0 = seq,
@@ -260,13 +262,23 @@ impl Validator {
             _ => RejectReason::MalformedPayload,
         };
         self.counts.rejected[reason as usize] += 1;
-        dead.push(dead_letter(receipt, reason, error.to_string(), None, Some(payload)));
+        dead.push(dead_letter(
+            receipt,
+            reason,
+            error.to_string(),
+            None,
+            Some(payload),
+        ));
     }
 }
 
 /// Decides resends and records `d` in the device's sequence set. `None`
 /// means the reading is new and goes on to the content checks.
-fn check_sequence(counts: &mut ValidationCounts, state: &mut DeviceState, d: &DecodedReading) -> Option<Verdict> {
+fn check_sequence(
+    counts: &mut ValidationCounts,
+    state: &mut DeviceState,
+    d: &DecodedReading,
+) -> Option<Verdict> {
     match d.seq {
         Some(seq) => match state.seen.status(seq) {
             SeqStatus::Seen if d.time_ns > state.max_time_ns => {
@@ -290,7 +302,9 @@ fn check_sequence(counts: &mut ValidationCounts, state: &mut DeviceState, d: &De
             }
         },
         None => {
-            let DecodedMetric::Known(m) = d.metric else { return None };
+            let DecodedMetric::Known(m) = d.metric else {
+                return None;
+            };
             let newest = state.metric_max_time_ns[m as usize];
             if d.time_ns == newest {
                 return Some(Verdict::Duplicate);
@@ -309,14 +323,21 @@ fn check_sequence(counts: &mut ValidationCounts, state: &mut DeviceState, d: &De
 }
 
 #[inline]
-fn check_content(config: &ValidationConfig, received_ns: TimestampNs, d: &DecodedReading) -> Verdict {
+fn check_content(
+    config: &ValidationConfig,
+    received_ns: TimestampNs,
+    d: &DecodedReading,
+) -> Verdict {
     let metric = match &d.metric {
         DecodedMetric::Known(m) => *m,
         DecodedMetric::Unknown(name) => {
             let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
             return Verdict::Reject(
                 RejectReason::UnknownMetric,
-                format!("unknown metric {name:?}; known metrics are {}", known.join(", ")),
+                format!(
+                    "unknown metric {name:?}; known metrics are {}",
+                    known.join(", ")
+                ),
             );
         }
     };
@@ -329,7 +350,10 @@ fn check_content(config: &ValidationConfig, received_ns: TimestampNs, d: &Decode
             );
         }
         DecodedValue::Missing => {
-            return Verdict::Reject(RejectReason::MissingValue, format!("{metric}: record has no value"));
+            return Verdict::Reject(
+                RejectReason::MissingValue,
+                format!("{metric}: record has no value"),
+            );
         }
     };
     let canonical = metric.canonical_unit();
@@ -351,12 +375,18 @@ fn check_content(config: &ValidationConfig, received_ns: TimestampNs, d: &Decode
         DecodedUnit::Unknown(u) => {
             return Verdict::Reject(
                 RejectReason::UnitNotConvertible,
-                format!("{metric}: unknown unit {u:?}; expected {}", canonical.ucum()),
+                format!(
+                    "{metric}: unknown unit {u:?}; expected {}",
+                    canonical.ucum()
+                ),
             );
         }
     };
     if !value.is_finite() {
-        return Verdict::Reject(RejectReason::NonFiniteValue, format!("{metric}: value is {value}"));
+        return Verdict::Reject(
+            RejectReason::NonFiniteValue,
+            format!("{metric}: value is {value}"),
+        );
     }
     let range = metric.plausible_range();
     if !range.contains(value) {
@@ -385,7 +415,8 @@ fn check_content(config: &ValidationConfig, received_ns: TimestampNs, d: &Decode
             RejectReason::TimestampTooOld,
             format!(
                 "reading is {} ms old on receipt; the acceptance window is {} ms",
-                ahead_ms.unsigned_abs(), config.max_age_ms
+                ahead_ms.unsigned_abs(),
+                config.max_age_ms
             ),
         );
     }
@@ -529,10 +560,22 @@ mod tests {
         let mut missing = reading(Metric::Hr, 0.0, 0, Some(8));
         missing.value = DecodedValue::NotANumber("string \"x\"".into());
         let cases = [
-            (reading(Metric::Hr, f64::NAN, 0, Some(1)), RejectReason::NonFiniteValue),
-            (reading(Metric::Spo2, 140.0, 0, Some(2)), RejectReason::ImplausibleValue),
-            (reading(Metric::Hr, 60.0, 3600, Some(3)), RejectReason::TimestampInFuture),
-            (reading(Metric::Hr, 60.0, -3 * 86400, Some(4)), RejectReason::TimestampTooOld),
+            (
+                reading(Metric::Hr, f64::NAN, 0, Some(1)),
+                RejectReason::NonFiniteValue,
+            ),
+            (
+                reading(Metric::Spo2, 140.0, 0, Some(2)),
+                RejectReason::ImplausibleValue,
+            ),
+            (
+                reading(Metric::Hr, 60.0, 3600, Some(3)),
+                RejectReason::TimestampInFuture,
+            ),
+            (
+                reading(Metric::Hr, 60.0, -3 * 86400, Some(4)),
+                RejectReason::TimestampTooOld,
+            ),
             (wrong_unit, RejectReason::UnitNotConvertible),
             (unknown_unit, RejectReason::UnitNotConvertible),
             (unknown_metric, RejectReason::UnknownMetric),
@@ -555,7 +598,10 @@ mod tests {
     #[test]
     fn resends_are_dropped_once_and_gaps_counted() {
         let mut run = Run::new();
-        let batch = [reading(Metric::Hr, 60.0, 0, Some(10)), reading(Metric::Hr, 61.0, 1, Some(11))];
+        let batch = [
+            reading(Metric::Hr, 60.0, 0, Some(10)),
+            reading(Metric::Hr, 61.0, 1, Some(11)),
+        ];
         assert_eq!(run.go(&batch).0.len(), 2);
         let (ok, dead) = run.go(&batch);
         assert!(ok.is_empty() && dead.is_empty());
@@ -568,9 +614,15 @@ mod tests {
     #[test]
     fn a_restarted_sequence_with_newer_times_is_accepted() {
         let mut run = Run::new();
-        run.go(&[reading(Metric::Hr, 60.0, 0, Some(0)), reading(Metric::Hr, 61.0, 1, Some(1))]);
+        run.go(&[
+            reading(Metric::Hr, 60.0, 0, Some(0)),
+            reading(Metric::Hr, 61.0, 1, Some(1)),
+        ]);
         // The device rebooted and counts from 0 again, with newer times.
-        let (ok, _) = run.go(&[reading(Metric::Hr, 62.0, 5, Some(0)), reading(Metric::Hr, 63.0, 6, Some(1))]);
+        let (ok, _) = run.go(&[
+            reading(Metric::Hr, 62.0, 5, Some(0)),
+            reading(Metric::Hr, 63.0, 6, Some(1)),
+        ]);
         assert_eq!(ok.len(), 2);
         let c = run.v.take_counts();
         assert_eq!((c.seq_resets, c.duplicates), (1, 0));
@@ -596,7 +648,11 @@ mod tests {
         let (ok, dead) = run.go(&[reading(Metric::Hr, 61.0, 1, Some(1))]);
         assert_eq!((ok.len(), dead.len()), (1, 0));
         assert_eq!(run.v.device_state("mon-1").unwrap().seen.ranges(), [(0, 2)]);
-        assert_eq!(run.go(&[reading(Metric::Hr, 61.0, 1, Some(1))]).0.len(), 0, "now it is a resend");
+        assert_eq!(
+            run.go(&[reading(Metric::Hr, 61.0, 1, Some(1))]).0.len(),
+            0,
+            "now it is a resend"
+        );
         let c = run.v.take_counts();
         assert_eq!((c.accepted, c.duplicates, c.gap_readings), (3, 1, 1));
     }
@@ -633,7 +689,14 @@ mod tests {
         assert_eq!(set.status(1), SeqStatus::New, "known to be a hole");
         assert_eq!(set.status(2), SeqStatus::Seen);
         let mut run = Run::new();
-        run.v.restore([(run.device.clone(), DeviceState { seen: set, max_time_ns: NOW, ..DeviceState::default() })]);
+        run.v.restore([(
+            run.device.clone(),
+            DeviceState {
+                seen: set,
+                max_time_ns: NOW,
+                ..DeviceState::default()
+            },
+        )]);
         let (ok, dead) = run.go(&[reading(Metric::Hr, 60.0, -1, Some(0))]);
         assert!(ok.is_empty());
         assert_eq!(dead[0].reason, RejectReason::OutOfOrder);
@@ -645,7 +708,10 @@ mod tests {
         let a = reading(Metric::Hr, 60.0, 0, None);
         assert_eq!(run.go(std::slice::from_ref(&a)).0.len(), 1);
         assert_eq!(run.go(std::slice::from_ref(&a)).0.len(), 0);
-        let (ok, dead) = run.go(&[reading(Metric::Hr, 59.0, -1, None), reading(Metric::Rr, 14.0, -1, None)]);
+        let (ok, dead) = run.go(&[
+            reading(Metric::Hr, 59.0, -1, None),
+            reading(Metric::Rr, 14.0, -1, None),
+        ]);
         assert_eq!(ok.len(), 1, "another metric is independent");
         assert_eq!(dead[0].reason, RejectReason::OutOfOrder);
         assert_eq!(run.v.take_counts().duplicates, 1);
@@ -661,7 +727,8 @@ mod tests {
             received_ns: NOW,
         };
         let payload = vec![0xffu8; 1000];
-        run.v.reject_payload(receipt, &DecodeError::UnknownFormat, &payload, &mut dead);
+        run.v
+            .reject_payload(receipt, &DecodeError::UnknownFormat, &payload, &mut dead);
         assert_eq!(dead[0].reason, RejectReason::UnknownFormat);
         assert!(dead[0].raw.starts_with("ffff"));
         assert!(dead[0].raw.ends_with("(1000 bytes)"));

@@ -237,7 +237,9 @@ pub struct WalControl {
 impl WalControl {
     /// Allows segments whose records all have epochs below `epoch` to be deleted.
     pub fn truncate_below(&self, epoch: u64) {
-        self.shared.truncate_below.fetch_max(epoch, Ordering::Relaxed);
+        self.shared
+            .truncate_below
+            .fetch_max(epoch, Ordering::Relaxed);
     }
 
     pub fn is_failed(&self) -> bool {
@@ -398,7 +400,10 @@ fn encode_record(buf: &mut Vec<u8>, epoch: u64, req: &WalRequest) {
     let d = req.device.as_str().as_bytes();
     buf.push(d.len() as u8);
     buf.extend_from_slice(d);
-    let p = req.patient.as_ref().map_or(&b""[..], |p| p.as_str().as_bytes());
+    let p = req
+        .patient
+        .as_ref()
+        .map_or(&b""[..], |p| p.as_str().as_bytes());
     buf.push(p.len() as u8);
     buf.extend_from_slice(p);
     buf.extend_from_slice(&req.payload);
@@ -451,7 +456,10 @@ fn recover(dir: &Path) -> Result<Vec<Segment>, WalError> {
                         "write-ahead log {}: cutting a torn record at offset {at} ({what}); it was never acknowledged",
                         path.display()
                     );
-                    let f = OpenOptions::new().write(true).open(&path).map_err(io_err(&path))?;
+                    let f = OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .map_err(io_err(&path))?;
                     f.set_len(at as u64).map_err(io_err(&path))?;
                     f.sync_all().map_err(io_err(&path))?;
                     break;
@@ -516,7 +524,8 @@ impl Writer {
                         at += used;
                         continue;
                     };
-                    let payload = whole.slice(at + rec.payload_at..at + rec.payload_at + rec.payload_len);
+                    let payload =
+                        whole.slice(at + rec.payload_at..at + rec.payload_at + rec.payload_len);
                     let permit = self.budget.acquire_blocking(payload.len());
                     self.shards.send(Envelope {
                         epoch: rec.epoch,
@@ -635,13 +644,17 @@ impl Writer {
         file.write_all(&self.buf).map_err(io_err(path))?;
         let t = Instant::now();
         file.sync_data().map_err(io_err(path))?;
-        self.metrics.wal_fsync_seconds.observe(t.elapsed().as_secs_f64());
+        self.metrics
+            .wal_fsync_seconds
+            .observe(t.elapsed().as_secs_f64());
         let n = self.buf.len() as u64;
         let seg = self.segments.last_mut().expect("a current segment");
         seg.len += n;
         seg.max_epoch = seg.max_epoch.max(epoch);
         self.next_lsn += n;
-        self.shared.durable_lsn.store(self.next_lsn, Ordering::Relaxed);
+        self.shared
+            .durable_lsn
+            .store(self.next_lsn, Ordering::Relaxed);
         self.metrics.wal_bytes.inc_by(n);
         self.metrics.wal_commits.inc();
         self.metrics.wal_records.inc_by(batch.len() as u64);
@@ -675,7 +688,9 @@ impl Writer {
                 .open(&path)
                 .map_err(io_err(&path))?;
             if !reuse {
-                File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
+                File::open(&dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err(&dir))?;
             }
             if let Some(old) = self.current.replace(f) {
                 let _ = old.sync_all();
@@ -695,7 +710,10 @@ impl Writer {
         while removed < keep_from && self.segments[removed].max_epoch < below {
             let seg = &self.segments[removed];
             if let Err(e) = fs::remove_file(&seg.path) {
-                tracing::warn!("could not delete write-ahead log segment {}: {e}", seg.path.display());
+                tracing::warn!(
+                    "could not delete write-ahead log segment {}: {e}",
+                    seg.path.display()
+                );
                 break;
             }
             removed += 1;
@@ -755,12 +773,21 @@ mod tests {
         let budget = MemoryBudget::new(1 << 20);
         let metrics = Arc::new(IngestMetrics::default());
         let (shards, sources) = Shards::new(2);
-        let wal = Wal::start(WalConfig::new(dir.path().into()), 0, shards, budget.clone(), metrics.clone()).unwrap();
+        let wal = Wal::start(
+            WalConfig::new(dir.path().into()),
+            0,
+            shards,
+            budget.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut req = request(&budget, "mon-1", b"[1]");
         req.done = Some(tx);
         wal.handle.submit(req).unwrap();
-        wal.handle.submit(request(&budget, "mon-2", b"[2]")).unwrap();
+        wal.handle
+            .submit(request(&budget, "mon-2", b"[2]"))
+            .unwrap();
         assert_eq!(rx.blocking_recv().unwrap(), Ok(()));
         let got = wait_for(&sources, 2);
         assert_eq!(got.len(), 2);
@@ -773,21 +800,43 @@ mod tests {
         assert_eq!(budget.in_use(), 0, "permits return when envelopes drop");
 
         // A torn record at the tail is cut, the rest replays.
-        let seg = fs::read_dir(dir.path()).unwrap().next().unwrap().unwrap().path();
+        let seg = fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
         let (shards, sources) = Shards::new(1);
-        let wal = Wal::start(WalConfig::new(dir.path().into()), 0, shards, budget.clone(), metrics.clone()).unwrap();
+        let wal = Wal::start(
+            WalConfig::new(dir.path().into()),
+            0,
+            shards,
+            budget.clone(),
+            metrics.clone(),
+        )
+        .unwrap();
         let got = wait_for(&sources, 2);
-        assert_eq!(got.iter().map(|e| e.device.as_str()).collect::<Vec<_>>(), ["mon-1", "mon-2"]);
+        assert_eq!(
+            got.iter().map(|e| e.device.as_str()).collect::<Vec<_>>(),
+            ["mon-1", "mon-2"]
+        );
         assert_eq!(got[1].patient.as_ref().unwrap().as_str(), "p-1");
         drop(got);
         wal.shutdown();
 
         // Replay starts at the requested epoch.
         let (shards, sources) = Shards::new(1);
-        let wal = Wal::start(WalConfig::new(dir.path().into()), epoch + 1, shards, budget.clone(), metrics).unwrap();
+        let wal = Wal::start(
+            WalConfig::new(dir.path().into()),
+            epoch + 1,
+            shards,
+            budget.clone(),
+            metrics,
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(drain(&sources).is_empty());
         wal.shutdown();

@@ -23,9 +23,7 @@ pub enum IdError {
     Empty { kind: &'static str },
     #[error("{kind} id is {len} bytes long; the limit is {MAX_ID_LEN}")]
     TooLong { kind: &'static str, len: usize },
-    #[error(
-        "{kind} id {id:?} contains {ch:?}; allowed are ASCII letters, digits and - _ . :"
-    )]
+    #[error("{kind} id {id:?} contains {ch:?}; allowed are ASCII letters, digits and - _ . :")]
     BadChar {
         kind: &'static str,
         id: String,

@@ -59,9 +59,7 @@ impl Unit {
     pub fn parse(s: &str) -> Result<Unit, UnitError> {
         Ok(match s {
             "/min" | "1/min" | "{beat}/min" | "{beats}/min" | "beat/min" | "beats/min"
-            | "{breath}/min" | "{breaths}/min" | "breath/min" | "bpm" | "brpm" => {
-                Unit::PerMinute
-            }
+            | "{breath}/min" | "{breaths}/min" | "breath/min" | "bpm" | "brpm" => Unit::PerMinute,
             "/s" | "1/s" | "Hz" => Unit::PerSecond,
             "%" => Unit::Percent,
             "/" | "1" => Unit::Ratio,
@@ -160,15 +158,32 @@ mod tests {
     #[test]
     fn conversions_match_reference_values() {
         let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
-        assert!(close(Unit::Fahrenheit.convert(212.0, Unit::Celsius).unwrap(), 100.0));
-        assert!(close(Unit::Kelvin.convert(310.15, Unit::Celsius).unwrap(), 37.0));
-        assert!(close(Unit::Celsius.convert(37.0, Unit::Fahrenheit).unwrap(), 98.6));
         assert!(close(
-            Unit::Kilopascal.convert(16.0, Unit::MillimetreMercury).unwrap(),
+            Unit::Fahrenheit.convert(212.0, Unit::Celsius).unwrap(),
+            100.0
+        ));
+        assert!(close(
+            Unit::Kelvin.convert(310.15, Unit::Celsius).unwrap(),
+            37.0
+        ));
+        assert!(close(
+            Unit::Celsius.convert(37.0, Unit::Fahrenheit).unwrap(),
+            98.6
+        ));
+        assert!(close(
+            Unit::Kilopascal
+                .convert(16.0, Unit::MillimetreMercury)
+                .unwrap(),
             16_000.0 / 133.322
         ));
-        assert!(close(Unit::Ratio.convert(0.97, Unit::Percent).unwrap(), 97.0));
-        assert!(close(Unit::PerSecond.convert(1.2, Unit::PerMinute).unwrap(), 72.0));
+        assert!(close(
+            Unit::Ratio.convert(0.97, Unit::Percent).unwrap(),
+            97.0
+        ));
+        assert!(close(
+            Unit::PerSecond.convert(1.2, Unit::PerMinute).unwrap(),
+            72.0
+        ));
         assert_eq!(Unit::Celsius.convert(37.0, Unit::Percent), None);
     }
 
@@ -189,10 +204,17 @@ mod tests {
         ];
         for a in all {
             assert_eq!(Unit::parse(a.ucum()).unwrap(), a);
-            for b in all.iter().copied().filter(|b| b.dimension() == a.dimension()) {
+            for b in all
+                .iter()
+                .copied()
+                .filter(|b| b.dimension() == a.dimension())
+            {
                 let there = a.convert(42.5, b).unwrap();
                 let back = b.convert(there, a).unwrap();
-                assert!((back - 42.5).abs() < 1e-9, "{a:?} -> {b:?} -> {a:?} = {back}");
+                assert!(
+                    (back - 42.5).abs() < 1e-9,
+                    "{a:?} -> {b:?} -> {a:?} = {back}"
+                );
             }
         }
     }

@@ -125,7 +125,10 @@ pub fn register(data_dir: &Path, config: &SimConfig) -> Result<Vec<Credential>, 
             Registry::remove(data_dir, d.as_str())?;
         }
     }
-    let secrets = Registry::add_many(data_dir, ids.iter().map(|(d, p)| (d.clone(), p.clone(), None)))?;
+    let secrets = Registry::add_many(
+        data_dir,
+        ids.iter().map(|(d, p)| (d.clone(), p.clone(), None)),
+    )?;
     Ok(ids
         .into_iter()
         .zip(secrets)
@@ -224,9 +227,18 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "sent {} readings in {} publishes; acked {}; errors {} ({} on connect); faulty on purpose {}",
-            self.sent, self.publishes, self.acked, self.errors, self.connect_errors, self.bad_injected
+            self.sent,
+            self.publishes,
+            self.acked,
+            self.errors,
+            self.connect_errors,
+            self.bad_injected
         )?;
-        write!(f, "{:.0} readings/s, {:.0} publishes/s", self.readings_per_s, self.publishes_per_s)?;
+        write!(
+            f,
+            "{:.0} readings/s, {:.0} publishes/s",
+            self.readings_per_s, self.publishes_per_s
+        )?;
         if let Some(l) = self.ack_latency_ms {
             write!(
                 f,
@@ -241,7 +253,12 @@ impl fmt::Display for Report {
 /// Runs the simulation until `config.duration` passes or `stop` is set,
 /// calling `progress` about once a second. Devices that cannot connect are
 /// counted as errors; the others keep going.
-pub fn run(config: &SimConfig, creds: Vec<Credential>, stop: Arc<AtomicBool>, progress: impl Fn(&Progress)) -> Report {
+pub fn run(
+    config: &SimConfig,
+    creds: Vec<Credential>,
+    stop: Arc<AtomicBool>,
+    progress: impl Fn(&Progress),
+) -> Report {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
     let deadline = config.duration.map(|d| started + d);
@@ -343,14 +360,24 @@ fn run_thread(
             let tasks: Vec<_> = devices
                 .into_iter()
                 .map(|(i, cred)| {
-                    ntex::rt::spawn(device_task(config.clone(), i, cred, counters.clone(), stop.clone(), deadline, h.clone()))
+                    ntex::rt::spawn(device_task(
+                        config.clone(),
+                        i,
+                        cred,
+                        counters.clone(),
+                        stop.clone(),
+                        deadline,
+                        h.clone(),
+                    ))
                 })
                 .collect();
             for t in tasks {
                 let _ = t.await;
             }
         });
-    Rc::try_unwrap(hist).map(RefCell::into_inner).unwrap_or_else(|rc| rc.borrow().clone())
+    Rc::try_unwrap(hist)
+        .map(RefCell::into_inner)
+        .unwrap_or_else(|rc| rc.borrow().clone())
 }
 
 async fn connect(config: &SimConfig, cred: &Credential) -> Result<v3::client::Client, String> {
@@ -421,7 +448,12 @@ impl DeviceSource {
                 let base = vitals[0].1;
                 self.records.clear();
                 self.records.extend(vitals.iter().map(|(v, t)| {
-                    frame::Record::new(v.metric, ((t - base) / 1000).max(0) as u32, v.value, v.quality.0)
+                    frame::Record::new(
+                        v.metric,
+                        ((t - base) / 1000).max(0) as u32,
+                        v.value,
+                        v.quality.0,
+                    )
                 }));
                 if fault_kind == Some(3) {
                     // A heart rate in degrees Celsius.
@@ -437,13 +469,20 @@ impl DeviceSource {
                 let base = vitals[0].1;
                 if fault_kind == Some(1) {
                     // JSON has no NaN; devices that try send a string.
-                    out.extend_from_slice(format!(r#"[{{"n":"hr","v":"NaN","seq":{seq}}}]"#).as_bytes());
+                    out.extend_from_slice(
+                        format!(r#"[{{"n":"hr","v":"NaN","seq":{seq}}}]"#).as_bytes(),
+                    );
                 } else if fault_kind == Some(3) {
-                    out.extend_from_slice(format!(r#"[{{"n":"hr","u":"Cel","v":37,"seq":{seq}}}]"#).as_bytes());
+                    out.extend_from_slice(
+                        format!(r#"[{{"n":"hr","u":"Cel","v":37,"seq":{seq}}}]"#).as_bytes(),
+                    );
                 } else {
                     senml::encode(
                         base,
-                        vitals.iter().enumerate().map(|(i, (v, t))| (v.metric, *t, v.value, Some(seq + i as u64))),
+                        vitals
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (v, t))| (v.metric, *t, v.value, Some(seq + i as u64))),
                         &mut out,
                     );
                     if fault_kind == Some(0) {
@@ -488,12 +527,25 @@ async fn device_task(
 
     let topic = ByteString::from(readings_topic(cred.device.as_str()));
     let batch = config.batch.max(1);
-    let per_publish = if config.rate > 0.0 { batch as f64 / config.rate } else { 0.0 };
+    let per_publish = if config.rate > 0.0 {
+        batch as f64 / config.rate
+    } else {
+        0.0
+    };
     let mut source = DeviceSource {
-        patient: VirtualPatient::new(config.seed.wrapping_mul(1_000_003).wrapping_add(index as u64)),
+        patient: VirtualPatient::new(
+            config
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(index as u64),
+        ),
         pending: Vec::new(),
         seq: 0,
-        dt: if config.rate > 0.0 { MONITOR_METRICS.len() as f64 / config.rate } else { 1.0 },
+        dt: if config.rate > 0.0 {
+            MONITOR_METRICS.len() as f64 / config.rate
+        } else {
+            1.0
+        },
         records: Vec::with_capacity(batch),
         faults: 0,
     };
@@ -509,7 +561,10 @@ async fn device_task(
     let start = Instant::now();
     let mut sent: u64 = 0;
     loop {
-        if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) || !sink.is_open() {
+        if stop.load(Ordering::Relaxed)
+            || deadline.is_some_and(|d| Instant::now() >= d)
+            || !sink.is_open()
+        {
             break;
         }
         if per_publish > 0.0 {
@@ -527,13 +582,19 @@ async fn device_task(
         }
         sent += 1;
         counters.sent_publishes.fetch_add(1, Ordering::Relaxed);
-        counters.sent_readings.fetch_add(batch as u64, Ordering::Relaxed);
+        counters
+            .sent_readings
+            .fetch_add(batch as u64, Ordering::Relaxed);
         if config.qos == 0 {
             if !sink.ready().await {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            if sink.publish(topic.clone()).send_at_most_once(payload).is_err() {
+            if sink
+                .publish(topic.clone())
+                .send_at_most_once(payload)
+                .is_err()
+            {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         } else {
@@ -541,15 +602,24 @@ async fn device_task(
                 ntex::time::sleep(ntex::time::Millis(1)).await;
             }
             *window.borrow_mut() += 1;
-            let (sink, topic, counters, hist, window) =
-                (sink.clone(), topic.clone(), counters.clone(), hist.clone(), window.clone());
+            let (sink, topic, counters, hist, window) = (
+                sink.clone(),
+                topic.clone(),
+                counters.clone(),
+                hist.clone(),
+                window.clone(),
+            );
             ntex::rt::spawn(async move {
                 let t = Instant::now();
                 match sink.publish(topic).send_at_least_once(payload).await {
                     Ok(()) => {
                         counters.acked_publishes.fetch_add(1, Ordering::Relaxed);
-                        counters.acked_readings.fetch_add(batch as u64, Ordering::Relaxed);
-                        let _ = hist.borrow_mut().record(t.elapsed().as_micros().max(1) as u64);
+                        counters
+                            .acked_readings
+                            .fetch_add(batch as u64, Ordering::Relaxed);
+                        let _ = hist
+                            .borrow_mut()
+                            .record(t.elapsed().as_micros().max(1) as u64);
                     }
                     Err(_) => {
                         counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -587,7 +657,10 @@ mod tests {
             let mut out = Vec::new();
             codec::decode(&p, now_ns(), &mut out).unwrap();
             assert_eq!(out.len(), 10);
-            assert!(out.iter().all(|d| matches!(d.metric, codec::DecodedMetric::Known(_))));
+            assert!(
+                out.iter()
+                    .all(|d| matches!(d.metric, codec::DecodedMetric::Known(_)))
+            );
             // Four faults in turn: broken, NaN, absurd, wrong unit.
             let mut broken = 0;
             for _ in 0..4 {
@@ -606,7 +679,10 @@ mod tests {
 
     #[test]
     fn device_ids_are_valid_and_distinct() {
-        let ids = device_ids(&SimConfig { devices: 50, ..SimConfig::default() });
+        let ids = device_ids(&SimConfig {
+            devices: 50,
+            ..SimConfig::default()
+        });
         assert_eq!(ids.len(), 50);
         assert_eq!(ids[7].0.as_str(), "sim-0007");
         assert_eq!(ids[7].1.as_str(), "sim-patient-0007");

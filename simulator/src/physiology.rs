@@ -117,13 +117,41 @@ impl VirtualPatient {
         let round = |v: f64, step: f64| (v / step).round() * step;
         let ok = Quality::default();
         [
-            Vital { metric: Metric::Hr, value: round(hr.clamp(20.0, 250.0), 1.0), quality },
-            Vital { metric: Metric::Spo2, value: round(spo2.clamp(50.0, 100.0), 1.0), quality },
-            Vital { metric: Metric::Rr, value: round(rr, 1.0), quality: ok },
-            Vital { metric: Metric::Sbp, value: round(sbp, 1.0), quality: ok },
-            Vital { metric: Metric::Dbp, value: round(dbp, 1.0), quality: ok },
-            Vital { metric: Metric::Map, value: round(map, 1.0), quality: ok },
-            Vital { metric: Metric::Temp, value: round(temp, 0.1), quality: ok },
+            Vital {
+                metric: Metric::Hr,
+                value: round(hr.clamp(20.0, 250.0), 1.0),
+                quality,
+            },
+            Vital {
+                metric: Metric::Spo2,
+                value: round(spo2.clamp(50.0, 100.0), 1.0),
+                quality,
+            },
+            Vital {
+                metric: Metric::Rr,
+                value: round(rr, 1.0),
+                quality: ok,
+            },
+            Vital {
+                metric: Metric::Sbp,
+                value: round(sbp, 1.0),
+                quality: ok,
+            },
+            Vital {
+                metric: Metric::Dbp,
+                value: round(dbp, 1.0),
+                quality: ok,
+            },
+            Vital {
+                metric: Metric::Map,
+                value: round(map, 1.0),
+                quality: ok,
+            },
+            Vital {
+                metric: Metric::Temp,
+                value: round(temp, 0.1),
+                quality: ok,
+            },
         ]
     }
 }
@@ -158,7 +186,10 @@ mod tests {
         let r = cov / (var(&hr, mh) * var(&sbp, ms)).sqrt();
         assert!(r > 0.5, "correlation {r}");
         // About one artefact of ~5 s every 10 minutes: 144 a day, ~700 s.
-        assert!((200..2_000).contains(&artefacts), "{artefacts} artefact seconds");
+        assert!(
+            (200..2_000).contains(&artefacts),
+            "{artefacts} artefact seconds"
+        );
     }
 
     #[test]

@@ -49,8 +49,10 @@ pub fn read_checkpoint(root: &Path, process: usize) -> Result<u64, StorageError>
 /// Durably records the checkpoint.
 pub fn write_checkpoint(root: &Path, process: usize, epoch: u64) -> Result<(), StorageError> {
     let path = checkpoint_path(root, process);
-    let json = serde_json::to_vec(&CheckpointFile { epoch }).map_err(|e| StorageError::Encode(e.to_string()))?;
-    layout::write_atomically(&path, |f| std::io::Write::write_all(f, &json)).map_err(StorageError::io(&path))?;
+    let json = serde_json::to_vec(&CheckpointFile { epoch })
+        .map_err(|e| StorageError::Encode(e.to_string()))?;
+    layout::write_atomically(&path, |f| std::io::Write::write_all(f, &json))
+        .map_err(StorageError::io(&path))?;
     layout::sync_dir(root).map_err(StorageError::io(root))
 }
 
@@ -83,7 +85,9 @@ pub fn recover(root: &Path, process: usize, checkpoint: u64) -> Result<Recovery,
                 if f.name.process() != process {
                     continue;
                 }
-                if f.name.max_interval() >= checkpoint && matches!(f.name, FileName::Interval { .. }) {
+                if f.name.max_interval() >= checkpoint
+                    && matches!(f.name, FileName::Interval { .. })
+                {
                     remove(&f.path)?;
                     report.uncommitted += 1;
                 } else if compacted.iter().any(|c| f.name.covered_by(c)) {
@@ -98,8 +102,9 @@ pub fn recover(root: &Path, process: usize, checkpoint: u64) -> Result<Recovery,
         remove_temporary(&state, &mut report)?;
         for entry in std::fs::read_dir(&state).map_err(StorageError::io(&state))? {
             let entry = entry.map_err(StorageError::io(&state))?;
-            if let Some(FileName::Interval { start, process: p, .. }) =
-                entry.file_name().to_str().and_then(FileName::parse)
+            if let Some(FileName::Interval {
+                start, process: p, ..
+            }) = entry.file_name().to_str().and_then(FileName::parse)
                 && p == process
                 && start >= checkpoint
             {
@@ -118,7 +123,11 @@ fn remove(path: &Path) -> Result<(), StorageError> {
 fn remove_temporary(dir: &Path, report: &mut Recovery) -> Result<(), StorageError> {
     for entry in std::fs::read_dir(dir).map_err(StorageError::io(dir))? {
         let entry = entry.map_err(StorageError::io(dir))?;
-        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".tmp")) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(".tmp"))
+        {
             remove(&entry.path())?;
             report.temporary += 1;
         }
@@ -141,7 +150,10 @@ struct BaseFile<S> {
 /// Device states as of `checkpoint`, from every process's state files: for
 /// each device, the state written with the latest interval before the
 /// checkpoint.
-pub fn load_states<S: DeserializeOwned>(root: &Path, checkpoint: u64) -> Result<HashMap<DeviceId, S>, StorageError> {
+pub fn load_states<S: DeserializeOwned>(
+    root: &Path,
+    checkpoint: u64,
+) -> Result<HashMap<DeviceId, S>, StorageError> {
     let mut best: HashMap<DeviceId, (u64, S)> = HashMap::new();
     let mut offer = |device: DeviceId, interval: u64, state: S| match best.get(&device) {
         Some((i, _)) if *i >= interval => {}
@@ -163,10 +175,11 @@ pub fn load_states<S: DeserializeOwned>(root: &Path, checkpoint: u64) -> Result<
         };
         if name.starts_with("base-p") && name.ends_with(".json") {
             let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-            let base: BaseFile<S> = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                path: path.clone(),
-                what: e.to_string(),
-            })?;
+            let base: BaseFile<S> =
+                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                    path: path.clone(),
+                    what: e.to_string(),
+                })?;
             for (d, i, s) in base.devices {
                 offer(d, i, s);
             }
@@ -175,10 +188,11 @@ pub fn load_states<S: DeserializeOwned>(root: &Path, checkpoint: u64) -> Result<
             && start < checkpoint
         {
             let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-            let file: StateFile<S> = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                path: path.clone(),
-                what: e.to_string(),
-            })?;
+            let file: StateFile<S> =
+                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                    path: path.clone(),
+                    what: e.to_string(),
+                })?;
             for (d, s) in file.devices {
                 offer(d, file.interval, s);
             }
@@ -198,10 +212,11 @@ pub fn consolidate_states<S: Serialize + DeserializeOwned>(
     let base_file = base_path(root, process);
     let mut merged: HashMap<DeviceId, (u64, S)> = HashMap::new();
     if let Ok(bytes) = std::fs::read(&base_file) {
-        let base: BaseFile<S> = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-            path: base_file.clone(),
-            what: e.to_string(),
-        })?;
+        let base: BaseFile<S> =
+            serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                path: base_file.clone(),
+                what: e.to_string(),
+            })?;
         merged.extend(base.devices.into_iter().map(|(d, i, s)| (d, (i, s))));
     }
     let mut folded = Vec::new();
@@ -212,7 +227,9 @@ pub fn consolidate_states<S: Serialize + DeserializeOwned>(
     };
     for entry in entries {
         let entry = entry.map_err(StorageError::io(&dir))?;
-        let Some(FileName::Interval { start, process: p, .. }) = entry.file_name().to_str().and_then(FileName::parse)
+        let Some(FileName::Interval {
+            start, process: p, ..
+        }) = entry.file_name().to_str().and_then(FileName::parse)
         else {
             continue;
         };
@@ -221,10 +238,11 @@ pub fn consolidate_states<S: Serialize + DeserializeOwned>(
         }
         let path = entry.path();
         let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-        let file: StateFile<S> = serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-            path: path.clone(),
-            what: e.to_string(),
-        })?;
+        let file: StateFile<S> =
+            serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+                path: path.clone(),
+                what: e.to_string(),
+            })?;
         for (d, s) in file.devices {
             if merged.get(&d).is_none_or(|(i, _)| *i < file.interval) {
                 merged.insert(d, (file.interval, s));
@@ -240,7 +258,8 @@ pub fn consolidate_states<S: Serialize + DeserializeOwned>(
         devices: merged.into_iter().map(|(d, (i, s))| (d, i, s)).collect(),
     };
     let json = serde_json::to_vec(&base).map_err(|e| StorageError::Encode(e.to_string()))?;
-    layout::write_atomically(&base_file, |f| std::io::Write::write_all(f, &json)).map_err(StorageError::io(&base_file))?;
+    layout::write_atomically(&base_file, |f| std::io::Write::write_all(f, &json))
+        .map_err(StorageError::io(&base_file))?;
     layout::sync_dir(&dir).map_err(StorageError::io(&dir))?;
     // The base file now holds everything they held; a crash before the
     // deletes below only leaves files load_states reads redundantly.

@@ -54,7 +54,10 @@ pub fn compact(
     policy: &CompactionPolicy,
 ) -> Result<CompactionStats, StorageError> {
     let mut stats = CompactionStats::default();
-    for (table, sort) in [(READINGS_DIR, Sort::Readings), (DEAD_LETTERS_DIR, Sort::DeadLetters)] {
+    for (table, sort) in [
+        (READINGS_DIR, Sort::Readings),
+        (DEAD_LETTERS_DIR, Sort::DeadLetters),
+    ] {
         let table = root.join(table);
         for (hour, dir) in layout::partitions(&table).map_err(StorageError::io(&table))? {
             let files: Vec<DataFile> = layout::files_in(hour, &dir)
@@ -92,10 +95,11 @@ enum Sort {
 
 fn row_count(path: &Path) -> Result<usize, StorageError> {
     let file = File::open(path).map_err(StorageError::io(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StorageError::Corrupt {
-        path: path.to_path_buf(),
-        what: e.to_string(),
-    })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StorageError::Corrupt {
+            path: path.to_path_buf(),
+            what: e.to_string(),
+        })?;
     Ok(builder.metadata().file_metadata().num_rows() as usize)
 }
 
@@ -109,7 +113,10 @@ fn merge_run(
     if run.len() < 2 {
         return Ok(());
     }
-    let (min, max) = (run[0].0.name.min_interval(), run[run.len() - 1].0.name.max_interval());
+    let (min, max) = (
+        run[0].0.name.min_interval(),
+        run[run.len() - 1].0.name.max_interval(),
+    );
     let mut batches = Vec::new();
     for (f, _) in &run {
         let file = File::open(&f.path).map_err(StorageError::io(&f.path))?;
@@ -117,7 +124,11 @@ fn merge_run(
             path: f.path.clone(),
             what: e.to_string(),
         };
-        for b in ParquetRecordBatchReaderBuilder::try_new(file).map_err(corrupt)?.build().map_err(corrupt)? {
+        for b in ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(corrupt)?
+            .build()
+            .map_err(corrupt)?
+        {
             batches.push(b.map_err(|e| StorageError::Corrupt {
                 path: f.path.clone(),
                 what: e.to_string(),
@@ -145,7 +156,11 @@ fn merge_run(
     let order = lexsort_to_indices(&columns, None).map_err(enc)?;
     let sorted: RecordBatch = take_record_batch(&all, &order).map_err(enc)?;
     let name = FileName::Compacted { min, max, process };
-    write_parquet_file(&dir.join(name.render("parquet")), &sorted, writer_properties())?;
+    write_parquet_file(
+        &dir.join(name.render("parquet")),
+        &sorted,
+        writer_properties(),
+    )?;
     layout::sync_dir(dir).map_err(StorageError::io(dir))?;
     for (f, _) in &run {
         std::fs::remove_file(&f.path).map_err(StorageError::io(&f.path))?;

@@ -49,7 +49,11 @@ pub fn partition_dir(hour: i64) -> String {
 pub fn parse_partition(date: &str, hour: &str) -> Option<i64> {
     let date: jiff::civil::Date = date.strip_prefix("date=")?.parse().ok()?;
     let hour: i8 = hour.strip_prefix("hour=")?.parse().ok()?;
-    let ts = date.at(hour, 0, 0, 0).to_zoned_datetime(TimeZone::UTC).ok()?.timestamp();
+    let ts = date
+        .at(hour, 0, 0, 0)
+        .to_zoned_datetime(TimeZone::UTC)
+        .ok()?
+        .timestamp();
     Some(ts.as_second().div_euclid(3600))
 }
 
@@ -57,26 +61,38 @@ pub fn parse_partition(date: &str, hour: &str) -> Option<i64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileName {
     /// One flush interval of one worker.
-    Interval { start: u64, process: usize, worker: usize },
+    Interval {
+        start: u64,
+        process: usize,
+        worker: usize,
+    },
     /// A compaction of a process's interval files with starts in `[min, max]`.
     Compacted { min: u64, max: u64, process: usize },
 }
 
 impl FileName {
     pub fn parse(name: &str) -> Option<FileName> {
-        let stem = name.strip_suffix(".parquet").or_else(|| name.strip_suffix(".json"))?;
+        let stem = name
+            .strip_suffix(".parquet")
+            .or_else(|| name.strip_suffix(".json"))?;
         if let Some(rest) = stem.strip_prefix('e') {
             let mut it = rest.split('-');
             let start = it.next()?.parse().ok()?;
             let process = it.next()?.strip_prefix('p')?.parse().ok()?;
             let worker = it.next()?.strip_prefix('w')?.parse().ok()?;
-            it.next().is_none().then_some(FileName::Interval { start, process, worker })
+            it.next().is_none().then_some(FileName::Interval {
+                start,
+                process,
+                worker,
+            })
         } else if let Some(rest) = stem.strip_prefix('c') {
             let mut it = rest.split('-');
             let min = it.next()?.parse().ok()?;
             let max = it.next()?.parse().ok()?;
             let process = it.next()?.strip_prefix('p')?.parse().ok()?;
-            it.next().is_none().then_some(FileName::Compacted { min, max, process })
+            it.next()
+                .is_none()
+                .then_some(FileName::Compacted { min, max, process })
         } else {
             None
         }
@@ -84,8 +100,14 @@ impl FileName {
 
     pub fn render(&self, ext: &str) -> String {
         match *self {
-            FileName::Interval { start, process, worker } => format!("e{start:013}-p{process}-w{worker}.{ext}"),
-            FileName::Compacted { min, max, process } => format!("c{min:013}-{max:013}-p{process}.{ext}"),
+            FileName::Interval {
+                start,
+                process,
+                worker,
+            } => format!("e{start:013}-p{process}-w{worker}.{ext}"),
+            FileName::Compacted { min, max, process } => {
+                format!("c{min:013}-{max:013}-p{process}.{ext}")
+            }
         }
     }
 
@@ -151,7 +173,11 @@ pub fn partitions(table: &Path) -> std::io::Result<Vec<(i64, PathBuf)>> {
         }
         for hour in std::fs::read_dir(date.path())? {
             let hour = hour?;
-            if let Some(h) = hour.file_name().to_str().and_then(|n| parse_partition(&date_name, n)) {
+            if let Some(h) = hour
+                .file_name()
+                .to_str()
+                .and_then(|n| parse_partition(&date_name, n))
+            {
                 out.push((h, hour.path()));
             }
         }
@@ -193,7 +219,10 @@ pub fn live_files(hour: i64, dir: &Path) -> std::io::Result<Vec<DataFile>> {
 
 /// Writes `bytes` to `path` durably: a temporary file, fsync, rename.
 /// The caller fsyncs the directory once for all files it wrote.
-pub fn write_atomically(path: &Path, write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
     write(&mut f)?;
@@ -213,8 +242,16 @@ mod tests {
     #[test]
     fn names_round_trip() {
         for n in [
-            FileName::Interval { start: 1_764_079_200_000, process: 0, worker: 3 },
-            FileName::Compacted { min: 1, max: 1_764_079_200_000, process: 2 },
+            FileName::Interval {
+                start: 1_764_079_200_000,
+                process: 0,
+                worker: 3,
+            },
+            FileName::Compacted {
+                min: 1,
+                max: 1_764_079_200_000,
+                process: 2,
+            },
         ] {
             assert_eq!(FileName::parse(&n.render("parquet")), Some(n));
             assert_eq!(FileName::parse(&n.render("json")), Some(n));
@@ -226,12 +263,51 @@ mod tests {
 
     #[test]
     fn coverage_is_per_process_and_range() {
-        let c = FileName::Compacted { min: 10, max: 20, process: 0 };
-        assert!(FileName::Interval { start: 10, process: 0, worker: 1 }.covered_by(&c));
-        assert!(FileName::Interval { start: 20, process: 0, worker: 0 }.covered_by(&c));
-        assert!(!FileName::Interval { start: 21, process: 0, worker: 0 }.covered_by(&c));
-        assert!(!FileName::Interval { start: 15, process: 1, worker: 0 }.covered_by(&c));
-        assert!(FileName::Compacted { min: 12, max: 18, process: 0 }.covered_by(&c));
+        let c = FileName::Compacted {
+            min: 10,
+            max: 20,
+            process: 0,
+        };
+        assert!(
+            FileName::Interval {
+                start: 10,
+                process: 0,
+                worker: 1
+            }
+            .covered_by(&c)
+        );
+        assert!(
+            FileName::Interval {
+                start: 20,
+                process: 0,
+                worker: 0
+            }
+            .covered_by(&c)
+        );
+        assert!(
+            !FileName::Interval {
+                start: 21,
+                process: 0,
+                worker: 0
+            }
+            .covered_by(&c)
+        );
+        assert!(
+            !FileName::Interval {
+                start: 15,
+                process: 1,
+                worker: 0
+            }
+            .covered_by(&c)
+        );
+        assert!(
+            FileName::Compacted {
+                min: 12,
+                max: 18,
+                process: 0
+            }
+            .covered_by(&c)
+        );
         assert!(!c.covered_by(&c));
     }
 

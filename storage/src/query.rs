@@ -11,7 +11,7 @@ use std::path::Path;
 
 use arrow::array::{Array, AsArray, BooleanArray};
 use arrow::compute::filter_record_batch;
-use arrow::datatypes::{TimestampNanosecondType, UInt8Type, UInt64Type, Float64Type};
+use arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::RowGroupMetaData;
@@ -83,7 +83,8 @@ fn may_contain(rg: &RowGroupMetaData, column: usize, value: &str) -> bool {
     match rg.column(column).statistics() {
         Some(Statistics::ByteArray(s)) => {
             let v = value.as_bytes();
-            s.min_bytes_opt().is_none_or(|min| min <= v) && s.max_bytes_opt().is_none_or(|max| v <= max)
+            s.min_bytes_opt().is_none_or(|min| min <= v)
+                && s.max_bytes_opt().is_none_or(|max| v <= max)
         }
         _ => true,
     }
@@ -154,25 +155,36 @@ pub fn query_readings(root: &Path, q: &ReadingQuery) -> Result<Vec<StoredReading
         &root.join(READINGS_DIR),
         hours_in(q.from_ns, q.to_ns),
         |rg| {
-            q.patient.as_deref().is_none_or(|p| may_contain(rg, rd::PATIENT, p))
+            q.patient
+                .as_deref()
+                .is_none_or(|p| may_contain(rg, rd::PATIENT, p))
                 && metric.is_none_or(|m| may_contain(rg, rd::METRIC, m))
         },
         |batch| {
-            let time = batch.column(rd::TIME).as_primitive::<TimestampNanosecondType>();
+            let time = batch
+                .column(rd::TIME)
+                .as_primitive::<TimestampNanosecondType>();
             let keep = mask(&batch, |i| {
                 let t = time.value(i);
                 q.from_ns.is_none_or(|f| t >= f)
                     && q.to_ns.is_none_or(|to| t < to)
-                    && q.patient.as_deref().is_none_or(|p| string_at(&batch, rd::PATIENT, i) == Some(p))
-                    && q.device.as_deref().is_none_or(|d| string_at(&batch, rd::DEVICE, i) == Some(d))
+                    && q.patient
+                        .as_deref()
+                        .is_none_or(|p| string_at(&batch, rd::PATIENT, i) == Some(p))
+                    && q.device
+                        .as_deref()
+                        .is_none_or(|d| string_at(&batch, rd::DEVICE, i) == Some(d))
                     && metric.is_none_or(|m| string_at(&batch, rd::METRIC, i) == Some(m))
             });
-            let b = filter_record_batch(&batch, &keep).map_err(|e| StorageError::Encode(e.to_string()))?;
+            let b = filter_record_batch(&batch, &keep)
+                .map_err(|e| StorageError::Encode(e.to_string()))?;
             let time = b.column(rd::TIME).as_primitive::<TimestampNanosecondType>();
             let value = b.column(rd::VALUE).as_primitive::<Float64Type>();
             let seq = b.column(rd::SEQ).as_primitive::<UInt64Type>();
             let quality = b.column(rd::QUALITY).as_primitive::<UInt8Type>();
-            let received = b.column(rd::RECEIVED).as_primitive::<TimestampNanosecondType>();
+            let received = b
+                .column(rd::RECEIVED)
+                .as_primitive::<TimestampNanosecondType>();
             for i in 0..b.num_rows() {
                 out.push(StoredReading {
                     time_ns: time.value(i),
@@ -190,20 +202,30 @@ pub fn query_readings(root: &Path, q: &ReadingQuery) -> Result<Vec<StoredReading
         },
     )?;
     out.sort_by(|a, b| {
-        (a.time_ns, &a.patient, &a.metric, &a.device, a.seq).cmp(&(b.time_ns, &b.patient, &b.metric, &b.device, b.seq))
+        (a.time_ns, &a.patient, &a.metric, &a.device, a.seq)
+            .cmp(&(b.time_ns, &b.patient, &b.metric, &b.device, b.seq))
     });
     Ok(out)
 }
 
 /// Dead letters matching `q`, newest first.
-pub fn query_dead_letters(root: &Path, q: &DeadLetterQuery) -> Result<Vec<StoredDeadLetter>, StorageError> {
+pub fn query_dead_letters(
+    root: &Path,
+    q: &DeadLetterQuery,
+) -> Result<Vec<StoredDeadLetter>, StorageError> {
     let mut out = Vec::new();
     scan(
         &root.join(DEAD_LETTERS_DIR),
         hours_in(q.from_ns, q.to_ns),
-        |rg| q.device.as_deref().is_none_or(|d| may_contain(rg, dl::DEVICE, d)),
+        |rg| {
+            q.device
+                .as_deref()
+                .is_none_or(|d| may_contain(rg, dl::DEVICE, d))
+        },
         |b| {
-            let received = b.column(dl::RECEIVED).as_primitive::<TimestampNanosecondType>();
+            let received = b
+                .column(dl::RECEIVED)
+                .as_primitive::<TimestampNanosecondType>();
             let time = b.column(dl::TIME).as_primitive::<TimestampNanosecondType>();
             let seq = b.column(dl::SEQ).as_primitive::<UInt64Type>();
             for i in 0..b.num_rows() {
@@ -213,7 +235,9 @@ pub fn query_dead_letters(root: &Path, q: &DeadLetterQuery) -> Result<Vec<Stored
                 }
                 let device = string_at(&b, dl::DEVICE, i).unwrap_or_default();
                 let reason = string_at(&b, dl::REASON, i).unwrap_or_default();
-                if q.device.as_deref().is_some_and(|d| d != device) || q.reason.as_deref().is_some_and(|x| x != reason) {
+                if q.device.as_deref().is_some_and(|d| d != device)
+                    || q.reason.as_deref().is_some_and(|x| x != reason)
+                {
                     continue;
                 }
                 out.push(StoredDeadLetter {
@@ -231,6 +255,10 @@ pub fn query_dead_letters(root: &Path, q: &DeadLetterQuery) -> Result<Vec<Stored
             Ok(())
         },
     )?;
-    out.sort_by(|a, b| b.received_ns.cmp(&a.received_ns).then_with(|| a.device.cmp(&b.device)));
+    out.sort_by(|a, b| {
+        b.received_ns
+            .cmp(&a.received_ns)
+            .then_with(|| a.device.cmp(&b.device))
+    });
     Ok(out)
 }

@@ -22,8 +22,8 @@ use arrow::array::{
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::file::metadata::SortingColumn;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use serde::Serialize;
 use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Reading, TimestampNs};
 
@@ -54,9 +54,21 @@ pub(crate) fn writer_properties() -> WriterProperties {
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(1 << 20))
         .set_sorting_columns(Some(vec![
-            SortingColumn { column_idx: schema::readings::PATIENT as i32, descending: false, nulls_first: false },
-            SortingColumn { column_idx: schema::readings::METRIC as i32, descending: false, nulls_first: false },
-            SortingColumn { column_idx: schema::readings::TIME as i32, descending: false, nulls_first: false },
+            SortingColumn {
+                column_idx: schema::readings::PATIENT as i32,
+                descending: false,
+                nulls_first: false,
+            },
+            SortingColumn {
+                column_idx: schema::readings::METRIC as i32,
+                descending: false,
+                nulls_first: false,
+            },
+            SortingColumn {
+                column_idx: schema::readings::TIME as i32,
+                descending: false,
+                nulls_first: false,
+            },
         ]))
         .build()
 }
@@ -243,9 +255,25 @@ impl<S: Serialize> ShardWriter<S> {
 
         // Readings, one file per hour partition.
         let rank = buf.patients.ranks();
-        let rank_of = |p: u32| if p == NO_PATIENT { u32::MAX } else { rank[p as usize] };
-        buf.rows.sort_unstable_by_key(|r| (layout::hour_of(r.time_ns), rank_of(r.patient), r.metric, r.time_ns));
-        for group in buf.rows.chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns)) {
+        let rank_of = |p: u32| {
+            if p == NO_PATIENT {
+                u32::MAX
+            } else {
+                rank[p as usize]
+            }
+        };
+        buf.rows.sort_unstable_by_key(|r| {
+            (
+                layout::hour_of(r.time_ns),
+                rank_of(r.patient),
+                r.metric,
+                r.time_ns,
+            )
+        });
+        for group in buf
+            .rows
+            .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
+        {
             let hour = layout::hour_of(group[0].time_ns);
             let batch = readings_batch(group, &buf.patients, &buf.devices)?;
             let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
@@ -257,10 +285,15 @@ impl<S: Serialize> ShardWriter<S> {
 
         // Dead letters, by the hour of receipt.
         buf.dead.sort_by_key(|d| d.received_ns);
-        for group in buf.dead.chunk_by(|a, b| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)) {
+        for group in buf
+            .dead
+            .chunk_by(|a, b| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns))
+        {
             let hour = layout::hour_of(group[0].received_ns);
             let batch = dead_letters_batch(group)?;
-            let dir = root.join(DEAD_LETTERS_DIR).join(layout::partition_dir(hour));
+            let dir = root
+                .join(DEAD_LETTERS_DIR)
+                .join(layout::partition_dir(hour));
             stats.bytes += self.write_parquet(&dir, &name, &batch)?;
             stats.dead_letters += group.len() as u64;
             stats.files += 1;
@@ -276,15 +309,22 @@ impl<S: Serialize> ShardWriter<S> {
                 interval: start,
                 devices: buf.states.into_iter().collect(),
             };
-            let json = serde_json::to_vec(&file).map_err(|e| StorageError::Encode(e.to_string()))?;
-            layout::write_atomically(&path, |f| f.write_all(&json)).map_err(StorageError::io(&path))?;
+            let json =
+                serde_json::to_vec(&file).map_err(|e| StorageError::Encode(e.to_string()))?;
+            layout::write_atomically(&path, |f| f.write_all(&json))
+                .map_err(StorageError::io(&path))?;
             stats.files += 1;
             dirs.push(dir);
         }
         Ok(())
     }
 
-    fn write_parquet(&self, dir: &Path, name: &FileName, batch: &RecordBatch) -> Result<u64, StorageError> {
+    fn write_parquet(
+        &self,
+        dir: &Path,
+        name: &FileName,
+        batch: &RecordBatch,
+    ) -> Result<u64, StorageError> {
         std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
         let path = dir.join(name.render("parquet"));
         write_parquet_file(&path, batch, self.props.clone())
@@ -292,7 +332,11 @@ impl<S: Serialize> ShardWriter<S> {
 }
 
 /// Writes one record batch as a Parquet file, atomically. Returns its size.
-pub(crate) fn write_parquet_file(path: &Path, batch: &RecordBatch, props: WriterProperties) -> Result<u64, StorageError> {
+pub(crate) fn write_parquet_file(
+    path: &Path,
+    batch: &RecordBatch,
+    props: WriterProperties,
+) -> Result<u64, StorageError> {
     let mut size = 0;
     layout::write_atomically(path, |f: &mut File| {
         let mut w = ArrowWriter::try_new(f.try_clone()?, batch.schema(), Some(props))
@@ -313,7 +357,11 @@ pub(crate) struct StateFile<S> {
     pub devices: Vec<(DeviceId, S)>,
 }
 
-fn readings_batch(rows: &[Row], patients: &Interner, devices: &Interner) -> Result<RecordBatch, StorageError> {
+fn readings_batch(
+    rows: &[Row],
+    patients: &Interner,
+    devices: &Interner,
+) -> Result<RecordBatch, StorageError> {
     let n = rows.len();
     let mut patient = StringBuilder::with_capacity(n, n * 8);
     let mut device = StringBuilder::with_capacity(n, n * 8);
@@ -330,7 +378,10 @@ fn readings_batch(rows: &[Row], patients: &Interner, devices: &Interner) -> Resu
         unit.append_value(r.metric.canonical_unit().ucum());
     }
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.time_ns)).with_timezone("UTC")),
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.time_ns))
+                .with_timezone("UTC"),
+        ),
         Arc::new(patient.finish()),
         Arc::new(device.finish()),
         Arc::new(metric.finish()),
@@ -338,9 +389,13 @@ fn readings_batch(rows: &[Row], patients: &Interner, devices: &Interner) -> Resu
         Arc::new(unit.finish()),
         Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.seq))),
         Arc::new(UInt8Array::from_iter_values(rows.iter().map(|r| r.quality))),
-        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_ns)).with_timezone("UTC")),
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_ns))
+                .with_timezone("UTC"),
+        ),
     ];
-    RecordBatch::try_new(schema::READINGS.clone(), columns).map_err(|e| StorageError::Encode(e.to_string()))
+    RecordBatch::try_new(schema::READINGS.clone(), columns)
+        .map_err(|e| StorageError::Encode(e.to_string()))
 }
 
 fn dead_letters_batch(rows: &[DeadLetter]) -> Result<RecordBatch, StorageError> {
@@ -352,15 +407,22 @@ fn dead_letters_batch(rows: &[DeadLetter]) -> Result<RecordBatch, StorageError> 
         Arc::new(b.finish())
     };
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(TimestampNanosecondArray::from_iter_values(rows.iter().map(|d| d.received_ns)).with_timezone("UTC")),
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(rows.iter().map(|d| d.received_ns))
+                .with_timezone("UTC"),
+        ),
         strings(&|d| Some(d.device.as_str())),
         strings(&|d| d.patient.as_ref().map(|p| p.as_str())),
         strings(&|d| Some(d.reason.code())),
         strings(&|d| Some(d.detail.as_str())),
         strings(&|d| d.metric.as_deref()),
         strings(&|d| Some(d.raw.as_str())),
-        Arc::new(TimestampNanosecondArray::from_iter(rows.iter().map(|d| d.time_ns)).with_timezone("UTC")),
+        Arc::new(
+            TimestampNanosecondArray::from_iter(rows.iter().map(|d| d.time_ns))
+                .with_timezone("UTC"),
+        ),
         Arc::new(UInt64Array::from_iter(rows.iter().map(|d| d.seq))),
     ];
-    RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns).map_err(|e| StorageError::Encode(e.to_string()))
+    RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns)
+        .map_err(|e| StorageError::Encode(e.to_string()))
 }

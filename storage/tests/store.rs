@@ -44,7 +44,10 @@ fn write_seconds(w: &mut ShardWriter<u64>, seconds: std::ops::Range<u64>, patien
         for p in 0..patients {
             let (d, pat) = ids(p);
             let t = T0 + s as i64 * SEC;
-            let rs = [reading(Metric::Hr, t, 60.0 + s as f64, 2 * s), reading(Metric::Spo2, t, 97.0, 2 * s + 1)];
+            let rs = [
+                reading(Metric::Hr, t, 60.0 + s as f64, 2 * s),
+                reading(Metric::Spo2, t, 97.0, 2 * s + 1),
+            ];
             w.append(E0 + s * 1000, &d, Some(&pat), t, &rs, [], 2 * s + 1);
         }
     }
@@ -87,7 +90,10 @@ fn flushes_only_complete_intervals_and_queries_filter() {
     };
     let rows = query_readings(dir.path(), &q).unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!((rows[0].value, rows[0].device.as_str(), rows[0].seq), (61.0, "mon-2", Some(2)));
+    assert_eq!(
+        (rows[0].value, rows[0].device.as_str(), rows[0].seq),
+        (61.0, "mon-2", Some(2))
+    );
     assert!(all_of(dir.path(), "p-9").is_empty());
 }
 
@@ -97,7 +103,10 @@ fn readings_partition_by_their_own_hour() {
     let mut w: ShardWriter<u64> = ShardWriter::new(config(dir.path()), 0);
     let (d, p) = ids(0);
     // Received now, but one reading is from the previous hour (a backlog upload).
-    let rs = [reading(Metric::Hr, T0 - 10 * SEC, 70.0, 1), reading(Metric::Hr, T0 + SEC, 71.0, 2)];
+    let rs = [
+        reading(Metric::Hr, T0 - 10 * SEC, 70.0, 1),
+        reading(Metric::Hr, T0 + SEC, 71.0, 2),
+    ];
     w.append(E0 + 1000, &d, Some(&p), T0 + SEC, &rs, [], 0);
     let stats = w.flush_before(None).unwrap();
     assert_eq!(stats.files, 3, "two hour partitions and a state file");
@@ -128,7 +137,10 @@ fn dead_letters_are_stored_and_filtered() {
         Some(&p),
         T0,
         &[],
-        [dl(RejectReason::ImplausibleValue, T0), dl(RejectReason::MalformedPayload, T0 + SEC)],
+        [
+            dl(RejectReason::ImplausibleValue, T0),
+            dl(RejectReason::MalformedPayload, T0 + SEC),
+        ],
         0,
     );
     w.flush_before(None).unwrap();
@@ -142,7 +154,10 @@ fn dead_letters_are_stored_and_filtered() {
     };
     let one = query_dead_letters(dir.path(), &q).unwrap();
     assert_eq!(one.len(), 1);
-    assert_eq!((one[0].raw.as_str(), one[0].seq, one[0].patient.as_deref()), ("140", Some(9), Some("p-0")));
+    assert_eq!(
+        (one[0].raw.as_str(), one[0].seq, one[0].patient.as_deref()),
+        ("140", Some(9), Some("p-0"))
+    );
 }
 
 #[test]
@@ -155,13 +170,22 @@ fn recovery_removes_what_the_log_will_replay_and_keeps_states_before_it() {
 
     let checkpoint = E0 + 2000;
     let report = recover(dir.path(), 0, checkpoint).unwrap();
-    assert_eq!(report.uncommitted, 2, "the third interval's readings and state files");
+    assert_eq!(
+        report.uncommitted, 2,
+        "the third interval's readings and state files"
+    );
     assert_eq!(all_of(dir.path(), "p-0").len(), 4);
     let states = load_states::<u64>(dir.path(), checkpoint).unwrap();
     assert_eq!(states[&ids(0).0], 3, "state written with interval 1");
 
     // Another process's files are not this process's to delete.
-    let mut other = ShardWriter::new(StoreConfig { process: 1, ..config(dir.path()) }, 0);
+    let mut other = ShardWriter::new(
+        StoreConfig {
+            process: 1,
+            ..config(dir.path())
+        },
+        0,
+    );
     write_seconds(&mut other, 5..6, 1);
     other.flush_before(None).unwrap();
     recover(dir.path(), 0, checkpoint).unwrap();
@@ -177,11 +201,22 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
     for s in 0..20u64 {
         let (d, p) = ids(5);
         let t = T0 + s as i64 * SEC;
-        w1.append(E0 + s * 1000, &d, Some(&p), t, &[reading(Metric::Rr, t, 14.0, s)], [], s);
+        w1.append(
+            E0 + s * 1000,
+            &d,
+            Some(&p),
+            t,
+            &[reading(Metric::Rr, t, 14.0, s)],
+            [],
+            s,
+        );
     }
     w.flush_before(None).unwrap();
     w1.flush_before(None).unwrap();
-    let before: Vec<_> = ["p-0", "p-1", "p-5"].iter().map(|p| all_of(dir.path(), p)).collect();
+    let before: Vec<_> = ["p-0", "p-1", "p-5"]
+        .iter()
+        .map(|p| all_of(dir.path(), p))
+        .collect();
 
     let part = dir.path().join("readings/date=2025-11-25/hour=14");
     let files = |d: &Path| std::fs::read_dir(d).unwrap().count();
@@ -191,23 +226,50 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
     let saved = std::fs::read(&kept).unwrap();
 
     // Only committed intervals are compacted.
-    let stats = compact(dir.path(), 0, E0 + 10_000, &CompactionPolicy { min_files: 4, max_rows: 1 << 20 }).unwrap();
+    let stats = compact(
+        dir.path(),
+        0,
+        E0 + 10_000,
+        &CompactionPolicy {
+            min_files: 4,
+            max_rows: 1 << 20,
+        },
+    )
+    .unwrap();
     assert_eq!((stats.files_in, stats.files_out), (20, 1));
     assert_eq!(files(&part), 21);
-    let after: Vec<_> = ["p-0", "p-1", "p-5"].iter().map(|p| all_of(dir.path(), p)).collect();
+    let after: Vec<_> = ["p-0", "p-1", "p-5"]
+        .iter()
+        .map(|p| all_of(dir.path(), p))
+        .collect();
     assert_eq!(before, after);
 
     std::fs::write(&kept, saved).unwrap();
-    let again: Vec<_> = ["p-0", "p-1", "p-5"].iter().map(|p| all_of(dir.path(), p)).collect();
+    let again: Vec<_> = ["p-0", "p-1", "p-5"]
+        .iter()
+        .map(|p| all_of(dir.path(), p))
+        .collect();
     assert_eq!(before, again, "a covered file is not read twice");
     let report = recover(dir.path(), 0, E0 + 20_000).unwrap();
     assert_eq!((report.covered, report.uncommitted), (1, 0));
     assert!(!kept.exists());
 
     // A small row budget splits runs.
-    let stats = compact(dir.path(), 0, E0 + 20_000, &CompactionPolicy { min_files: 2, max_rows: 25 }).unwrap();
+    let stats = compact(
+        dir.path(),
+        0,
+        E0 + 20_000,
+        &CompactionPolicy {
+            min_files: 2,
+            max_rows: 25,
+        },
+    )
+    .unwrap();
     assert!(stats.files_out >= 2, "{stats:?}");
-    let last: Vec<_> = ["p-0", "p-1", "p-5"].iter().map(|p| all_of(dir.path(), p)).collect();
+    let last: Vec<_> = ["p-0", "p-1", "p-5"]
+        .iter()
+        .map(|p| all_of(dir.path(), p))
+        .collect();
     assert_eq!(before, last);
 }
 
@@ -219,10 +281,16 @@ fn consolidated_states_load_the_same() {
     w.flush_before(None).unwrap();
     let checkpoint = E0 + 4000;
     let before = load_states::<u64>(dir.path(), checkpoint).unwrap();
-    assert_eq!(consolidate_states::<u64>(dir.path(), 0, checkpoint).unwrap(), 4);
+    assert_eq!(
+        consolidate_states::<u64>(dir.path(), 0, checkpoint).unwrap(),
+        4
+    );
     let after = load_states::<u64>(dir.path(), checkpoint).unwrap();
     assert_eq!(before, after);
     assert_eq!(after[&ids(2).0], 7);
     // The interval after the checkpoint is still read once it is committed.
-    assert_eq!(load_states::<u64>(dir.path(), E0 + 5000).unwrap()[&ids(2).0], 9);
+    assert_eq!(
+        load_states::<u64>(dir.path(), E0 + 5000).unwrap()[&ids(2).0],
+        9
+    );
 }

@@ -13,12 +13,19 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_wardflow");
 
 /// The repository root (for tests/python).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// A port free at the time of asking.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Runs `wardflow --data-dir DIR ARGS...` to completion.
@@ -54,12 +61,30 @@ pub fn add_device(dir: &Path, device: &str, patient: &str) -> String {
 
 pub fn query(dir: &Path, patient: &str) -> Vec<Value> {
     let out = wardflow_ok(dir, &["query", "--patient", patient, "--format", "json"]);
-    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 pub fn dead_letters(dir: &Path) -> Vec<Value> {
-    let out = wardflow_ok(dir, &["deadletters", "list", "--limit", "100000", "--format", "json"]);
-    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    let out = wardflow_ok(
+        dir,
+        &[
+            "deadletters",
+            "list",
+            "--limit",
+            "100000",
+            "--format",
+            "json",
+        ],
+    );
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Polls `f` until it returns `Some` or the timeout passes.
@@ -80,11 +105,18 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((status, body))
 }
 
@@ -113,11 +145,22 @@ impl Server {
     }
 
     pub fn start_on(dir: &Path, mqtt_port: u16, http_port: u16, extra: &[&str]) -> Server {
+        let mut s = Self::spawn_on(dir, mqtt_port, http_port, extra);
+        s.wait_healthy();
+        s
+    }
+
+    /// Starts a server without waiting for it (cluster members wait for each other).
+    pub fn spawn_on(dir: &Path, mqtt_port: u16, http_port: u16, extra: &[&str]) -> Server {
         let log = dir.with_extension(format!("{mqtt_port}.log"));
         let child = Command::new(BIN)
             .arg("--data-dir")
             .arg(dir)
-            .args(["--log", "info,ntex=warn,ntex_server=warn,ntex_rt=warn,ntex_service=warn,ntex_mqtt=warn", "serve"])
+            .args([
+                "--log",
+                "info,ntex=warn,ntex_server=warn,ntex_rt=warn,ntex_service=warn,ntex_mqtt=warn",
+                "serve",
+            ])
             .args(["--mqtt", &format!("127.0.0.1:{mqtt_port}")])
             .args(["--http", &format!("127.0.0.1:{http_port}")])
             .args(extra)
@@ -125,16 +168,14 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start wardflow serve");
-        let mut s = Server {
+        Server {
             child,
             dir: dir.to_path_buf(),
             mqtt_port,
             http_port,
             log,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        s.wait_healthy();
-        s
+        }
     }
 
     pub fn wait_healthy(&mut self) {
@@ -144,7 +185,11 @@ impl Server {
             }
             http_get(self.http_port, "/healthz").filter(|(s, _)| *s == 200)
         });
-        assert!(ok.is_some(), "server never became healthy:\n{}", self.log_text());
+        assert!(
+            ok.is_some(),
+            "server never became healthy:\n{}",
+            self.log_text()
+        );
     }
 
     pub fn log_text(&self) -> String {
@@ -161,17 +206,35 @@ impl Server {
         let _ = self.child.wait();
     }
 
-    /// SIGINT and wait for a clean exit.
-    pub fn stop(&mut self) {
+    /// SIGINT, without waiting.
+    pub fn interrupt(&self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-INT", &pid]).status();
+    }
+
+    /// SIGINT and wait for a clean exit.
+    pub fn stop(&mut self) {
+        self.interrupt();
+        self.wait_exit();
+    }
+
+    /// Waits for the process to exit successfully.
+    pub fn wait_exit(&mut self) {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                assert!(status.success(), "wardflow exited with {status}:\n{}", self.log_text());
+                assert!(
+                    status.success(),
+                    "wardflow exited with {status}:\n{}",
+                    self.log_text()
+                );
                 return;
             }
-            assert!(Instant::now() < end, "wardflow did not stop:\n{}", self.log_text());
+            assert!(
+                Instant::now() < end,
+                "wardflow did not stop:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

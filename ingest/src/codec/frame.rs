@@ -78,7 +78,10 @@ const UNIT_IDS: [Option<Unit>; 12] = [
 
 /// The frame's unit id for `unit`.
 pub fn unit_id(unit: Unit) -> u8 {
-    UNIT_IDS.iter().position(|u| *u == Some(unit)).expect("every unit has an id") as u8
+    UNIT_IDS
+        .iter()
+        .position(|u| *u == Some(unit))
+        .expect("every unit has an id") as u8
 }
 
 #[inline]
@@ -110,7 +113,9 @@ pub fn header(b: &[u8]) -> Result<Header, FrameError> {
         return Err(FrameError::ShortHeader { len: b.len() });
     }
     if b[0..2] != MAGIC {
-        return Err(FrameError::BadMagic { found: [b[0], b[1]] });
+        return Err(FrameError::BadMagic {
+            found: [b[0], b[1]],
+        });
     }
     if b[2] != VERSION {
         return Err(FrameError::Version(b[2]));
@@ -301,16 +306,33 @@ mod tests {
         assert_eq!(float_from_bits(float_to_bits(36.6)), Ok(36.6));
         assert_eq!(float_from_bits(float_to_bits(72.0)), Ok(72.0));
         assert_eq!(float_from_bits(float_to_bits(-12.5)), Ok(-12.5));
-        assert!(float_from_bits(float_to_bits(f64::NAN)).unwrap_err().starts_with("NaN"));
-        assert!(float_from_bits(float_to_bits(f64::INFINITY)).unwrap_err().contains("INFINITY"));
-        assert!(float_from_bits(0x0080_0000).unwrap_err().starts_with("NRes"));
+        assert!(
+            float_from_bits(float_to_bits(f64::NAN))
+                .unwrap_err()
+                .starts_with("NaN")
+        );
+        assert!(
+            float_from_bits(float_to_bits(f64::INFINITY))
+                .unwrap_err()
+                .contains("INFINITY")
+        );
+        assert!(
+            float_from_bits(0x0080_0000)
+                .unwrap_err()
+                .starts_with("NRes")
+        );
     }
 
     #[test]
     fn encode_decode_example() {
         let recs = [
             Record::new(Metric::Hr, 0, 72.0, 0),
-            Record::new(Metric::Spo2, 1_000, 97.0, wardflow_model::Quality::QUESTIONABLE.0),
+            Record::new(
+                Metric::Spo2,
+                1_000,
+                97.0,
+                wardflow_model::Quality::QUESTIONABLE.0,
+            ),
             Record {
                 unit_id: unit_id(Unit::Fahrenheit),
                 ..Record::new(Metric::Temp, 2_000_000, 98.6, 0)
@@ -337,14 +359,63 @@ mod tests {
         let mut out = Vec::new();
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (good[..10].to_vec(), "shorter than the 24-byte header"),
-            (good[..good.len() - 1].to_vec(), "header says 2 records (56 bytes) but the frame is 55 bytes"),
-            ([good.as_slice(), &[0]].concat(), "but the frame is 57 bytes"),
-            ({ let mut b = good.clone(); b[2] = 2; b }, "unsupported version 2"),
-            ({ let mut b = good.clone(); b[3] = 20; b }, "record size 20"),
-            ({ let mut b = good.clone(); b[4] = 0; b[5] = 0; b }, "count is 0"),
-            ({ let mut b = good.clone(); b[6] = 1; b }, "reserved header flags"),
-            ({ let mut b = good.clone(); b[24 + 16 + 13] = 0x10; b }, "record 1: reserved bits"),
-            ({ let mut b = good.clone(); b[0] = b'X'; b }, "bad magic"),
+            (
+                good[..good.len() - 1].to_vec(),
+                "header says 2 records (56 bytes) but the frame is 55 bytes",
+            ),
+            (
+                [good.as_slice(), &[0]].concat(),
+                "but the frame is 57 bytes",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[2] = 2;
+                    b
+                },
+                "unsupported version 2",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[3] = 20;
+                    b
+                },
+                "record size 20",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[4] = 0;
+                    b[5] = 0;
+                    b
+                },
+                "count is 0",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[6] = 1;
+                    b
+                },
+                "reserved header flags",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[24 + 16 + 13] = 0x10;
+                    b
+                },
+                "record 1: reserved bits",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = b'X';
+                    b
+                },
+                "bad magic",
+            ),
         ];
         for (bytes, needle) in cases {
             let err = decode(&bytes, &mut out).unwrap_err();
@@ -356,7 +427,11 @@ mod tests {
     #[test]
     fn unknown_codes_are_kept_for_dead_letters() {
         let mut buf = Vec::new();
-        let rec = Record { mdc_code: 999, unit_id: 200, ..Record::new(Metric::Hr, 0, 1.0, 0) };
+        let rec = Record {
+            mdc_code: 999,
+            unit_id: 200,
+            ..Record::new(Metric::Hr, 0, 1.0, 0)
+        };
         encode(0, 0, &[rec], &mut buf);
         let mut out = Vec::new();
         decode(&buf, &mut out).unwrap();

@@ -79,7 +79,9 @@ pub struct DecodedReading {
 /// Why a payload could not be decoded at all.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DecodeError {
-    #[error("payload is neither SenML JSON (starts with '[') nor a Wardflow frame (starts with \"WF\")")]
+    #[error(
+        "payload is neither SenML JSON (starts with '[') nor a Wardflow frame (starts with \"WF\")"
+    )]
     UnknownFormat,
     #[error("SenML: {0}")]
     Senml(#[from] senml::SenmlError),
@@ -117,7 +119,10 @@ mod tests {
 
     #[test]
     fn sniffs_formats() {
-        assert_eq!(PayloadFormat::sniff(b"  [{\"n\":\"hr\"}]"), Some(PayloadFormat::SenmlJson));
+        assert_eq!(
+            PayloadFormat::sniff(b"  [{\"n\":\"hr\"}]"),
+            Some(PayloadFormat::SenmlJson)
+        );
         assert_eq!(PayloadFormat::sniff(b"WF\x01"), Some(PayloadFormat::Frame));
         assert_eq!(PayloadFormat::sniff(b"{\"n\":1}"), None);
         assert_eq!(PayloadFormat::sniff(b""), None);
@@ -131,6 +136,9 @@ mod tests {
         let err = decode(br#"[{"n":"hr","v":60},{"n":"rr","v":"#, 0, &mut out).unwrap_err();
         assert!(matches!(err, DecodeError::Senml(_)), "{err}");
         assert_eq!(out.len(), 1);
-        assert_eq!(decode(b"hello", 0, &mut out), Err(DecodeError::UnknownFormat));
+        assert_eq!(
+            decode(b"hello", 0, &mut out),
+            Err(DecodeError::UnknownFormat)
+        );
     }
 }

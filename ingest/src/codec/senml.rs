@@ -131,7 +131,9 @@ impl<'de> de::Deserialize<'de> for RawValue {
                 Ok(RawValue::Number(v as f64))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawValue, E> {
-                Ok(RawValue::Other(compact_str::format_compact!("string {v:?}")))
+                Ok(RawValue::Other(compact_str::format_compact!(
+                    "string {v:?}"
+                )))
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawValue, E> {
                 Ok(RawValue::Other(compact_str::format_compact!("boolean {v}")))
@@ -224,7 +226,10 @@ impl<'de> Visitor<'de> for RecordSeed<'_, 'de, '_, '_> {
                 "bver" => {
                     let version: u64 = map.next_value()?;
                     if version > SUPPORTED_VERSION {
-                        return Err(self.fail(SenmlError::Version { record: index, version }));
+                        return Err(self.fail(SenmlError::Version {
+                            record: index,
+                            version,
+                        }));
                     }
                 }
                 "n" => name = Some(map.next_value()?),
@@ -242,7 +247,10 @@ impl<'de> Visitor<'de> for RecordSeed<'_, 'de, '_, '_> {
                 "seq" => seq = Some(map.next_value::<u64>()?),
                 other if other.ends_with('_') => {
                     let label = other.to_string();
-                    return Err(self.fail(SenmlError::MustUnderstand { record: index, label }));
+                    return Err(self.fail(SenmlError::MustUnderstand {
+                        record: index,
+                        label,
+                    }));
                 }
                 // bs, s, ut and registered or private labels we do not use.
                 _ => {
@@ -257,9 +265,15 @@ impl<'de> Visitor<'de> for RecordSeed<'_, 'de, '_, '_> {
 
         let seconds = self.base.time + time;
         let Some(time_ns) = resolve_time(seconds, self.now_ns) else {
-            return Err(self.fail(SenmlError::TimeOutOfRange { record: index, seconds }));
+            return Err(self.fail(SenmlError::TimeOutOfRange {
+                record: index,
+                seconds,
+            }));
         };
-        let metric = resolve_metric(self.base.name.as_ref().map(Text::as_str), name.as_ref().map(Text::as_str));
+        let metric = resolve_metric(
+            self.base.name.as_ref().map(Text::as_str),
+            name.as_ref().map(Text::as_str),
+        );
         let unit = match unit.as_ref().or(self.base.unit.as_ref()) {
             None => DecodedUnit::Canonical,
             Some(u) => match Unit::parse(u.as_str()) {
@@ -434,11 +448,26 @@ mod tests {
 
     #[test]
     fn names_resolve_to_their_last_segment() {
-        assert_eq!(resolve_metric(Some("bed4/"), Some("spo2")), DecodedMetric::Known(Metric::Spo2));
-        assert_eq!(resolve_metric(None, Some("urn:x:rr")), DecodedMetric::Known(Metric::Rr));
-        assert_eq!(resolve_metric(Some("mon:h"), Some("r")), DecodedMetric::Known(Metric::Hr));
-        assert_eq!(resolve_metric(Some("urn:x:temp"), None), DecodedMetric::Known(Metric::Temp));
-        assert_eq!(resolve_metric(None, None), DecodedMetric::Unknown("".into()));
+        assert_eq!(
+            resolve_metric(Some("bed4/"), Some("spo2")),
+            DecodedMetric::Known(Metric::Spo2)
+        );
+        assert_eq!(
+            resolve_metric(None, Some("urn:x:rr")),
+            DecodedMetric::Known(Metric::Rr)
+        );
+        assert_eq!(
+            resolve_metric(Some("mon:h"), Some("r")),
+            DecodedMetric::Known(Metric::Hr)
+        );
+        assert_eq!(
+            resolve_metric(Some("urn:x:temp"), None),
+            DecodedMetric::Known(Metric::Temp)
+        );
+        assert_eq!(
+            resolve_metric(None, None),
+            DecodedMetric::Unknown("".into())
+        );
     }
 
     #[test]

@@ -1,0 +1,151 @@
+//! Timely's multi-process mode: two `wardflow serve` processes on loopback
+//! form one dataflow; readings published to either are exchanged by patient
+//! and all end up stored.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+/// Registers `n` devices named like the simulator's and writes its credentials file.
+fn register(dir: &std::path::Path, prefix: &str, n: usize, creds: &std::path::Path) -> Vec<String> {
+    let mut file = Vec::new();
+    let mut patients = Vec::new();
+    for i in 0..n {
+        let (device, patient) = (format!("{prefix}{i:04}"), format!("{prefix}patient-{i:04}"));
+        let secret = add_device(dir, &device, &patient);
+        file.push(serde_json::json!({"device": device, "patient": patient, "secret": secret}));
+        patients.push(patient);
+    }
+    std::fs::write(creds, serde_json::to_vec(&file).unwrap()).unwrap();
+    patients
+}
+
+#[test]
+fn two_processes_store_every_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let (creds_a, creds_b) = (tmp.path().join("a.json"), tmp.path().join("b.json"));
+    let mut patients = register(&dir, "a-", 6, &creds_a);
+    patients.extend(register(&dir, "b-", 6, &creds_b));
+
+    let hostfile = tmp.path().join("hosts.txt");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    let h = hostfile.to_str().unwrap();
+    let mut p0 = Server::spawn_on(
+        &dir,
+        free_port(),
+        free_port(),
+        &["-n", "2", "-p", "0", "--hostfile", h, "-w", "1"],
+    );
+    let mut p1 = Server::spawn_on(
+        &dir,
+        free_port(),
+        free_port(),
+        &["-n", "2", "-p", "1", "--hostfile", h, "-w", "1"],
+    );
+    p0.wait_healthy();
+    p1.wait_healthy();
+
+    let simulate = |port: u16, prefix: &str, creds: &std::path::Path| {
+        Command::new(BIN)
+            .args(["--data-dir", dir.to_str().unwrap(), "simulate"])
+            .args([
+                "--target",
+                &format!("mqtt://127.0.0.1:{port}"),
+                "--devices",
+                "6",
+                "--prefix",
+                prefix,
+            ])
+            .args([
+                "--credentials",
+                creds.to_str().unwrap(),
+                "--rate",
+                "70",
+                "--duration",
+                "3s",
+            ])
+            .args([
+                "--payload",
+                "binary",
+                "--batch",
+                "7",
+                "--qos",
+                "1",
+                "--json",
+            ])
+            .output()
+            .expect("run wardflow simulate")
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| simulate(p0.mqtt_port, "a-", &creds_a));
+        let b = s.spawn(|| simulate(p1.mqtt_port, "b-", &creds_b));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let report = |out: &std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let (ra, rb) = (report(&a), report(&b));
+    for r in [&ra, &rb] {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert_eq!(r["acked"], r["sent"], "{r}");
+        assert!(r["acked"].as_u64().unwrap() >= 6 * 7 * 20, "{r}");
+    }
+
+    // Both processes stop together: the dataflow spans them.
+    p0.interrupt();
+    p1.interrupt();
+    p0.wait_exit();
+    p1.wait_exit();
+
+    let stored: BTreeMap<String, usize> = patients
+        .iter()
+        .map(|p| (p.clone(), query(&dir, p).len()))
+        .collect();
+    let total: usize = stored.values().sum();
+    assert_eq!(
+        total as u64,
+        ra["acked"].as_u64().unwrap() + rb["acked"].as_u64().unwrap(),
+        "every acknowledged reading stored once: {stored:?}"
+    );
+    // The exchange by patient crossed processes: both wrote readings files.
+    let mut writers = std::collections::BTreeSet::new();
+    for entry in walk(&dir.join("readings")) {
+        let name = entry.file_name().unwrap().to_string_lossy().to_string();
+        if let Some(p) = name
+            .split('-')
+            .find(|part| part.starts_with('p') && part[1..].parse::<u32>().is_ok())
+        {
+            writers.insert(p.to_string());
+        }
+    }
+    assert_eq!(writers.into_iter().collect::<Vec<_>>(), ["p0", "p1"]);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
