@@ -84,9 +84,11 @@ pub struct ValidationSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsSection {
-    /// Memory the server may use for readings in flight and buffered for
-    /// storage, MiB. An eighth of it caps payload bytes between sockets and
-    /// the dataflow; when that is spent, devices are slowed by TCP backpressure.
+    /// Memory the server may use, MiB. A quarter of it is the budget for
+    /// readings between a device's socket and storage (payload, decoded
+    /// readings, rows awaiting their flush); when that is spent, devices are
+    /// slowed by TCP backpressure. The rest covers flushing (encoding Parquet),
+    /// connections and the program itself.
     pub memory_mb: u64,
 }
 
@@ -256,9 +258,9 @@ impl Config {
         }
     }
 
-    /// Payload bytes allowed in flight (an eighth of the memory limit).
+    /// Memory for readings in flight (a quarter of the memory limit).
     pub fn in_flight_budget(&self) -> u64 {
-        self.limits.memory_mb * (1 << 20) / 8
+        self.limits.memory_mb * (1 << 20) / 4
     }
 
     pub fn mqtt_limits(&self) -> MqttLimits {

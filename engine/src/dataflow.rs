@@ -40,6 +40,7 @@ use timely::dataflow::operators::vec::broadcast::Broadcast;
 use timely::dataflow::operators::{Exchange, Inspect, Operator, Probe};
 use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
+use wardflow_ingest::budget::Permit;
 use wardflow_ingest::codec::{self, DecodedReading};
 use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validator};
 use wardflow_ingest::wal::{InputEvent, ShardSource};
@@ -61,6 +62,10 @@ pub struct Validated {
     pub dead: Vec<DeadLetter>,
     /// The device's validation state after this publish (checkpointed).
     pub state: DeviceState,
+    /// The publish's share of the memory budget, held until it is stored:
+    /// so ingest slows down when storage falls behind.
+    #[serde(skip)]
+    pub permit: Option<Arc<Permit>>,
 }
 
 /// What every worker needs.
@@ -169,22 +174,31 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 let mut writer: ShardWriter<DeviceState> = ShardWriter::new(store_config, index);
                 let interval_ms = writer.config().interval_ms;
                 let activator = scope.activator_for(info.address.clone());
-                // The least capability of each interval not yet flushed.
-                let mut held: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+                // The least capability of each interval not yet flushed, and
+                // the memory budget its publishes hold.
+                let mut held: BTreeMap<u64, (Capability<u64>, Vec<Arc<Permit>>)> = BTreeMap::new();
                 move |(input, frontier), output| {
                     input.for_each(|cap, data: &mut Vec<Validated>| {
                         let Some(&time) = cap.least() else { return };
                         let interval = time - time % interval_ms;
-                        match held.get(&interval) {
-                            Some(c) if c.time() <= &time => {}
-                            _ => {
-                                if let Some(c) = cap.retain_least(output.output_index()) {
-                                    held.insert(interval, c);
+                        let Some(entry) = (match held.get_mut(&interval) {
+                            Some(e) => {
+                                if e.0.time() > &time
+                                    && let Some(c) = cap.retain_least(output.output_index())
+                                {
+                                    e.0 = c;
                                 }
+                                Some(e)
                             }
-                        }
+                            None => cap
+                                .retain_least(output.output_index())
+                                .map(|c| held.entry(interval).or_insert((c, Vec::new()))),
+                        }) else {
+                            return;
+                        };
                         for v in data.drain(..) {
                             writer.append(time, &v.device, v.patient.as_ref(), v.received_ns, &v.readings, v.dead, v.state);
+                            entry.1.extend(v.permit);
                         }
                     });
                     let f = frontier.frontier().first().copied();
@@ -209,7 +223,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                             }
                         }
                     }
-                    // Release the capabilities of flushed intervals.
+                    // Release the capabilities and memory of flushed intervals.
                     match writer.earliest_pending() {
                         Some(first) => held.retain(|interval, _| *interval >= first),
                         None => held.clear(),
@@ -366,6 +380,7 @@ fn validate_one(
         readings,
         dead,
         state,
+        permit: env.permit,
     }
 }
 

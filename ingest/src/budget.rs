@@ -1,28 +1,44 @@
-//! The memory budget: a cap on the payload bytes in flight between a
-//! device's socket and the storage stage.
+//! The memory budget: a cap on the memory that readings in flight hold,
+//! from a device's socket until they are stored.
 //!
-//! Every publish takes permits for its size before it is logged and gives
-//! them back when the dataflow has consumed it. When the budget is spent,
-//! the connection handlers wait, ntex-mqtt stops reading their sockets, and
-//! TCP pushes back on the devices: overload slows senders instead of growing
-//! memory.
+//! Every publish charges its [`weight`] when it is accepted and gives it back
+//! once its readings are written to storage. Admission, not the charge, is
+//! where the server waits: a connection's publish service is *ready* only
+//! while the budget has room, so when it is spent ntex-mqtt stops decoding,
+//! reading pauses and TCP slows the device. A publish that was admitted is
+//! charged in full without waiting, so no accepted publish is ever abandoned
+//! halfway; the cap can be exceeded by at most one publish per connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
+
+/// What a publish will cost in memory until it is stored, in bytes: the
+/// payload itself, and for each reading it carries a decoded reading and a
+/// buffered storage row (about 96 bytes together). A binary frame says how
+/// many readings it carries; a SenML record is rarely under 48 bytes.
+pub fn weight(payload: &[u8]) -> usize {
+    const PER_READING: usize = 96;
+    let readings = match crate::codec::frame::header(payload) {
+        Ok(h) => h.count,
+        Err(_) => payload.len() / 48 + 1,
+    };
+    payload.len() + readings * PER_READING
+}
 
 pub struct MemoryBudget {
-    sem: Semaphore,
-    capacity: u32,
+    capacity: u64,
+    in_use: AtomicU64,
+    freed: Notify,
     waits: AtomicU64,
 }
 
-/// Permits held by one publish; returned on drop.
+/// Memory charged by one publish; returned on drop.
 pub struct Permit {
     budget: Arc<MemoryBudget>,
-    n: u32,
+    n: u64,
 }
 
 impl std::fmt::Debug for Permit {
@@ -33,76 +49,77 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.budget.sem.add_permits(self.n as usize);
+        let before = self.budget.in_use.fetch_sub(self.n, Ordering::AcqRel);
+        if before >= self.budget.capacity && before - self.n < self.budget.capacity {
+            self.budget.freed.notify_waiters();
+        }
     }
 }
 
 impl MemoryBudget {
-    /// A budget of `bytes` (at most 4 GiB - 1).
+    /// A budget of `bytes`.
     pub fn new(bytes: u64) -> Arc<MemoryBudget> {
-        let capacity = bytes.clamp(1, u32::MAX as u64) as u32;
         Arc::new(MemoryBudget {
-            sem: Semaphore::new(capacity as usize),
-            capacity,
+            capacity: bytes.max(1),
+            in_use: AtomicU64::new(0),
+            freed: Notify::new(),
             waits: AtomicU64::new(0),
         })
     }
 
-    fn amount(&self, bytes: usize) -> u32 {
-        // A payload larger than the whole budget takes the whole budget.
-        (bytes.max(1) as u64).min(self.capacity as u64) as u32
+    fn has_room(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) < self.capacity
     }
 
-    /// Waits for `bytes` of budget.
-    pub async fn acquire(self: &Arc<Self>, bytes: usize) -> Permit {
-        let n = self.amount(bytes);
-        match self.sem.try_acquire_many(n) {
-            Ok(p) => p.forget(),
-            Err(_) => {
-                self.waits.fetch_add(1, Ordering::Relaxed);
-                self.sem
-                    .acquire_many(n)
-                    .await
-                    .expect("the budget semaphore is never closed")
-                    .forget();
-            }
+    /// Waits until the budget has room (admission).
+    pub async fn wait_available(&self) {
+        if self.has_room() {
+            return;
         }
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let freed = self.freed.notified();
+            if self.has_room() {
+                return;
+            }
+            freed.await;
+        }
+    }
+
+    /// Charges `bytes` without waiting (the publish was admitted).
+    pub fn charge(self: &Arc<Self>, bytes: usize) -> Permit {
+        let n = bytes.max(1) as u64;
+        self.in_use.fetch_add(n, Ordering::AcqRel);
         Permit {
             budget: self.clone(),
             n,
         }
     }
 
-    /// Takes `bytes` of budget from a thread outside any runtime (log replay).
-    pub fn acquire_blocking(self: &Arc<Self>, bytes: usize) -> Permit {
-        let n = self.amount(bytes);
+    /// Waits for room, then charges `bytes` (for callers outside a
+    /// connection, such as the log replay thread).
+    pub fn charge_blocking(self: &Arc<Self>, bytes: usize) -> Permit {
         let mut waited = false;
-        loop {
-            if let Ok(p) = self.sem.try_acquire_many(n) {
-                p.forget();
-                return Permit {
-                    budget: self.clone(),
-                    n,
-                };
-            }
+        while !self.has_room() {
             if !waited {
                 self.waits.fetch_add(1, Ordering::Relaxed);
                 waited = true;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        self.charge(bytes)
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity as u64
+        self.capacity
     }
 
-    /// Bytes currently held.
+    /// Bytes currently charged.
     pub fn in_use(&self) -> u64 {
-        self.capacity as u64 - self.sem.available_permits() as u64
+        self.in_use.load(Ordering::Relaxed)
     }
 
-    /// How many acquisitions had to wait (a measure of backpressure).
+    /// How many admissions had to wait (a measure of backpressure).
     pub fn waits(&self) -> u64 {
         self.waits.load(Ordering::Relaxed)
     }
@@ -113,25 +130,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn permits_return_on_drop_and_oversized_requests_take_everything() {
+    fn weight_counts_the_readings_a_payload_becomes() {
+        let mut frame = Vec::new();
+        let rec = crate::codec::frame::Record::new(wardflow_model::Metric::Hr, 0, 60.0, 0);
+        crate::codec::frame::encode(0, 0, &[rec; 50], &mut frame);
+        assert_eq!(weight(&frame), frame.len() + 50 * 96);
+        let senml = br#"[{"n":"hr","v":60}]"#;
+        assert_eq!(weight(senml), senml.len() + 96);
+    }
+
+    #[test]
+    fn charges_return_on_drop() {
         let b = MemoryBudget::new(100);
-        let p = b.acquire_blocking(60);
-        assert_eq!(b.in_use(), 60);
+        let p = b.charge(60);
+        let q = b.charge(60);
+        assert_eq!(b.in_use(), 120, "an admitted publish is charged in full");
         drop(p);
-        assert_eq!(b.in_use(), 0);
-        let q = b.acquire_blocking(1_000);
-        assert_eq!(q.n, 100);
-        assert_eq!(b.in_use(), 100);
         drop(q);
         assert_eq!(b.in_use(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn acquire_waits_for_release() {
+    async fn admission_waits_until_memory_is_freed() {
         let b = MemoryBudget::new(10);
-        let held = b.acquire(10).await;
+        let held = b.charge(10);
         let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.acquire(5).await });
+        let waiter = tokio::spawn(async move {
+            b2.wait_available().await;
+            b2.charge(5)
+        });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         drop(held);

@@ -14,15 +14,18 @@
 //!   write-ahead log and fsynced; a log failure answers v5 0x80.
 //! - SUBSCRIBE: devices have nothing to subscribe to; refused per topic
 //!   (v5 0x87, v3 0x80).
-//! - Backpressure: each publish first takes its size from the memory budget;
-//!   ntex-mqtt limits each connection's in-flight publishes, so a spent
-//!   budget stops reading the socket and TCP slows the device.
+//! - Backpressure: the publish service is not *ready* while the memory
+//!   budget is spent, so ntex-mqtt stops decoding that connection, its read
+//!   buffer fills, reading pauses, and TCP slows the device. (Readiness, not
+//!   the per-connection in-flight limit: ntex-mqtt 8 lets consecutive
+//!   publishes bypass that limit, so a handler that merely waits would let
+//!   every publish of a fast device pile up in memory.)
 
 use std::sync::Arc;
 
 use ntex::service::{fn_factory_with_config, fn_service};
 use ntex::util::{Bytes, Ready};
-use ntex::{ServiceFactory, SharedCfg};
+use ntex::{Service, ServiceCtx, ServiceFactory, SharedCfg};
 use ntex_mqtt::v5::codec::{ConnectAckReason, PublishAckReason, SubscribeAckReason};
 use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, Reason, v3, v5};
 use wardflow_model::{DeviceId, now_ns};
@@ -223,7 +226,7 @@ async fn accept_publish(
         return refuse(Refusal::Removed, "removed_device");
     };
     let received_ns = now_ns();
-    let permit = ctx.budget.acquire(payload.len()).await;
+    let permit = ctx.budget.charge(crate::budget::weight(&payload));
     let len = payload.len() as u64;
     let (done, wait) = if qos == QoS::AtLeastOnce {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -344,28 +347,7 @@ pub fn mqtt_service(
             ))
             .publish(fn_factory_with_config(
                 move |session: v3::Session<DeviceSession>| {
-                    let ctx = p3.clone();
-                    Ready::Ok::<_, ConnectionError>(fn_service(move |p: v3::Publish| {
-                        let (ctx, session) = (ctx.clone(), session.clone());
-                        async move {
-                            let payload =
-                                p.read_all().await.map_err(|_| ConnectionError::Payload)?;
-                            match accept_publish(
-                                &ctx,
-                                &session,
-                                p.publish_topic(),
-                                p.qos(),
-                                payload,
-                            )
-                            .await
-                            {
-                                Ok(()) => Ok(()),
-                                Err(Refusal::Topic) => Err(ConnectionError::TopicDenied),
-                                Err(Refusal::Removed) => Err(ConnectionError::DeviceRemoved),
-                                Err(Refusal::LogFailed) => Err(ConnectionError::LogFailed),
-                            }
-                        }
-                    }))
+                    Ready::Ok::<_, ConnectionError>(PublishService::new(p3.clone(), session))
                 },
             )))
         .v5(v5::MqttServer::new(move |hs| handshake_v5(c5.clone(), hs))
@@ -392,37 +374,118 @@ pub fn mqtt_service(
             ))
             .publish(fn_factory_with_config(
                 move |session: v5::Session<DeviceSession>| {
-                    let ctx = p5.clone();
-                    Ready::Ok::<_, ConnectionError>(fn_service(move |p: v5::Publish| {
-                        let (ctx, session) = (ctx.clone(), session.clone());
-                        async move {
-                            let payload =
-                                p.read_all().await.map_err(|_| ConnectionError::Payload)?;
-                            let qos = p.qos();
-                            let result =
-                                accept_publish(&ctx, &session, p.publish_topic(), qos, payload)
-                                    .await;
-                            match (result, qos) {
-                                (Ok(()), _) => Ok(p.ack()),
-                                (Err(Refusal::Removed), _) => Err(ConnectionError::DeviceRemoved),
-                                // QoS 0 has no PUBACK to carry a reason: disconnect.
-                                (Err(Refusal::Topic), QoS::AtMostOnce) => {
-                                    Err(ConnectionError::TopicDenied)
-                                }
-                                (Err(Refusal::LogFailed), QoS::AtMostOnce) => {
-                                    Err(ConnectionError::LogFailed)
-                                }
-                                (Err(Refusal::Topic), _) => {
-                                    Ok(p.ack().reason_code(PublishAckReason::NotAuthorized))
-                                }
-                                (Err(Refusal::LogFailed), _) => {
-                                    Ok(p.ack().reason_code(PublishAckReason::UnspecifiedError))
-                                }
-                            }
-                        }
-                    }))
+                    Ready::Ok::<_, ConnectionError>(PublishService::new(p5.clone(), session))
                 },
             )))
+}
+
+/// One connection's publish handler.
+struct PublishService<S> {
+    ctx: Arc<IngestContext>,
+    session: S,
+    /// Publishes whose payload is still arriving in chunks: their chunks
+    /// must be dispatched whatever the budget says, or they would wait forever.
+    streaming: std::cell::Cell<usize>,
+}
+
+impl<S> PublishService<S> {
+    fn new(ctx: Arc<IngestContext>, session: S) -> Self {
+        Self {
+            ctx,
+            session,
+            streaming: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Ready once the memory budget has room: until then ntex-mqtt stops
+    /// decoding this connection and TCP pushes back on the device.
+    async fn wait_for_budget(&self) {
+        if self.streaming.get() == 0 {
+            self.ctx.budget.wait_available().await;
+        }
+    }
+
+    /// The whole payload; a payload larger than what had arrived when the
+    /// packet was decoded comes in chunks.
+    async fn payload(&self, payload: ntex_mqtt::Payload) -> Result<Bytes, ConnectionError> {
+        if payload.is_fixed() {
+            return payload
+                .read_all()
+                .await
+                .map_err(|_| ConnectionError::Payload);
+        }
+        self.streaming.set(self.streaming.get() + 1);
+        let result = payload
+            .read_all()
+            .await
+            .map_err(|_| ConnectionError::Payload);
+        self.streaming.set(self.streaming.get() - 1);
+        result
+    }
+}
+
+impl Service<v3::Publish> for PublishService<v3::Session<DeviceSession>> {
+    type Response = ();
+    type Error = ConnectionError;
+
+    async fn ready(&self, _: ServiceCtx<'_, Self>) -> Result<(), ConnectionError> {
+        self.wait_for_budget().await;
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        mut p: v3::Publish,
+        _: ServiceCtx<'_, Self>,
+    ) -> Result<(), ConnectionError> {
+        let payload = self.payload(p.take_payload()).await?;
+        match accept_publish(
+            &self.ctx,
+            &self.session,
+            p.publish_topic(),
+            p.qos(),
+            payload,
+        )
+        .await
+        {
+            Ok(()) => Ok(()),
+            Err(Refusal::Topic) => Err(ConnectionError::TopicDenied),
+            Err(Refusal::Removed) => Err(ConnectionError::DeviceRemoved),
+            Err(Refusal::LogFailed) => Err(ConnectionError::LogFailed),
+        }
+    }
+}
+
+impl Service<v5::Publish> for PublishService<v5::Session<DeviceSession>> {
+    type Response = v5::PublishAck;
+    type Error = ConnectionError;
+
+    async fn ready(&self, _: ServiceCtx<'_, Self>) -> Result<(), ConnectionError> {
+        self.wait_for_budget().await;
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        mut p: v5::Publish,
+        _: ServiceCtx<'_, Self>,
+    ) -> Result<v5::PublishAck, ConnectionError> {
+        let payload = self.payload(p.take_payload()).await?;
+        let qos = p.qos();
+        let result =
+            accept_publish(&self.ctx, &self.session, p.publish_topic(), qos, payload).await;
+        match (result, qos) {
+            (Ok(()), _) => Ok(p.ack()),
+            (Err(Refusal::Removed), _) => Err(ConnectionError::DeviceRemoved),
+            // QoS 0 has no PUBACK to carry a reason: disconnect.
+            (Err(Refusal::Topic), QoS::AtMostOnce) => Err(ConnectionError::TopicDenied),
+            (Err(Refusal::LogFailed), QoS::AtMostOnce) => Err(ConnectionError::LogFailed),
+            (Err(Refusal::Topic), _) => Ok(p.ack().reason_code(PublishAckReason::NotAuthorized)),
+            (Err(Refusal::LogFailed), _) => {
+                Ok(p.ack().reason_code(PublishAckReason::UnspecifiedError))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

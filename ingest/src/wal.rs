@@ -526,7 +526,7 @@ impl Writer {
                     };
                     let payload =
                         whole.slice(at + rec.payload_at..at + rec.payload_at + rec.payload_len);
-                    let permit = self.budget.acquire_blocking(payload.len());
+                    let permit = self.budget.charge_blocking(crate::budget::weight(&payload));
                     self.shards.send(Envelope {
                         epoch: rec.epoch,
                         lsn: seg.base_lsn + at as u64,
@@ -736,7 +736,7 @@ mod tests {
             device: DeviceId::new(device).unwrap(),
             patient: Some(PatientId::new("p-1").unwrap()),
             payload: Bytes::from_static(payload),
-            permit: budget.acquire_blocking(payload.len()),
+            permit: budget.charge(payload.len()),
             done: None,
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! This crate owns the physiology model ([`physiology`]), device
 //! registration for test runs ([`register`]), the MQTT publishers (MQTT
-//! 3.1.1 over ntex-mqtt's client, QoS 0 or 1, SenML or binary frames) and
+//! 3.1.1, QoS 0 or 1, SenML or binary frames, see [`mqtt`]) and
 //! the load report ([`Report`]). It knows nothing of the engine's insides:
 //! it talks to any MQTT server (Wardflow, or Mosquitto as a baseline).
 //!
@@ -18,6 +18,7 @@
 //! println!("{}", report.to_json());
 //! ```
 
+pub mod mqtt;
 pub mod physiology;
 
 use std::cell::RefCell;
@@ -29,10 +30,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use ntex::util::{ByteString, Bytes};
-use ntex::{ServiceFactory, SharedCfg};
-use ntex_mqtt::{MqttServiceConfig, v3};
 use serde::Serialize;
+use tokio::io::AsyncWriteExt as _;
 use wardflow_ingest::codec::{frame, senml};
 use wardflow_ingest::registry::{Registry, RegistryError};
 use wardflow_ingest::server::readings_topic;
@@ -353,47 +352,33 @@ fn run_thread(
     let hist = Rc::new(RefCell::new(new_histogram()));
     let h = hist.clone();
     let config = Rc::new(config);
-    ntex::rt::System::build()
-        .name("simulator")
-        .build(ntex::rt::DefaultRuntime)
-        .block_on(async move {
-            let tasks: Vec<_> = devices
-                .into_iter()
-                .map(|(i, cred)| {
-                    ntex::rt::spawn(device_task(
-                        config.clone(),
-                        i,
-                        cred,
-                        counters.clone(),
-                        stop.clone(),
-                        deadline,
-                        h.clone(),
-                    ))
-                })
-                .collect();
-            for t in tasks {
-                let _ = t.await;
-            }
-        });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let tasks: Vec<_> = devices
+            .into_iter()
+            .map(|(i, cred)| {
+                tokio::task::spawn_local(device_task(
+                    config.clone(),
+                    i,
+                    cred,
+                    counters.clone(),
+                    stop.clone(),
+                    deadline,
+                    h.clone(),
+                ))
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    });
     Rc::try_unwrap(hist)
         .map(RefCell::into_inner)
         .unwrap_or_else(|rc| rc.borrow().clone())
-}
-
-async fn connect(config: &SimConfig, cred: &Credential) -> Result<v3::client::Client, String> {
-    let cfg: SharedCfg = SharedCfg::new("SIMULATOR")
-        .add(MqttServiceConfig::new().set_max_send(config.window.max(1)))
-        .into();
-    let connector = v3::client::MqttConnector::new()
-        .pipeline(cfg)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let connect = v3::client::Connect::new(config.target.clone())
-        .client_id(cred.device.as_str().to_string())
-        .username(cred.device.as_str().to_string())
-        .password(Bytes::copy_from_slice(cred.secret.as_bytes()))
-        .keep_alive(ntex::time::Seconds(30));
-    connector.call(connect).await.map_err(|e| format!("{e:?}"))
 }
 
 /// Builds publishes for one device.
@@ -504,28 +489,39 @@ async fn device_task(
     deadline: Option<Instant>,
     hist: Rc<RefCell<Histogram<u64>>>,
 ) {
-    let mut client = None;
+    let mut conn = None;
     for attempt in 0..20 {
-        match connect(&config, &cred).await {
+        match mqtt::connect(&config.target, cred.device.as_str(), cred.secret.as_bytes()).await {
             Ok(c) => {
-                client = Some(c);
+                conn = Some(c);
                 break;
             }
+            // A refusal may be a registration the server has not loaded yet: retry that too.
             Err(e) if attempt == 19 => {
                 tracing::warn!(device = %cred.device, "could not connect: {e}");
+                break;
             }
-            Err(_) => ntex::time::sleep(ntex::time::Millis(250)).await,
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
-    let Some(client) = client else {
+    let Some(mqtt::Connection { reader, mut writer }) = conn else {
         counters.connect_errors.fetch_add(1, Ordering::Relaxed);
         counters.errors.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let sink = client.sink();
-    ntex::rt::spawn(client.start_default());
+    let inflight = mqtt::Inflight::new();
+    let acked = Rc::new(tokio::sync::Notify::new());
+    let closed = Rc::new(std::cell::Cell::new(false));
+    {
+        let (inflight, acked, closed) = (inflight.clone(), acked.clone(), closed.clone());
+        tokio::task::spawn_local(async move {
+            let _ = mqtt::read_acks(reader, inflight, &acked).await;
+            closed.set(true);
+            acked.notify_one();
+        });
+    }
 
-    let topic = ByteString::from(readings_topic(cred.device.as_str()));
+    let topic = readings_topic(cred.device.as_str()).into_bytes();
     let batch = config.batch.max(1);
     let per_publish = if config.rate > 0.0 {
         batch as f64 / config.rate
@@ -557,84 +553,93 @@ async fn device_task(
         fault_rng ^= fault_rng << 17;
         (fault_rng >> 11) as f64 / (1u64 << 53) as f64
     };
-    let window = Rc::new(RefCell::new(0usize));
+    let qos1 = config.qos >= 1;
+    let window = config.window.max(1) as usize;
     let start = Instant::now();
+    let mut last_write = Instant::now();
     let mut sent: u64 = 0;
+    let mut packet = Vec::with_capacity(1024);
+    let mut failed = false;
     loop {
         if stop.load(Ordering::Relaxed)
             || deadline.is_some_and(|d| Instant::now() >= d)
-            || !sink.is_open()
+            || closed.get()
         {
             break;
         }
         if per_publish > 0.0 {
             let due = (start.elapsed().as_secs_f64() / per_publish) as u64 + 1;
             if sent >= due {
-                let wait = (sent as f64 * per_publish - start.elapsed().as_secs_f64()).max(0.0);
-                ntex::time::sleep(ntex::time::Millis((wait * 1000.0).ceil().max(1.0) as u32)).await;
+                if writer.flush().await.is_err()
+                    || mqtt::ping_if_idle(&mut writer, &mut last_write)
+                        .await
+                        .is_err()
+                {
+                    failed = true;
+                    break;
+                }
+                let wait =
+                    (sent as f64 * per_publish - start.elapsed().as_secs_f64()).clamp(0.000_1, 0.1);
+                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                 continue;
             }
         }
+        if qos1 && inflight.borrow().in_flight >= window {
+            if writer.flush().await.is_err() {
+                failed = true;
+                break;
+            }
+            acked.notified().await;
+            continue;
+        }
         let fault = config.bad_ratio > 0.0 && next_fault() < config.bad_ratio;
-        let payload = Bytes::from(source.payload(config.payload, batch, fault));
+        let payload = source.payload(config.payload, batch, fault);
         if fault {
             counters.bad_injected.fetch_add(1, Ordering::Relaxed);
         }
+        packet.clear();
+        let id = qos1.then(|| inflight.borrow_mut().take_id());
+        mqtt::encode_publish(&mut packet, &topic, id, &payload);
+        if writer.write_all(&packet).await.is_err() {
+            failed = true;
+            break;
+        }
+        last_write = Instant::now();
         sent += 1;
         counters.sent_publishes.fetch_add(1, Ordering::Relaxed);
         counters
             .sent_readings
             .fetch_add(batch as u64, Ordering::Relaxed);
-        if config.qos == 0 {
-            if !sink.ready().await {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                break;
-            }
-            if sink
-                .publish(topic.clone())
-                .send_at_most_once(payload)
-                .is_err()
-            {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
-            while *window.borrow() >= config.window as usize {
-                ntex::time::sleep(ntex::time::Millis(1)).await;
-            }
-            *window.borrow_mut() += 1;
-            let (sink, topic, counters, hist, window) = (
-                sink.clone(),
-                topic.clone(),
-                counters.clone(),
-                hist.clone(),
-                window.clone(),
-            );
-            ntex::rt::spawn(async move {
-                let t = Instant::now();
-                match sink.publish(topic).send_at_least_once(payload).await {
-                    Ok(()) => {
-                        counters.acked_publishes.fetch_add(1, Ordering::Relaxed);
-                        counters
-                            .acked_readings
-                            .fetch_add(batch as u64, Ordering::Relaxed);
-                        let _ = hist
-                            .borrow_mut()
-                            .record(t.elapsed().as_micros().max(1) as u64);
-                    }
-                    Err(_) => {
-                        counters.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                *window.borrow_mut() -= 1;
-            });
+    }
+    // Put everything on the wire, let outstanding QoS 1 publishes finish
+    // (bounded), then disconnect.
+    failed |= writer.flush().await.is_err();
+    let drain_until = Instant::now() + Duration::from_secs(10);
+    while qos1 && !closed.get() && inflight.borrow().in_flight > 0 && Instant::now() < drain_until {
+        let _ = tokio::time::timeout(Duration::from_millis(50), acked.notified()).await;
+    }
+    if !closed.get() && mqtt::disconnect(&mut writer).await.is_ok() {
+        // The server closes once it has handled everything before DISCONNECT.
+        let until = Instant::now() + Duration::from_secs(30);
+        while !closed.get() && Instant::now() < until {
+            let _ = tokio::time::timeout(Duration::from_millis(50), acked.notified()).await;
         }
     }
-    // Let outstanding QoS 1 publishes finish (bounded), then disconnect.
-    let drain_until = Instant::now() + Duration::from_secs(10);
-    while *window.borrow() > 0 && Instant::now() < drain_until && sink.is_open() {
-        ntex::time::sleep(ntex::time::Millis(2)).await;
+    let f = inflight.borrow();
+    counters
+        .acked_publishes
+        .fetch_add(f.acked, Ordering::Relaxed);
+    counters
+        .acked_readings
+        .fetch_add(f.acked * batch as u64, Ordering::Relaxed);
+    let unacked = if qos1 { f.in_flight as u64 } else { 0 };
+    counters
+        .errors
+        .fetch_add(unacked + failed as u64, Ordering::Relaxed);
+    let mut h = hist.borrow_mut();
+    for &us in &f.latencies_us {
+        let _ = h.record(us);
     }
-    sink.close();
 }
 
 #[cfg(test)]
