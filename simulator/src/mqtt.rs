@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(out, [0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i']);
         out.clear();
         encode_publish(&mut out, b"t", Some(0x0102), &[0u8; 200]);
-        assert_eq!(&out[..7], &[0x32, 0xcf, 0x01, 0, 1, b't', 0x01]);
+        assert_eq!(&out[..7], &[0x32, 0xcd, 0x01, 0, 1, b't', 0x01]); // 205 = 0x4d | 0x80, 0x01
         assert_eq!(out.len(), 1 + 2 + 3 + 2 + 200);
     }
 
@@ -251,7 +251,7 @@ mod tests {
         let mut f = f.borrow_mut();
         let first = f.take_id();
         assert_eq!(first, 1);
-        f.next_id = u16::MAX;
+        f.next_id = u16::MAX - 1;
         assert_eq!(f.take_id(), u16::MAX);
         assert_eq!(f.take_id(), 2, "wraps past 0 and the id still in flight");
     }
