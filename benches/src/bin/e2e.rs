@@ -1,0 +1,396 @@
+//! End-to-end ingest benchmark: the same simulator traffic through Mosquitto
+//! to one subscriber, and through Wardflow into storage, side by side.
+//!
+//! ```text
+//! cargo build --release && cargo run --release -p wardflow-benches --bin e2e -- --duration 10 --repeat 3
+//! ```
+//!
+//! For each scenario and repeat it runs Mosquitto, then Wardflow, with the
+//! identical `wardflow simulate` command line (only the target differs) and
+//! reports readings delivered per second: to Mosquitto's subscriber, or into
+//! Wardflow's store (`wardflow_readings_stored_total`), each counted from the
+//! simulator's start to the last delivery. It prints medians and the ratio
+//! Wardflow / Mosquitto, with each server's peak resident memory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use wardflow_benches::{
+    Received, free_port, http_get, metric, peak_rss_kib, subscribe_and_count, wait_for_port,
+};
+
+#[derive(Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    payload: &'static str,
+    batch: usize,
+    qos: u8,
+}
+
+const SCENARIOS: [Scenario; 4] = [
+    Scenario {
+        name: "binary-50-qos0",
+        payload: "binary",
+        batch: 50,
+        qos: 0,
+    },
+    Scenario {
+        name: "binary-50-qos1",
+        payload: "binary",
+        batch: 50,
+        qos: 1,
+    },
+    Scenario {
+        name: "senml-1-qos0",
+        payload: "senml",
+        batch: 1,
+        qos: 0,
+    },
+    Scenario {
+        name: "senml-1-qos1",
+        payload: "senml",
+        batch: 1,
+        qos: 1,
+    },
+];
+
+struct Options {
+    wardflow: PathBuf,
+    duration: u64,
+    repeat: usize,
+    devices: usize,
+    scenarios: Vec<Scenario>,
+}
+
+fn options() -> anyhow::Result<Options> {
+    let mut args = std::env::args().skip(1);
+    let exe = std::env::current_exe()?;
+    let mut o = Options {
+        wardflow: exe.parent().context("exe dir")?.join("wardflow"),
+        duration: 10,
+        repeat: 3,
+        devices: 50,
+        scenarios: SCENARIOS.to_vec(),
+    };
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--wardflow" => o.wardflow = value()?.into(),
+            "--duration" => o.duration = value()?.parse()?,
+            "--repeat" => o.repeat = value()?.parse()?,
+            "--devices" => o.devices = value()?.parse()?,
+            "--scenario" => {
+                let names = value()?;
+                o.scenarios = SCENARIOS
+                    .iter()
+                    .copied()
+                    .filter(|s| names.split(',').any(|n| n == s.name))
+                    .collect();
+                if o.scenarios.is_empty() {
+                    bail!(
+                        "--scenario: one of {}",
+                        SCENARIOS.map(|s| s.name).join(", ")
+                    );
+                }
+            }
+            "-h" | "--help" => {
+                println!(
+                    "e2e [--duration SECONDS] [--repeat N] [--devices N] [--scenario a,b] [--wardflow PATH]\nscenarios: {}",
+                    SCENARIOS.map(|s| s.name).join(", ")
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    if !o.wardflow.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first or pass --wardflow",
+            o.wardflow.display()
+        );
+    }
+    Ok(o)
+}
+
+struct Outcome {
+    readings: u64,
+    per_s: f64,
+    peak_rss_mib: f64,
+    sent: u64,
+}
+
+fn simulate(o: &Options, s: Scenario, port: u16, data: &Path, creds: &Path) -> Command {
+    let mut c = Command::new(&o.wardflow);
+    c.args(["--log", "warn", "--data-dir"])
+        .arg(data)
+        .arg("simulate");
+    c.args(["--target", &format!("mqtt://127.0.0.1:{port}")]);
+    c.args([
+        "--devices",
+        &o.devices.to_string(),
+        "--rate",
+        "0",
+        "--duration",
+        &format!("{}s", o.duration),
+    ]);
+    c.args([
+        "--payload",
+        s.payload,
+        "--batch",
+        &s.batch.to_string(),
+        "--qos",
+        &s.qos.to_string(),
+    ]);
+    c.args(["--window", "32", "--json", "--credentials"])
+        .arg(creds);
+    c.stderr(Stdio::null()).stdout(Stdio::piped());
+    c
+}
+
+fn sent_of(out: &std::process::Output) -> anyhow::Result<u64> {
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("simulator report")?;
+    if report["errors"].as_u64() != Some(0) {
+        eprintln!("  simulator reported errors: {report}");
+    }
+    Ok(report["sent"].as_u64().unwrap_or(0))
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let end = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run_mosquitto(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome> {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 100\nlog_type error\n"
+        ),
+    )?;
+    let mosquitto = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    let broker = Command::new(mosquitto)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start mosquitto (apt-get install mosquitto)")?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let pid = broker.id();
+    // Any secret will do: Mosquitto lets anonymous clients in.
+    let creds = dir.join("mosquitto-creds.json");
+    let list: Vec<_> = (0..o.devices)
+        .map(|i| serde_json::json!({"device": format!("sim-{i:04}"), "patient": format!("sim-patient-{i:04}"), "secret": "unused-by-mosquitto"}))
+        .collect();
+    std::fs::write(&creds, serde_json::to_vec(&list)?)?;
+
+    let received = Arc::new(Received::default());
+    let done = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let sub = {
+        let (received, done) = (received.clone(), done.clone());
+        let qos = s.qos;
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(subscribe_and_count(
+                    port,
+                    "wardflow/v1/devices/+/readings",
+                    qos,
+                    received,
+                    start,
+                    done,
+                ))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let sim_start = start.elapsed();
+    let out = simulate(o, s, port, dir, &creds).output()?;
+    let sent = sent_of(&out)?;
+    // Let the subscriber drain.
+    let mut last = u64::MAX;
+    while received.readings.load(Ordering::Relaxed) != last {
+        last = received.readings.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    done.store(true, Ordering::Relaxed);
+    let peak = peak_rss_kib(pid).unwrap_or(0);
+    stop(broker);
+    let _ = sub.join();
+    let readings = received.readings.load(Ordering::Relaxed);
+    let span =
+        Duration::from_nanos(received.last_ns.load(Ordering::Relaxed)).saturating_sub(sim_start);
+    Ok(Outcome {
+        readings,
+        per_s: readings as f64 / span.as_secs_f64().max(1e-9),
+        peak_rss_mib: peak as f64 / 1024.0,
+        sent,
+    })
+}
+
+fn run_wardflow(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome> {
+    let data = dir.join("wardflow-data");
+    let (mqtt, http) = (free_port(), free_port());
+    let server = Command::new(&o.wardflow)
+        .args(["--log", "warn", "--data-dir"])
+        .arg(&data)
+        .args([
+            "serve",
+            "--mqtt",
+            &format!("127.0.0.1:{mqtt}"),
+            "--http",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start wardflow serve")?;
+    let pid = server.id();
+    wait_for_port(http, Duration::from_secs(30))?;
+    // Register the devices first, so registration is not timed.
+    let creds = dir.join("wardflow-creds.json");
+    let reg = Command::new(&o.wardflow)
+        .args(["--log", "warn", "--data-dir"])
+        .arg(&data)
+        .args([
+            "simulate",
+            "--register",
+            "--duration",
+            "0s",
+            "--devices",
+            &o.devices.to_string(),
+        ])
+        .args([
+            "--target",
+            &format!("mqtt://127.0.0.1:{mqtt}"),
+            "--credentials",
+        ])
+        .arg(&creds)
+        .output()?;
+    if !reg.status.success() {
+        bail!(
+            "registering devices: {}",
+            String::from_utf8_lossy(&reg.stderr)
+        );
+    }
+    let stored = || {
+        http_get(http, "/metrics")
+            .and_then(|m| metric(&m, "wardflow_readings_stored_total"))
+            .unwrap_or(0.0) as u64
+    };
+    let base = stored();
+    let start = Instant::now();
+    let sim = simulate(o, s, mqtt, &data, &creds).spawn()?;
+    let mut last = (base, start.elapsed());
+    let mut child = Some(sim);
+    let mut out = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = stored();
+        if now != last.0 {
+            last = (now, start.elapsed());
+        }
+        if let Some(c) = child.as_mut()
+            && c.try_wait()?.is_some()
+        {
+            out = Some(child.take().expect("child").wait_with_output()?);
+        }
+        if child.is_none() && start.elapsed() - last.1 > Duration::from_secs(3) {
+            break;
+        }
+    }
+    let sent = sent_of(out.as_ref().expect("simulator finished"))?;
+    let peak = peak_rss_kib(pid).unwrap_or(0);
+    stop(server);
+    let readings = last.0 - base;
+    Ok(Outcome {
+        readings,
+        per_s: readings as f64 / last.1.as_secs_f64().max(1e-9),
+        peak_rss_mib: peak as f64 / 1024.0,
+        sent,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = options()?;
+    println!(
+        "# wardflow e2e: {} devices, {} s per run, {} repeats, Mosquitto then Wardflow each time\n",
+        o.devices, o.duration, o.repeat
+    );
+    let mut summary = Vec::new();
+    for s in &o.scenarios {
+        let (mut m_rates, mut w_rates, mut ratios, mut m_rss, mut w_rss) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for r in 0..o.repeat {
+            let dir = tempfile::tempdir()?;
+            let m = run_mosquitto(&o, *s, dir.path())?;
+            let w = run_wardflow(&o, *s, dir.path())?;
+            println!(
+                "{:<16} run {}: mosquitto {:>11.0} readings/s delivered ({} of {} sent, peak {:.0} MiB) | wardflow {:>11.0} readings/s stored ({} of {} sent, peak {:.0} MiB) | ratio {:.2}",
+                s.name,
+                r + 1,
+                m.per_s,
+                m.readings,
+                m.sent,
+                m.peak_rss_mib,
+                w.per_s,
+                w.readings,
+                w.sent,
+                w.peak_rss_mib,
+                w.per_s / m.per_s
+            );
+            m_rates.push(m.per_s);
+            w_rates.push(w.per_s);
+            ratios.push(w.per_s / m.per_s);
+            m_rss.push(m.peak_rss_mib);
+            w_rss.push(w.peak_rss_mib);
+        }
+        summary.push((
+            s.name,
+            s.batch,
+            median(m_rates),
+            median(w_rates),
+            median(ratios),
+            median(m_rss),
+            median(w_rss),
+        ));
+    }
+    println!(
+        "\n| scenario | Mosquitto readings/s | Wardflow readings/s stored | Wardflow messages/s | ratio (median of pairs) | peak RSS Mosquitto | peak RSS Wardflow |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (name, batch, m, w, ratio, mr, wr) in summary {
+        println!(
+            "| {name} | {m:.0} | {w:.0} | {:.0} | {ratio:.2} | {mr:.0} MiB | {wr:.0} MiB |",
+            w / batch as f64
+        );
+    }
+    Ok(())
+}
