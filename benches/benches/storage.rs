@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use parquet::arrow::ArrowWriter;
 use wardflow_model::{DeviceId, Metric, PatientId, Quality, Reading, now_ns};
-use wardflow_storage::{ShardWriter, StoreConfig, schema};
+use wardflow_storage::{Origin, ShardWriter, StoreConfig, schema};
 
 const PUBLISHES: usize = 2_000;
 const PER_PUBLISH: usize = 50;
@@ -115,7 +115,17 @@ fn write(c: &mut Criterion) {
             epoch += 1000;
             for (i, chunk) in d.readings.chunks(PER_PUBLISH).enumerate() {
                 let (device, patient) = &d.ids[i % 50];
-                w.append(epoch, device, Some(patient), d.t0, chunk, [], ());
+                w.append(
+                    epoch,
+                    Origin {
+                        device,
+                        patient: Some(patient),
+                        received_ns: d.t0,
+                    },
+                    chunk,
+                    [],
+                    (),
+                );
             }
             black_box(w.flush_before(None).unwrap())
         })

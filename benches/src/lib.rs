@@ -187,11 +187,9 @@ pub async fn subscribe_and_count(
             }
             received.readings.fetch_add(n, Ordering::Relaxed);
             received.last_ns.store(now, Ordering::Relaxed);
-            if acks.len() >= 4 * 256 || r.buffer().is_empty() {
-                if !acks.is_empty() {
-                    w.write_all(&acks).await?;
-                    acks.clear();
-                }
+            if (acks.len() >= 4 * 256 || r.buffer().is_empty()) && !acks.is_empty() {
+                w.write_all(&acks).await?;
+                acks.clear();
             }
         }
     }

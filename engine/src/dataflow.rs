@@ -47,7 +47,7 @@ use wardflow_ingest::wal::{InputEvent, ShardSource};
 use wardflow_ingest::{Envelope, metrics::IngestMetrics};
 use wardflow_model::{DeadLetter, DeviceId, PatientId, Reading, TimestampNs};
 use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_checkpoint};
-use wardflow_storage::{ShardWriter, StoreConfig};
+use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 use crate::metrics::{EngineMetrics, Progress};
 
@@ -197,7 +197,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                             return;
                         };
                         for v in data.drain(..) {
-                            writer.append(time, &v.device, v.patient.as_ref(), v.received_ns, &v.readings, v.dead, v.state);
+                            writer.append(time, Origin { device: &v.device, patient: v.patient.as_ref(), received_ns: v.received_ns }, &v.readings, v.dead, v.state);
                             entry.1.extend(v.permit);
                         }
                     });
@@ -405,6 +405,5 @@ fn agree_min(worker: &mut Worker, mine: Option<u64>) -> u64 {
     while !probe.done() {
         worker.step_or_park(Some(Duration::from_millis(1)));
     }
-    let min = seen.borrow().iter().copied().min().unwrap_or(0);
-    min
+    seen.borrow().iter().copied().min().unwrap_or(0)
 }

@@ -537,7 +537,7 @@ impl Writer {
                         permit: Some(Arc::new(permit)),
                     });
                     replayed += 1;
-                    if replayed % 1024 == 0 {
+                    if replayed.is_multiple_of(1024) {
                         self.shards.wake_all();
                     }
                 }

@@ -212,9 +212,9 @@ mod tests {
         for size in 1..=leaves.len() {
             let tree = MerkleTree::from_leaves(leaves[..size].iter().map(Vec::as_slice));
             let root = tree.root();
-            for i in 0..size {
+            for (i, data) in leaves.iter().take(size).enumerate() {
                 let proof = tree.inclusion_proof(i).unwrap();
-                let leaf = leaf_hash(&leaves[i]);
+                let leaf = leaf_hash(data);
                 assert!(
                     verify_inclusion(&leaf, i, size, &proof, &root),
                     "size {size} index {i}"

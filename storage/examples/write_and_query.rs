@@ -7,7 +7,7 @@ use wardflow_model::{DeviceId, Metric, PatientId, Quality, Reading, now_ns};
 use wardflow_storage::checkpoint::write_checkpoint;
 use wardflow_storage::compact::{CompactionPolicy, compact};
 use wardflow_storage::query::{ReadingQuery, query_readings};
-use wardflow_storage::{ShardWriter, StoreConfig};
+use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -42,9 +42,11 @@ fn main() {
             ];
             writer.append(
                 epoch0 + s as u64 * 1000,
-                &device,
-                Some(&patient),
-                t,
+                Origin {
+                    device: &device,
+                    patient: Some(&patient),
+                    received_ns: t,
+                },
                 &readings,
                 [],
                 (),

@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use wardflow_model::{DeviceId, Metric, PatientId, Quality, Reading};
-//! use wardflow_storage::{ShardWriter, StoreConfig, query};
+//! use wardflow_storage::{Origin, ShardWriter, StoreConfig, query};
 //!
 //! let dir = tempfile::tempdir().unwrap();
 //! let config = StoreConfig { root: dir.path().into(), process: 0, interval_ms: 1000 };
@@ -22,7 +22,7 @@
 //! let (device, patient) = (DeviceId::new("mon-1").unwrap(), PatientId::new("p-1").unwrap());
 //! let t = 1_764_000_000_000_000_000;
 //! let reading = Reading { time_ns: t, metric: Metric::Hr, value: 72.0, seq: Some(1), quality: Quality::default() };
-//! writer.append(1_764_000_000_000, &device, Some(&patient), t, &[reading], [], 1);
+//! writer.append(1_764_000_000_000, Origin { device: &device, patient: Some(&patient), received_ns: t }, &[reading], [], 1);
 //! writer.flush_before(None).unwrap();
 //!
 //! let q = query::ReadingQuery { patient: Some("p-1".into()), ..Default::default() };
@@ -40,7 +40,7 @@ pub mod query;
 pub mod schema;
 pub mod writer;
 
-pub use writer::{FlushStats, ShardWriter, StoreConfig};
+pub use writer::{FlushStats, Origin, ShardWriter, StoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {

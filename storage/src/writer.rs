@@ -137,6 +137,14 @@ impl<S> Default for Interval<S> {
     }
 }
 
+/// Who sent a publish, for whom, and when it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub device: &'a DeviceId,
+    pub patient: Option<&'a PatientId>,
+    pub received_ns: TimestampNs,
+}
+
 /// What one flush wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushStats {
@@ -176,13 +184,16 @@ impl<S: Serialize> ShardWriter<S> {
     pub fn append(
         &mut self,
         epoch: u64,
-        device: &DeviceId,
-        patient: Option<&PatientId>,
-        received_ns: TimestampNs,
+        origin: Origin<'_>,
         readings: &[Reading],
         dead: impl IntoIterator<Item = DeadLetter>,
         state: S,
     ) {
+        let Origin {
+            device,
+            patient,
+            received_ns,
+        } = origin;
         let interval = self.config.interval_of(epoch);
         let buf = self.pending.entry(interval).or_default();
         let p = patient.map_or(NO_PATIENT, |p| buf.patients.intern(p.as_str()));

@@ -7,7 +7,7 @@ use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Quality, Reading, 
 use wardflow_storage::checkpoint::{consolidate_states, load_states, recover};
 use wardflow_storage::compact::{CompactionPolicy, compact};
 use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, query_dead_letters, query_readings};
-use wardflow_storage::{ShardWriter, StoreConfig};
+use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 const T0: i64 = 1_764_079_200_000_000_000; // an hour boundary
 const E0: u64 = 1_764_079_200_000;
@@ -48,7 +48,17 @@ fn write_seconds(w: &mut ShardWriter<u64>, seconds: std::ops::Range<u64>, patien
                 reading(Metric::Hr, t, 60.0 + s as f64, 2 * s),
                 reading(Metric::Spo2, t, 97.0, 2 * s + 1),
             ];
-            w.append(E0 + s * 1000, &d, Some(&pat), t, &rs, [], 2 * s + 1);
+            w.append(
+                E0 + s * 1000,
+                Origin {
+                    device: &d,
+                    patient: Some(&pat),
+                    received_ns: t,
+                },
+                &rs,
+                [],
+                2 * s + 1,
+            );
         }
     }
 }
@@ -107,7 +117,17 @@ fn readings_partition_by_their_own_hour() {
         reading(Metric::Hr, T0 - 10 * SEC, 70.0, 1),
         reading(Metric::Hr, T0 + SEC, 71.0, 2),
     ];
-    w.append(E0 + 1000, &d, Some(&p), T0 + SEC, &rs, [], 0);
+    w.append(
+        E0 + 1000,
+        Origin {
+            device: &d,
+            patient: Some(&p),
+            received_ns: T0 + SEC,
+        },
+        &rs,
+        [],
+        0,
+    );
     let stats = w.flush_before(None).unwrap();
     assert_eq!(stats.files, 3, "two hour partitions and a state file");
     assert!(dir.path().join("readings/date=2025-11-25/hour=13").is_dir());
@@ -133,9 +153,11 @@ fn dead_letters_are_stored_and_filtered() {
     };
     w.append(
         E0,
-        &d,
-        Some(&p),
-        T0,
+        Origin {
+            device: &d,
+            patient: Some(&p),
+            received_ns: T0,
+        },
         &[],
         [
             dl(RejectReason::ImplausibleValue, T0),
@@ -203,9 +225,11 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
         let t = T0 + s as i64 * SEC;
         w1.append(
             E0 + s * 1000,
-            &d,
-            Some(&p),
-            t,
+            Origin {
+                device: &d,
+                patient: Some(&p),
+                received_ns: t,
+            },
             &[reading(Metric::Rr, t, 14.0, s)],
             [],
             s,
