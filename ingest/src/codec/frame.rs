@@ -353,6 +353,39 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_docs_binary_frame_md_decodes() {
+        let hex = "57 46 01 10 02 00 00 00 29 00 00 00 00 00 00 00 00 40 68 02 6a 41 eb 18 \
+                   00 00 00 00 82 41 02 00 48 00 00 00 00 00 00 00 \
+                   e8 03 00 00 b8 4b 02 00 61 00 00 00 00 00 00 00";
+        let bytes: Vec<u8> = hex
+            .split_whitespace()
+            .map(|t| u8::from_str_radix(t, 16).unwrap())
+            .collect();
+        let mut out = Vec::new();
+        decode(&bytes, &mut out).unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            (&out[0].metric, &out[0].value, out[0].seq),
+            (
+                &DecodedMetric::Known(Metric::Hr),
+                &DecodedValue::Number(72.0),
+                Some(41)
+            )
+        );
+        assert_eq!(
+            (&out[1].metric, &out[1].value, out[1].seq),
+            (
+                &DecodedMetric::Known(Metric::Spo2),
+                &DecodedValue::Number(97.0),
+                Some(42)
+            )
+        );
+        assert_eq!(out[0].time_ns, 1_795_600_800_000_000_000);
+        assert_eq!(out[1].time_ns, 1_795_600_800_001_000_000);
+        assert_eq!(float_from_bits(0xfe00_1c20), Ok(72.0));
+    }
+
+    #[test]
     fn structural_errors() {
         let mut good = Vec::new();
         encode(1, 0, &[Record::new(Metric::Hr, 0, 60.0, 0); 2], &mut good);
