@@ -166,6 +166,7 @@ impl Node {
             wal: wal.handle.clone(),
             budget: budget.clone(),
             metrics: metrics.ingest.clone(),
+            sessions: Default::default(),
         });
         let health = Arc::new(Health {
             metrics: metrics.clone(),

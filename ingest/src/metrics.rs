@@ -15,6 +15,7 @@ type Labels = [(&'static str, &'static str); 1];
 pub struct IngestMetrics {
     pub connections: Gauge,
     pub connects: Family<Labels, Counter>,
+    pub session_takeovers: Counter,
     pub publishes: Family<Labels, Counter>,
     pub publish_bytes: Counter,
     pub publishes_refused: Family<Labels, Counter>,
@@ -41,6 +42,7 @@ impl Default for IngestMetrics {
         Self {
             connections: Gauge::default(),
             connects: Family::default(),
+            session_takeovers: Counter::default(),
             publishes: Family::default(),
             publish_bytes: Counter::default(),
             publishes_refused: Family::default(),
@@ -99,6 +101,11 @@ impl IngestMetrics {
             "mqtt_connects",
             "CONNECT attempts by result",
             self.connects.clone(),
+        );
+        r.register(
+            "mqtt_session_takeovers",
+            "Connections closed because their device connected again",
+            self.session_takeovers.clone(),
         );
         r.register(
             "mqtt_publishes",

@@ -2,7 +2,10 @@
 //! one port, told apart by the CONNECT packet's protocol level).
 //!
 //! - CONNECT: client id = username = a registered device id, password = its
-//!   secret. A mismatched client id is refused with v5 0x85 / v3 return
+//!   secret. A second connection of the same device takes over: the older
+//!   one is closed (MQTT 3.1.1 §3.1.4, MQTT 5 DISCONNECT 0x8E Session taken
+//!   over), as happens when a device reconnects before its old, half-open
+//!   connection has timed out. A mismatched client id is refused with v5 0x85 / v3 return
 //!   code 2; an unknown device or a wrong secret with v5 0x86 / v3 code 4
 //!   ("bad user name or password"; the same answer for both, so the server
 //!   does not reveal which devices exist).
@@ -93,6 +96,36 @@ pub struct IngestContext {
     pub wal: WalHandle,
     pub budget: Arc<MemoryBudget>,
     pub metrics: Arc<IngestMetrics>,
+    pub sessions: Sessions,
+}
+
+/// The live connection of each device, so a newer one can take over.
+#[derive(Default)]
+pub struct Sessions {
+    live: parking_lot::Mutex<std::collections::HashMap<DeviceId, (u64, Arc<tokio::sync::Notify>)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Sessions {
+    /// Records a new connection of `device`; the previous one, if any, is
+    /// told to close.
+    fn open(&self, device: &DeviceId) -> (u64, Arc<tokio::sync::Notify>, bool) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let previous = self.live.lock().insert(device.clone(), (id, close.clone()));
+        let took_over = previous.is_some_and(|(_, old)| {
+            old.notify_one();
+            true
+        });
+        (id, close, took_over)
+    }
+
+    fn closed(&self, device: &DeviceId, id: u64) {
+        let mut live = self.live.lock();
+        if live.get(device).is_some_and(|(current, _)| *current == id) {
+            live.remove(device);
+        }
+    }
 }
 
 /// Errors that end a connection.
@@ -126,12 +159,18 @@ impl TryFrom<ConnectionError> for v5::PublishAck {
 /// A connected device. Dropped with the connection.
 pub struct DeviceSession {
     device: DeviceId,
-    metrics: Arc<IngestMetrics>,
+    ctx: Arc<IngestContext>,
+    id: u64,
+    /// Notified to close this connection (taken over, or closed anyway).
+    close: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for DeviceSession {
     fn drop(&mut self) {
-        self.metrics.connections.dec();
+        self.ctx.metrics.connections.dec();
+        self.ctx.sessions.closed(&self.device, self.id);
+        // Ends the task watching for a takeover.
+        self.close.notify_one();
         tracing::debug!(device = %self.device, "device disconnected");
     }
 }
@@ -170,10 +209,17 @@ async fn admit(
         AuthOutcome::Accepted { .. } => {
             result("accepted");
             ctx.metrics.connections.inc();
+            let (id, close, took_over) = ctx.sessions.open(&device);
+            if took_over {
+                ctx.metrics.session_takeovers.inc();
+                tracing::info!(%device, "device reconnected: closing its previous connection");
+            }
             tracing::debug!(%device, "device connected");
             Admission::Device(DeviceSession {
                 device,
-                metrics: ctx.metrics.clone(),
+                ctx: ctx.clone(),
+                id,
+                close,
             })
         }
         AuthOutcome::UnknownDevice | AuthOutcome::BadSecret => {
@@ -270,7 +316,14 @@ async fn handshake_v3(
     );
     Ok(
         match admit(&ctx, &client_id, username.as_deref(), password).await {
-            Admission::Device(s) => hs.ack(s, false),
+            Admission::Device(s) => {
+                let (sink, close) = (hs.sink(), s.close.clone());
+                ntex::rt::spawn(async move {
+                    close.notified().await;
+                    sink.close();
+                });
+                hs.ack(s, false)
+            }
             Admission::BadClientId => hs.identifier_rejected(),
             Admission::BadCredentials => hs.bad_username_or_pwd(),
         },
@@ -289,13 +342,24 @@ async fn handshake_v5(
     );
     Ok(
         match admit(&ctx, &client_id, username.as_deref(), password).await {
-            Admission::Device(s) => hs.ack(s).with(|ack| {
-                ack.max_qos = QoS::AtLeastOnce;
-                ack.retain_available = false;
-                ack.wildcard_subscription_available = false;
-                ack.shared_subscription_available = false;
-                ack.subscription_identifiers_available = false;
-            }),
+            Admission::Device(s) => {
+                let (sink, close) = (hs.sink(), s.close.clone());
+                ntex::rt::spawn(async move {
+                    close.notified().await;
+                    if sink.is_open() {
+                        sink.close_with_reason(v5::codec::Disconnect::new(
+                            v5::codec::DisconnectReasonCode::SessionTakenOver,
+                        ));
+                    }
+                });
+                hs.ack(s).with(|ack| {
+                    ack.max_qos = QoS::AtLeastOnce;
+                    ack.retain_available = false;
+                    ack.wildcard_subscription_available = false;
+                    ack.shared_subscription_available = false;
+                    ack.subscription_identifiers_available = false;
+                })
+            }
             Admission::BadClientId => hs.failed(ConnectAckReason::ClientIdentifierNotValid),
             Admission::BadCredentials => hs.failed(ConnectAckReason::BadUserNameOrPassword),
         },

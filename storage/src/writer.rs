@@ -286,9 +286,19 @@ impl<S: Serialize> ShardWriter<S> {
             .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
         {
             let hour = layout::hour_of(group[0].time_ns);
-            let batch = readings_batch(group, &buf.patients, &buf.devices)?;
             let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
-            stats.bytes += self.write_parquet(&dir, &name, &batch)?;
+            // Arrow arrays are built a slice at a time, so a large interval
+            // does not hold a second copy of itself while it is encoded.
+            let batches = group
+                .chunks(BATCH_ROWS)
+                .map(|rows| readings_batch(rows, &buf.patients, &buf.devices));
+            stats.bytes += write_parquet_batches(
+                &dir,
+                &name,
+                schema::READINGS.clone(),
+                batches,
+                self.props.clone(),
+            )?;
             stats.readings += group.len() as u64;
             stats.files += 1;
             dirs.push(dir);
@@ -336,9 +346,50 @@ impl<S: Serialize> ShardWriter<S> {
         name: &FileName,
         batch: &RecordBatch,
     ) -> Result<u64, StorageError> {
-        std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
-        let path = dir.join(name.render("parquet"));
-        write_parquet_file(&path, batch, self.props.clone())
+        write_parquet_batches(
+            dir,
+            name,
+            batch.schema(),
+            std::iter::once(Ok(batch.clone())),
+            self.props.clone(),
+        )
+    }
+}
+
+/// Rows per Arrow batch when writing.
+const BATCH_ROWS: usize = 128 * 1024;
+
+/// Writes record batches as one Parquet file named `name` in `dir`,
+/// atomically. Returns its size.
+fn write_parquet_batches(
+    dir: &Path,
+    name: &FileName,
+    schema: arrow::datatypes::SchemaRef,
+    batches: impl Iterator<Item = Result<RecordBatch, StorageError>>,
+    props: WriterProperties,
+) -> Result<u64, StorageError> {
+    std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
+    let path = dir.join(name.render("parquet"));
+    let mut size = 0;
+    let mut failure = None;
+    let written = layout::write_atomically(&path, |f: &mut File| {
+        let mut w = ArrowWriter::try_new(f.try_clone()?, schema, Some(props))
+            .map_err(std::io::Error::other)?;
+        for batch in batches {
+            let batch = batch.map_err(|e| {
+                failure = Some(e);
+                std::io::Error::other("building a record batch failed")
+            })?;
+            w.write(&batch).map_err(std::io::Error::other)?;
+        }
+        w.close().map_err(std::io::Error::other)?;
+        size = f.metadata()?.len();
+        Ok(())
+    });
+    match (written, failure) {
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(StorageError::io(&path)(e)),
+        (Ok(()), None) => Ok(size),
     }
 }
 
@@ -348,17 +399,19 @@ pub(crate) fn write_parquet_file(
     batch: &RecordBatch,
     props: WriterProperties,
 ) -> Result<u64, StorageError> {
-    let mut size = 0;
-    layout::write_atomically(path, |f: &mut File| {
-        let mut w = ArrowWriter::try_new(f.try_clone()?, batch.schema(), Some(props))
-            .map_err(std::io::Error::other)?;
-        w.write(batch).map_err(std::io::Error::other)?;
-        w.close().map_err(std::io::Error::other)?;
-        size = f.metadata()?.len();
-        Ok(())
-    })
-    .map_err(StorageError::io(path))?;
-    Ok(size)
+    let dir = path.parent().expect("a file in a directory");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(FileName::parse)
+        .expect("a data file name");
+    write_parquet_batches(
+        dir,
+        &name,
+        batch.schema(),
+        std::iter::once(Ok(batch.clone())),
+        props,
+    )
 }
 
 /// Device states written with an interval.

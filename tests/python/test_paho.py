@@ -128,6 +128,22 @@ class PahoTests(unittest.TestCase):
         d.client.loop_stop()
         self.assertEqual(self.server.metric('wardflow_mqtt_publishes_refused_total{reason="topic"}'), before + 1)
 
+    def test_a_reconnecting_device_takes_over_its_old_connection(self):
+        secret = self.server.add_device("mon-t", "p-t")
+        reasons = []
+        old = Device(self.server, "mon-t", secret, mqtt.MQTTv5)
+        self.assertTrue(old.connected.wait(10))
+        old.client.on_disconnect = lambda c, u, flags, rc, props: (reasons.append(rc.value), old.disconnected.set())
+        new = self.device("mon-t", mqtt.MQTTv5, secret)
+        self.assertTrue(old.disconnected.wait(10), "the older connection is closed")
+        old.client.loop_stop()
+        self.assertEqual(reasons, [0x8E], "MQTT 5 DISCONNECT: Session taken over")
+        rc = new.publish(topic("mon-t"), f'[{{"bt":{now_s()},"n":"hr","v":66,"seq":1}}]', qos=1)
+        self.assertFalse(rc.is_failure)
+        new.close()
+        self.assertEqual([r["value"] for r in self.server.wait_rows("p-t", 1)], [66.0])
+        self.assertEqual(self.server.metric("wardflow_mqtt_session_takeovers_total"), 1)
+
     def test_subscriptions_are_refused(self):
         secret = self.server.add_device("mon-s", "p-s")
         d = self.device("mon-s", mqtt.MQTTv5, secret)
