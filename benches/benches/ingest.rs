@@ -13,15 +13,7 @@ use wardflow_model::{DeviceId, Metric, PatientId, now_ns};
 
 fn senml(n: usize, t: i64) -> Vec<u8> {
     let mut out = Vec::new();
-    let metrics = [
-        Metric::Hr,
-        Metric::Spo2,
-        Metric::Rr,
-        Metric::Sbp,
-        Metric::Dbp,
-        Metric::Map,
-        Metric::Temp,
-    ];
+
     codec::senml::encode(
         t,
         (0..n).map(|i| {

@@ -34,16 +34,10 @@ struct CheckpointFile {
 /// The process's checkpoint epoch; 0 when there is none yet.
 pub fn read_checkpoint(root: &Path, process: usize) -> Result<u64, StorageError> {
     let path = checkpoint_path(root, process);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice::<CheckpointFile>(&bytes)
-            .map(|c| c.epoch)
-            .map_err(|e| StorageError::Corrupt {
-                path,
-                what: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(StorageError::io(&path)(e)),
+    if !path.exists() {
+        return Ok(0);
     }
+    read_json::<CheckpointFile>(&path).map(|c| c.epoch)
 }
 
 /// Durably records the checkpoint.
@@ -147,6 +141,63 @@ struct BaseFile<S> {
     devices: Vec<(DeviceId, u64, S)>,
 }
 
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, StorageError> {
+    let bytes = std::fs::read(path).map_err(StorageError::io(path))?;
+    serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
+/// The newest state of each device, by the interval it was written with.
+struct Latest<S>(HashMap<DeviceId, (u64, S)>);
+
+impl<S> Latest<S> {
+    fn offer(&mut self, device: DeviceId, interval: u64, state: S) {
+        if self.0.get(&device).is_none_or(|(i, _)| *i < interval) {
+            self.0.insert(device, (interval, state));
+        }
+    }
+
+    fn offer_base(&mut self, base: BaseFile<S>) {
+        for (d, i, s) in base.devices {
+            self.offer(d, i, s);
+        }
+    }
+
+    fn offer_interval(&mut self, file: StateFile<S>) {
+        for (d, s) in file.devices {
+            self.offer(d, file.interval, s);
+        }
+    }
+}
+
+/// The state directory's files: (name as parsed, whether a base file, path).
+fn state_files(root: &Path) -> Result<Vec<(Option<FileName>, bool, PathBuf)>, StorageError> {
+    let dir = root.join(STATE_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StorageError::io(&dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(StorageError::io(&dir))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !name.ends_with(".json") {
+            continue;
+        }
+        out.push((
+            FileName::parse(&name),
+            name.starts_with("base-p"),
+            entry.path(),
+        ));
+    }
+    Ok(out)
+}
+
 /// Device states as of `checkpoint`, from every process's state files: for
 /// each device, the state written with the latest interval before the
 /// checkpoint.
@@ -154,51 +205,17 @@ pub fn load_states<S: DeserializeOwned>(
     root: &Path,
     checkpoint: u64,
 ) -> Result<HashMap<DeviceId, S>, StorageError> {
-    let mut best: HashMap<DeviceId, (u64, S)> = HashMap::new();
-    let mut offer = |device: DeviceId, interval: u64, state: S| match best.get(&device) {
-        Some((i, _)) if *i >= interval => {}
-        _ => {
-            best.insert(device, (interval, state));
-        }
-    };
-    let dir = root.join(STATE_DIR);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
-        Err(e) => return Err(StorageError::io(&dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(StorageError::io(&dir))?;
-        let path = entry.path();
-        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            continue;
-        };
-        if name.starts_with("base-p") && name.ends_with(".json") {
-            let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-            let base: BaseFile<S> =
-                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                    path: path.clone(),
-                    what: e.to_string(),
-                })?;
-            for (d, i, s) in base.devices {
-                offer(d, i, s);
+    let mut latest = Latest(HashMap::new());
+    for (name, base, path) in state_files(root)? {
+        match name {
+            _ if base => latest.offer_base(read_json::<BaseFile<S>>(&path)?),
+            Some(FileName::Interval { start, .. }) if start < checkpoint => {
+                latest.offer_interval(read_json::<StateFile<S>>(&path)?)
             }
-        } else if let Some(FileName::Interval { start, .. }) = FileName::parse(&name)
-            && name.ends_with(".json")
-            && start < checkpoint
-        {
-            let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-            let file: StateFile<S> =
-                serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                    path: path.clone(),
-                    what: e.to_string(),
-                })?;
-            for (d, s) in file.devices {
-                offer(d, file.interval, s);
-            }
+            _ => {}
         }
     }
-    Ok(best.into_iter().map(|(d, (_, s))| (d, s)).collect())
+    Ok(latest.0.into_iter().map(|(d, (_, s))| (d, s)).collect())
 }
 
 /// Folds this process's state files below `checkpoint` into its base file
@@ -208,61 +225,37 @@ pub fn consolidate_states<S: Serialize + DeserializeOwned>(
     process: usize,
     checkpoint: u64,
 ) -> Result<usize, StorageError> {
-    let dir = root.join(STATE_DIR);
     let base_file = base_path(root, process);
-    let mut merged: HashMap<DeviceId, (u64, S)> = HashMap::new();
-    if let Ok(bytes) = std::fs::read(&base_file) {
-        let base: BaseFile<S> =
-            serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                path: base_file.clone(),
-                what: e.to_string(),
-            })?;
-        merged.extend(base.devices.into_iter().map(|(d, i, s)| (d, (i, s))));
+    let mut latest = Latest(HashMap::new());
+    if base_file.exists() {
+        latest.offer_base(read_json::<BaseFile<S>>(&base_file)?);
     }
     let mut folded = Vec::new();
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(StorageError::io(&dir)(e)),
-    };
-    for entry in entries {
-        let entry = entry.map_err(StorageError::io(&dir))?;
-        let Some(FileName::Interval {
+    for (name, _, path) in state_files(root)? {
+        if let Some(FileName::Interval {
             start, process: p, ..
-        }) = entry.file_name().to_str().and_then(FileName::parse)
-        else {
-            continue;
-        };
-        if p != process || start >= checkpoint {
-            continue;
+        }) = name
+            && p == process
+            && start < checkpoint
+        {
+            latest.offer_interval(read_json::<StateFile<S>>(&path)?);
+            folded.push(path);
         }
-        let path = entry.path();
-        let bytes = std::fs::read(&path).map_err(StorageError::io(&path))?;
-        let file: StateFile<S> =
-            serde_json::from_slice(&bytes).map_err(|e| StorageError::Corrupt {
-                path: path.clone(),
-                what: e.to_string(),
-            })?;
-        for (d, s) in file.devices {
-            if merged.get(&d).is_none_or(|(i, _)| *i < file.interval) {
-                merged.insert(d, (file.interval, s));
-            }
-        }
-        folded.push(path);
     }
     if folded.is_empty() {
         return Ok(0);
     }
     let base = BaseFile {
         below: checkpoint,
-        devices: merged.into_iter().map(|(d, (i, s))| (d, i, s)).collect(),
+        devices: latest.0.into_iter().map(|(d, (i, s))| (d, i, s)).collect(),
     };
     let json = serde_json::to_vec(&base).map_err(|e| StorageError::Encode(e.to_string()))?;
     layout::write_atomically(&base_file, |f| std::io::Write::write_all(f, &json))
         .map_err(StorageError::io(&base_file))?;
+    let dir = root.join(STATE_DIR);
     layout::sync_dir(&dir).map_err(StorageError::io(&dir))?;
     // The base file now holds everything they held; a crash before the
-    // deletes below only leaves files load_states reads redundantly.
+    // deletes below only leaves files that load_states reads redundantly.
     for path in &folded {
         remove(path)?;
     }
