@@ -18,7 +18,7 @@ fn senml(n: usize, t: i64) -> Vec<u8> {
         t,
         (0..n).map(|i| {
             (
-                metrics[i % 7],
+                Metric::ALL[i % 7],
                 t + i as i64,
                 60.0 + i as f64,
                 Some(i as u64),
