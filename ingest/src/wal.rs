@@ -277,7 +277,14 @@ impl Wal {
         fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
         let segments = recover(&config.dir)?;
         let (tx, rx) = crossbeam_channel::unbounded();
-        let last_epoch = segments.iter().map(|s| s.max_epoch).max().unwrap_or(0);
+        // New epochs never fall below the checkpoint, even if the clock
+        // stepped back across the restart: recovery replays only from it.
+        let last_epoch = segments
+            .iter()
+            .map(|s| s.max_epoch)
+            .max()
+            .unwrap_or(0)
+            .max(replay_from);
         let next_lsn = segments.last().map_or(0, |s| s.base_lsn + s.len);
         let shared = Arc::new(WalShared {
             failed: AtomicBool::new(false),
@@ -839,6 +846,34 @@ mod tests {
         .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(drain(&sources).is_empty());
+        wal.shutdown();
+    }
+
+    #[test]
+    fn epochs_never_fall_below_the_checkpoint() {
+        // As if the clock stepped back a day across a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(1 << 20);
+        let (shards, sources) = Shards::new(1);
+        let checkpoint = now_ms() + 86_400_000;
+        let wal = Wal::start(
+            WalConfig::new(dir.path().into()),
+            checkpoint,
+            shards,
+            budget.clone(),
+            Arc::new(IngestMetrics::default()),
+        )
+        .unwrap();
+        wal.handle
+            .submit(request(&budget, "mon-1", b"[1]"))
+            .unwrap();
+        let got = wait_for(&sources, 1);
+        assert!(
+            got[0].epoch >= checkpoint,
+            "{} < {checkpoint}",
+            got[0].epoch
+        );
+        drop(got);
         wal.shutdown();
     }
 
