@@ -200,6 +200,56 @@ fn simulate_reports_json_and_query_prints_every_format() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--reason: unknown reason \"gremlins\""));
 }
 
+/// Devices that pipeline a full window of QoS 1 publishes as fast as the
+/// server takes them: every publish is acknowledged and every reading stored.
+/// (Publishes cut at the end of a read used to wait for the rest of their
+/// payload forever, stalling the connection until its keep-alive ran out.)
+#[test]
+fn pipelined_qos1_publishes_are_all_acknowledged_and_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let server = Server::start(&dir, &[]);
+    let target = format!("mqtt://127.0.0.1:{}", server.mqtt_port);
+    let out = wardflow(
+        &dir,
+        &[
+            "simulate",
+            "--target",
+            &target,
+            "--devices",
+            "10",
+            "--rate",
+            "0",
+            "--duration",
+            "4s",
+            "--payload",
+            "binary",
+            "--batch",
+            "50",
+            "--qos",
+            "1",
+            "--window",
+            "32",
+            "--register",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["acked"], r["sent"], "{r}");
+    let sent = r["sent"].as_u64().unwrap();
+    assert!(sent >= 10 * 50 * 100, "{r}");
+    let stored = wait_for(std::time::Duration::from_secs(30), || {
+        metric(&server.metrics(), "wardflow_readings_stored_total").filter(|&n| n as u64 >= sent)
+    });
+    assert_eq!(stored.map(|n| n as u64), Some(sent), "{}", server.metrics());
+}
+
 #[test]
 fn simulate_without_credentials_says_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();

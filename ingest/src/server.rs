@@ -59,7 +59,13 @@ pub struct MqttLimits {
     pub max_inflight_bytes: usize,
     /// Seconds a client has to send CONNECT.
     pub connect_timeout_s: u16,
+    /// Bytes read from a connection before reading pauses for decoding.
+    pub read_buffer_bytes: usize,
 }
+
+/// ntex-io's defaults for the read buffer's low watermark and pool size.
+const READ_BUFFER_LOW: usize = 512 + 24;
+const READ_BUFFER_CACHE: usize = 128;
 
 impl Default for MqttLimits {
     fn default() -> Self {
@@ -68,6 +74,7 @@ impl Default for MqttLimits {
             max_inflight: 64,
             max_inflight_bytes: 4 << 20,
             connect_timeout_s: 10,
+            read_buffer_bytes: 256 << 10,
         }
     }
 }
@@ -75,6 +82,18 @@ impl Default for MqttLimits {
 /// The ntex service configuration for the MQTT listener.
 pub fn mqtt_config(limits: &MqttLimits) -> SharedCfg {
     SharedCfg::new("MQTT")
+        // ntex-io pauses reading at the read buffer's high watermark. At its
+        // 16 KiB default, devices that pipeline QoS 1 publishes stalled: a
+        // publish cut at the end of a read waited for the rest of its payload
+        // until the keep-alive ran out (engine/tests/cli.rs,
+        // pipelined_qos1_publishes_are_all_acknowledged_and_stored). At
+        // 256 KiB no stall was seen, with up to 1 MiB of publishes in flight
+        // per connection.
+        .add(ntex::io::IoConfig::new().set_read_buf(
+            limits.read_buffer_bytes,
+            READ_BUFFER_LOW,
+            READ_BUFFER_CACHE,
+        ))
         .add(
             MqttServiceConfig::new()
                 .set_max_qos(QoS::AtLeastOnce)
