@@ -62,6 +62,8 @@ pub enum Command {
     Deadletters(DeadlettersCommand),
     /// Print the effective configuration as TOML (defaults, file, then flags)
     Config(ServeArgs),
+    /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
+    News2,
 }
 
 /// Flags that override the configuration file, key by key.
@@ -321,6 +323,7 @@ pub fn main() -> anyhow::Result<()> {
             print!("{}", effective_config(&cli, args)?.to_toml());
             Ok(())
         }
+        Command::News2 => crate::clinical_cli::news2(),
     }
 }
 

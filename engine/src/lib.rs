@@ -21,6 +21,7 @@
 //! ```
 
 pub mod cli;
+mod clinical_cli;
 pub mod config;
 pub mod dataflow;
 mod demo;

@@ -41,3 +41,10 @@ fn paho_mqtt_clients() {
 fn kill_9_loses_no_acknowledged_reading() {
     run_python("test_crash.py");
 }
+
+/// NEWS2 against the independent oracle in tests/python/news2_oracle.py,
+/// over generated observation sets covering every band edge.
+#[test]
+fn news2_agrees_with_the_chart_oracle() {
+    run_python("test_news2.py");
+}

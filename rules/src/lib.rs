@@ -26,6 +26,11 @@
 use serde::{Deserialize, Serialize};
 use wardflow_model::Metric;
 
+pub mod alarm;
+pub mod eval;
+pub mod news2;
+pub mod spec;
+
 /// Alarm priority (IEC 60601-1-8 §6.1.2): how urgently staff must respond.
 /// Ordered from least to most urgent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
