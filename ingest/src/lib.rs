@@ -6,7 +6,10 @@
 //! codecs ([`codec`]: SenML JSON per RFC 8428 and the Wardflow binary
 //! frame), validation of decoded readings ([`validate`]), the write-ahead log
 //! whose fsync precedes every QoS 1 PUBACK ([`wal`]), and the memory budget
-//! that turns overload into TCP backpressure ([`budget`]). It does not run
+//! that turns overload into TCP backpressure ([`budget`]); and the
+//! clinician side of the same server: admissions and clinician accounts
+//! ([`census`]), alert feeds and clinicians' commands ([`feeds`]), manual
+//! observations ([`observations`]). It does not evaluate rules, run
 //! the dataflow, store readings or serve HTTP: `engine` wires this crate to
 //! timely and `storage`.
 //!
@@ -33,9 +36,13 @@
 //! ```
 
 pub mod budget;
+pub mod census;
 pub mod codec;
 pub mod envelope;
+pub mod feeds;
+pub mod jsonstore;
 pub mod metrics;
+pub mod observations;
 pub mod registry;
 pub mod server;
 pub mod validate;

@@ -14,6 +14,7 @@ type Labels = [(&'static str, &'static str); 1];
 
 pub struct IngestMetrics {
     pub connections: Gauge,
+    pub clinician_connections: Gauge,
     pub connects: Family<Labels, Counter>,
     pub session_takeovers: Counter,
     pub publishes: Family<Labels, Counter>,
@@ -41,6 +42,7 @@ impl Default for IngestMetrics {
     fn default() -> Self {
         Self {
             connections: Gauge::default(),
+            clinician_connections: Gauge::default(),
             connects: Family::default(),
             session_takeovers: Counter::default(),
             publishes: Family::default(),
@@ -96,6 +98,11 @@ impl IngestMetrics {
             "mqtt_connections",
             "Open device connections",
             self.connections.clone(),
+        );
+        r.register(
+            "mqtt_clinician_connections",
+            "Open clinician connections (alert feeds)",
+            self.clinician_connections.clone(),
         );
         r.register(
             "mqtt_connects",

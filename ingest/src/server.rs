@@ -24,6 +24,7 @@
 //!   publishes bypass that limit, so a handler that merely waits would let
 //!   every publish of a fast device pile up in memory.)
 
+use std::rc::Rc;
 use std::sync::Arc;
 
 use ntex::service::{fn_factory_with_config, fn_service};
@@ -34,7 +35,13 @@ use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, Reason, v3, v5};
 use wardflow_model::{DeviceId, now_ns};
 
 use crate::budget::MemoryBudget;
+use crate::census::{CensusWatcher, Clinician};
+use crate::feeds::{
+    AlertAction, AlertHub, ClinicalCommand, ClinicianTopic, CommandKind, Commands, Subscription,
+    parse_clinician_topic, subscription_unit,
+};
 use crate::metrics::IngestMetrics;
+use crate::observations::{self, ObservationBody};
 use crate::registry::{AuthOutcome, RegistryWatcher};
 use crate::wal::{WalHandle, WalRequest};
 
@@ -116,6 +123,14 @@ pub struct IngestContext {
     pub budget: Arc<MemoryBudget>,
     pub metrics: Arc<IngestMetrics>,
     pub sessions: Sessions,
+    /// Admissions and clinician accounts.
+    pub census: Arc<CensusWatcher>,
+    /// Alert feeds to clinicians.
+    pub hub: Arc<AlertHub>,
+    /// Clinicians' commands, into the dataflow.
+    pub commands: Commands,
+    /// Where manual observations are appended.
+    pub data_dir: std::path::PathBuf,
 }
 
 /// The live connection of each device, so a newer one can take over.
@@ -194,10 +209,77 @@ impl Drop for DeviceSession {
     }
 }
 
+/// A connected clinician. Dropped with the connection.
+pub struct ClinicianSession {
+    id: String,
+    ctx: Arc<IngestContext>,
+    /// The hub subscription that feeds this connection.
+    subscription: u64,
+    /// The highest QoS granted to its subscriptions (0 or 1), shared with
+    /// the task that sends its feed.
+    qos: Rc<std::cell::Cell<QoS>>,
+    close: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for ClinicianSession {
+    fn drop(&mut self) {
+        self.ctx.metrics.clinician_connections.dec();
+        self.close.notify_one();
+        tracing::debug!(clinician = %self.id, "clinician disconnected");
+    }
+}
+
+/// Who is on the other end of a connection.
+pub enum Peer {
+    Device(DeviceSession),
+    Clinician(ClinicianSession),
+}
+
 enum Admission {
     Device(DeviceSession),
+    Clinician(ClinicianSession, Subscription),
     BadClientId,
     BadCredentials,
+}
+
+/// Accepts a clinician's CONNECT (username = clinician id).
+async fn admit_clinician(
+    ctx: &Arc<IngestContext>,
+    id: &str,
+    password: Option<Bytes>,
+) -> Admission {
+    let census = ctx.census.clone();
+    let (user, secret) = (id.to_string(), password.unwrap_or_default());
+    let found: Option<Clinician> =
+        ntex::rt::spawn_blocking(move || census.authenticate(&user, &secret))
+            .await
+            .unwrap_or(None);
+    let result = |r: &'static str| {
+        ctx.metrics.connects.get_or_create(&[("result", r)]).inc();
+    };
+    match found {
+        Some(c) => {
+            result("clinician");
+            ctx.metrics.clinician_connections.inc();
+            let sub = ctx.hub.subscribe(Default::default());
+            tracing::info!(clinician = %c.id, units = ?c.units, "clinician connected");
+            Admission::Clinician(
+                ClinicianSession {
+                    id: c.id,
+                    ctx: ctx.clone(),
+                    subscription: sub.id,
+                    qos: Rc::new(std::cell::Cell::new(QoS::AtMostOnce)),
+                    close: Arc::new(tokio::sync::Notify::new()),
+                },
+                sub,
+            )
+        }
+        None => {
+            result("bad_credentials");
+            tracing::info!(clinician = id, "connection refused: wrong clinician secret");
+            Admission::BadCredentials
+        }
+    }
 }
 
 async fn admit(
@@ -209,6 +291,11 @@ async fn admit(
     let result = |r: &'static str| {
         ctx.metrics.connects.get_or_create(&[("result", r)]).inc();
     };
+    if let Some(user) = username
+        && ctx.census.is_clinician(user)
+    {
+        return admit_clinician(ctx, user, password).await;
+    }
     let Ok(device) = DeviceId::new(client_id) else {
         result("bad_client_id");
         return Admission::BadClientId;
@@ -258,6 +345,9 @@ enum Refusal {
     Topic,
     Removed,
     LogFailed,
+    /// A clinician's command that cannot be carried out (unknown alert,
+    /// malformed body): logged and counted; v5 answers PUBACK 0x99.
+    Invalid,
 }
 
 fn is_own_readings_topic(topic: &str, device: &DeviceId) -> bool {
@@ -286,7 +376,7 @@ async fn accept_publish(
         tracing::info!(device = %session.device, topic, "publish refused: not the device's readings topic");
         return refuse(Refusal::Topic, "topic");
     }
-    let Some(patient) = ctx.registry.patient_of(session.device.as_str()) else {
+    let Some(patient) = ctx.registry.binding(session.device.as_str()) else {
         tracing::info!(device = %session.device, "publish refused: device no longer registered");
         return refuse(Refusal::Removed, "removed_device");
     };
@@ -302,7 +392,7 @@ async fn accept_publish(
     let req = WalRequest {
         received_ns,
         device: session.device.clone(),
-        patient: Some(patient),
+        patient,
         payload,
         permit,
         done,
@@ -323,10 +413,133 @@ async fn accept_publish(
     Ok(())
 }
 
+/// A clinician's publish: an acknowledgement, a silence, or a manual
+/// observation, each only for the units the clinician covers now.
+async fn clinician_publish(
+    ctx: &IngestContext,
+    session: &ClinicianSession,
+    topic: &str,
+    payload: Bytes,
+) -> Result<(), Refusal> {
+    let refuse = |r: Refusal, label: &'static str, why: &str| {
+        ctx.metrics
+            .publishes_refused
+            .get_or_create(&[("reason", label)])
+            .inc();
+        tracing::info!(clinician = %session.id, topic, "clinician publish refused: {why}");
+        Err(r)
+    };
+    let units = ctx.census.units_of(&session.id);
+    let covers = |u: &str| units.iter().any(|x| x == u);
+    let now = now_ns();
+    match parse_clinician_topic(topic) {
+        None => refuse(Refusal::Topic, "topic", "not an alert action or observation topic"),
+        Some(ClinicianTopic::Alert { unit, .. }) if !covers(unit) => {
+            refuse(Refusal::Topic, "topic", "unit not covered")
+        }
+        Some(ClinicianTopic::Alert {
+            unit,
+            alert,
+            action,
+        }) => {
+            let Some(item) = ctx.hub.get(alert).filter(|a| a.unit == unit) else {
+                return refuse(Refusal::Invalid, "unknown_alert", "no such alert in this unit");
+            };
+            let action = match action {
+                "ack" => AlertAction::Acknowledge,
+                _ => match silence_seconds(&payload) {
+                    Ok(s) => AlertAction::Silence {
+                        for_ns: s * 1_000_000_000,
+                    },
+                    Err(e) => return refuse(Refusal::Invalid, "bad_command", &e),
+                },
+            };
+            let sent = ctx.commands.send(ClinicalCommand {
+                kind: CommandKind::Alert {
+                    alert: item.id.clone(),
+                    subject: item.subject.clone(),
+                    action,
+                },
+                by: session.id.clone(),
+                at_ns: now,
+                reply: None,
+            });
+            if sent {
+                Ok(())
+            } else {
+                refuse(Refusal::LogFailed, "stopping", "the engine is stopping")
+            }
+        }
+        Some(ClinicianTopic::Observation { patient }) => {
+            let census = ctx.census.patients.snapshot();
+            let Some(adm) = census.get(patient) else {
+                return refuse(Refusal::Invalid, "bad_command", "patient not admitted");
+            };
+            if !covers(&adm.unit) {
+                return refuse(Refusal::Topic, "topic", "patient's unit not covered");
+            }
+            let record = serde_json::from_slice::<ObservationBody>(&payload)
+                .map_err(|e| e.to_string())
+                .and_then(|b| b.into_record(adm.patient.clone(), &session.id, now));
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => return refuse(Refusal::Invalid, "bad_command", &e),
+            };
+            let dir = ctx.data_dir.clone();
+            let written = ntex::rt::spawn_blocking(move || observations::append(&dir, &record)).await;
+            match written {
+                Ok(Ok(())) => Ok(()),
+                _ => refuse(Refusal::LogFailed, "log_failed", "observation not written"),
+            }
+        }
+    }
+}
+
+/// A silence request's length in seconds: empty payload = 60, a number, or
+/// `{"seconds": N}`.
+fn silence_seconds(payload: &[u8]) -> Result<i64, String> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        seconds: i64,
+    }
+    let text = std::str::from_utf8(payload).map_err(|_| "payload is not UTF-8".to_string())?;
+    let t = text.trim();
+    if t.is_empty() {
+        return Ok(60);
+    }
+    if let Ok(n) = t.parse::<i64>() {
+        return Ok(n);
+    }
+    serde_json::from_str::<Body>(t)
+        .map(|b| b.seconds)
+        .map_err(|e| format!("silence payload: {e}"))
+}
+
+/// Sends a clinician's feed to its connection until either ends.
+async fn run_feed<F, Fut>(mut sub: Subscription, close: Arc<tokio::sync::Notify>, mut send: F)
+where
+    F: FnMut(Arc<crate::feeds::FeedItem>) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        tokio::select! {
+            _ = close.notified() => break,
+            item = sub.rx.recv() => match item {
+                Some(item) => {
+                    if !send(item).await {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 async fn handshake_v3(
     ctx: Arc<IngestContext>,
     hs: v3::Handshake,
-) -> Result<v3::HandshakeAck<DeviceSession>, ConnectionError> {
+) -> Result<v3::HandshakeAck<Peer>, ConnectionError> {
     let pkt = hs.packet();
     let (client_id, username, password) = (
         pkt.client_id.to_string(),
@@ -341,7 +554,31 @@ async fn handshake_v3(
                     close.notified().await;
                     sink.close();
                 });
-                hs.ack(s, false)
+                hs.ack(Peer::Device(s), false)
+            }
+            Admission::Clinician(c, sub) => {
+                let (sink, close) = (hs.sink(), c.close.clone());
+                let qos = c.qos.clone();
+                ntex::rt::spawn({
+                    let sink = sink.clone();
+                    run_feed(sub, close, move |item| {
+                        let sink = sink.clone();
+                        let qos = qos.clone();
+                        async move {
+                            let p = sink.publish(item.topic.clone());
+                            let ok = if qos.get() == QoS::AtMostOnce {
+                                p.send_at_most_once(item.json.clone()).is_ok()
+                            } else {
+                                p.send_at_least_once(item.json.clone()).await.is_ok()
+                            };
+                            if !ok {
+                                sink.close();
+                            }
+                            ok
+                        }
+                    })
+                });
+                hs.ack(Peer::Clinician(c), false)
             }
             Admission::BadClientId => hs.identifier_rejected(),
             Admission::BadCredentials => hs.bad_username_or_pwd(),
@@ -352,7 +589,7 @@ async fn handshake_v3(
 async fn handshake_v5(
     ctx: Arc<IngestContext>,
     hs: v5::Handshake,
-) -> Result<v5::HandshakeAck<DeviceSession>, ConnectionError> {
+) -> Result<v5::HandshakeAck<Peer>, ConnectionError> {
     let pkt = hs.packet();
     let (client_id, username, password) = (
         pkt.client_id.to_string(),
@@ -371,10 +608,39 @@ async fn handshake_v5(
                         ));
                     }
                 });
-                hs.ack(s).with(|ack| {
+                hs.ack(Peer::Device(s)).with(|ack| {
                     ack.max_qos = QoS::AtLeastOnce;
                     ack.retain_available = false;
                     ack.wildcard_subscription_available = false;
+                    ack.shared_subscription_available = false;
+                    ack.subscription_identifiers_available = false;
+                })
+            }
+            Admission::Clinician(c, sub) => {
+                let (sink, close) = (hs.sink(), c.close.clone());
+                ntex::rt::spawn({
+                    let sink = sink.clone();
+                    let qos = c.qos.clone();
+                    run_feed(sub, close, move |item| {
+                        let sink = sink.clone();
+                        let qos = qos.clone();
+                        async move {
+                            let p = sink.publish(item.topic.clone());
+                            let ok = if qos.get() == QoS::AtMostOnce {
+                                p.send_at_most_once(item.json.clone()).is_ok()
+                            } else {
+                                p.send_at_least_once(item.json.clone()).await.is_ok()
+                            };
+                            if !ok {
+                                sink.close();
+                            }
+                            ok
+                        }
+                    })
+                });
+                hs.ack(Peer::Clinician(c)).with(|ack| {
+                    ack.max_qos = QoS::AtLeastOnce;
+                    ack.retain_available = false;
                     ack.shared_subscription_available = false;
                     ack.subscription_identifiers_available = false;
                 })
@@ -385,17 +651,56 @@ async fn handshake_v5(
     )
 }
 
-/// Logs why a device's connection ended.
-fn log_control(device: &DeviceId, msg: &Control<ConnectionError>) {
+/// Logs why a connection ended.
+fn log_control(peer: &str, msg: &Control<ConnectionError>) {
     match msg {
-        Control::Stop(Reason::Error(e)) => tracing::info!(%device, "connection closed: {e:?}"),
+        Control::Stop(Reason::Error(e)) => tracing::info!(peer, "connection closed: {e:?}"),
         Control::Stop(Reason::Protocol(e)) => {
-            tracing::info!(%device, "connection closed on a protocol error: {e:?}")
+            tracing::info!(peer, "connection closed on a protocol error: {e:?}")
         }
         Control::Stop(Reason::PeerGone(_)) => {
-            tracing::debug!(%device, "connection closed by the device")
+            tracing::debug!(peer, "connection closed by the peer")
         }
         Control::WrBackpressure(_) => {}
+    }
+}
+
+impl Peer {
+    /// A label for logs.
+    fn name(&self) -> &str {
+        match self {
+            Peer::Device(d) => d.device.as_str(),
+            Peer::Clinician(c) => c.id.as_str(),
+        }
+    }
+
+    /// Decides one subscription filter: the QoS granted, or None (refused).
+    /// Devices subscribe to nothing; clinicians to their units' alerts.
+    fn grant(&self, filter: &str, asked: QoS) -> Option<QoS> {
+        let Peer::Clinician(c) = self else {
+            return None;
+        };
+        let unit = subscription_unit(filter)?;
+        if !c.ctx.census.units_of(&c.id).iter().any(|u| u == unit) {
+            tracing::info!(clinician = %c.id, filter, "subscription refused: unit not covered");
+            return None;
+        }
+        let qos = if asked == QoS::AtMostOnce {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        };
+        if qos == QoS::AtLeastOnce {
+            c.qos.set(QoS::AtLeastOnce);
+        }
+        c.ctx.hub.follow(c.subscription, unit);
+        Some(qos)
+    }
+
+    fn unfollow(&self, filter: &str) {
+        if let (Peer::Clinician(c), Some(unit)) = (self, subscription_unit(filter)) {
+            c.ctx.hub.unfollow(c.subscription, unit);
+        }
     }
 }
 
@@ -407,59 +712,65 @@ pub fn mqtt_service(
     let (p3, p5) = (ctx.clone(), ctx);
     MqttServer::new()
         .v3(v3::MqttServer::new(move |hs| handshake_v3(c3.clone(), hs))
-            .protocol(|msg: v3::ProtocolMessage| {
-                Ready::<_, ConnectionError>::Ok(match msg {
-                    v3::ProtocolMessage::Subscribe(mut s) => {
-                        for mut sub in &mut s {
-                            sub.fail();
+            .protocol(fn_factory_with_config(|session: v3::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(fn_service(move |msg: v3::ProtocolMessage| {
+                    Ready::<_, ConnectionError>::Ok(match msg {
+                        v3::ProtocolMessage::Subscribe(mut s) => {
+                            for mut sub in &mut s {
+                                match session.grant(sub.topic(), sub.qos()) {
+                                    Some(q) => sub.confirm(q),
+                                    None => sub.fail(),
+                                }
+                            }
+                            s.ack()
                         }
-                        s.ack()
-                    }
-                    other => other.ack(),
-                })
-            })
-            .control(fn_factory_with_config(
-                |session: v3::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(fn_service(
-                        move |msg: Control<ConnectionError>| {
-                            log_control(&session.device, &msg);
-                            Ready::Ok::<Option<v3::codec::Encoded>, ConnectionError>(None)
-                        },
-                    ))
-                },
-            ))
-            .publish(fn_factory_with_config(
-                move |session: v3::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(PublishService::new(p3.clone(), session))
-                },
-            )))
+                        v3::ProtocolMessage::Unsubscribe(u) => {
+                            u.iter().for_each(|t| session.unfollow(t));
+                            u.ack()
+                        }
+                        other => other.ack(),
+                    })
+                }))
+            }))
+            .control(fn_factory_with_config(|session: v3::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
+                    log_control(session.name(), &msg);
+                    Ready::Ok::<Option<v3::codec::Encoded>, ConnectionError>(None)
+                }))
+            }))
+            .publish(fn_factory_with_config(move |session: v3::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(PublishService::new(p3.clone(), session))
+            })))
         .v5(v5::MqttServer::new(move |hs| handshake_v5(c5.clone(), hs))
-            .protocol(|msg: v5::ProtocolMessage| {
-                Ready::<_, ConnectionError>::Ok(match msg {
-                    v5::ProtocolMessage::Subscribe(mut s) => {
-                        for mut sub in &mut s {
-                            sub.fail(SubscribeAckReason::NotAuthorized);
+            .protocol(fn_factory_with_config(|session: v5::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(fn_service(move |msg: v5::ProtocolMessage| {
+                    Ready::<_, ConnectionError>::Ok(match msg {
+                        v5::ProtocolMessage::Subscribe(mut s) => {
+                            for mut sub in &mut s {
+                                match session.grant(sub.topic(), sub.options().qos) {
+                                    Some(q) => sub.confirm(q),
+                                    None => sub.fail(SubscribeAckReason::NotAuthorized),
+                                }
+                            }
+                            s.ack()
                         }
-                        s.ack()
-                    }
-                    other => other.ack(),
-                })
-            })
-            .control(fn_factory_with_config(
-                |session: v5::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(fn_service(
-                        move |msg: Control<ConnectionError>| {
-                            log_control(&session.device, &msg);
-                            Ready::Ok::<Option<v5::codec::Encoded>, ConnectionError>(None)
-                        },
-                    ))
-                },
-            ))
-            .publish(fn_factory_with_config(
-                move |session: v5::Session<DeviceSession>| {
-                    Ready::Ok::<_, ConnectionError>(PublishService::new(p5.clone(), session))
-                },
-            )))
+                        v5::ProtocolMessage::Unsubscribe(u) => {
+                            u.iter().for_each(|t| session.unfollow(t));
+                            u.ack()
+                        }
+                        other => other.ack(),
+                    })
+                }))
+            }))
+            .control(fn_factory_with_config(|session: v5::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(fn_service(move |msg: Control<ConnectionError>| {
+                    log_control(session.name(), &msg);
+                    Ready::Ok::<Option<v5::codec::Encoded>, ConnectionError>(None)
+                }))
+            }))
+            .publish(fn_factory_with_config(move |session: v5::Session<Peer>| {
+                Ready::Ok::<_, ConnectionError>(PublishService::new(p5.clone(), session))
+            })))
 }
 
 /// One connection's publish handler.
@@ -507,7 +818,17 @@ impl<S> PublishService<S> {
     }
 }
 
-impl Service<v3::Publish> for PublishService<v3::Session<DeviceSession>> {
+impl<S: std::ops::Deref<Target = Peer>> PublishService<S> {
+    /// The common publish path of devices and clinicians.
+    async fn accept(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), Refusal> {
+        match &*self.session {
+            Peer::Device(d) => accept_publish(&self.ctx, d, topic, qos, payload).await,
+            Peer::Clinician(c) => clinician_publish(&self.ctx, c, topic, payload).await,
+        }
+    }
+}
+
+impl Service<v3::Publish> for PublishService<v3::Session<Peer>> {
     type Response = ();
     type Error = ConnectionError;
 
@@ -522,16 +843,9 @@ impl Service<v3::Publish> for PublishService<v3::Session<DeviceSession>> {
         _: ServiceCtx<'_, Self>,
     ) -> Result<(), ConnectionError> {
         let payload = self.payload(p.take_payload()).await?;
-        match accept_publish(
-            &self.ctx,
-            &self.session,
-            p.publish_topic(),
-            p.qos(),
-            payload,
-        )
-        .await
-        {
-            Ok(()) => Ok(()),
+        match self.accept(p.publish_topic(), p.qos(), payload).await {
+            // MQTT 3.1.1 cannot refuse one publish: a bad command is logged.
+            Ok(()) | Err(Refusal::Invalid) => Ok(()),
             Err(Refusal::Topic) => Err(ConnectionError::TopicDenied),
             Err(Refusal::Removed) => Err(ConnectionError::DeviceRemoved),
             Err(Refusal::LogFailed) => Err(ConnectionError::LogFailed),
@@ -539,7 +853,7 @@ impl Service<v3::Publish> for PublishService<v3::Session<DeviceSession>> {
     }
 }
 
-impl Service<v5::Publish> for PublishService<v5::Session<DeviceSession>> {
+impl Service<v5::Publish> for PublishService<v5::Session<Peer>> {
     type Response = v5::PublishAck;
     type Error = ConnectionError;
 
@@ -555,14 +869,16 @@ impl Service<v5::Publish> for PublishService<v5::Session<DeviceSession>> {
     ) -> Result<v5::PublishAck, ConnectionError> {
         let payload = self.payload(p.take_payload()).await?;
         let qos = p.qos();
-        let result =
-            accept_publish(&self.ctx, &self.session, p.publish_topic(), qos, payload).await;
+        let result = self.accept(p.publish_topic(), qos, payload).await;
         match (result, qos) {
             (Ok(()), _) => Ok(p.ack()),
             (Err(Refusal::Removed), _) => Err(ConnectionError::DeviceRemoved),
             // QoS 0 has no PUBACK to carry a reason: disconnect.
             (Err(Refusal::Topic), QoS::AtMostOnce) => Err(ConnectionError::TopicDenied),
             (Err(Refusal::LogFailed), QoS::AtMostOnce) => Err(ConnectionError::LogFailed),
+            (Err(Refusal::Invalid), _) => Ok(p
+                .ack()
+                .reason_code(PublishAckReason::PayloadFormatInvalid)),
             (Err(Refusal::Topic), _) => Ok(p.ack().reason_code(PublishAckReason::NotAuthorized)),
             (Err(Refusal::LogFailed), _) => {
                 Ok(p.ack().reason_code(PublishAckReason::UnspecifiedError))

@@ -115,7 +115,7 @@ impl Wake {
         let _ = self.0.set(std::thread::current());
     }
 
-    fn wake(&self) {
+    pub fn wake(&self) {
         if let Some(t) = self.0.get() {
             t.unpark();
         }

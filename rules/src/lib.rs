@@ -1,12 +1,15 @@
-//! Wardflow's clinical alert rules, starting with their two foundations:
-//! alarm priorities as IEC 60601-1-8 defines them, and threshold conditions
-//! with hysteresis, evaluated reading by reading per patient.
+//! Wardflow's clinical alert rules: the rule language ([`spec`], TOML),
+//! their evaluation per patient ([`eval`]: thresholds with hysteresis,
+//! sustained conditions, rate of change, missing data, all/any, NEWS2 from
+//! [`news2`]), alarm management ([`alarm`]: one alert per patient and rule;
+//! active, acknowledged, silenced, escalated, resolved; latching), the two
+//! together per patient ([`patient`]), and alarm priorities as IEC 60601-1-8
+//! defines them. It ships a default rule set for adult intensive care.
 //!
-//! This crate owns how a rule decides, not where readings come from or
-//! where alerts go: the engine feeds it validated readings and routes what
-//! it raises. The rule language (TOML files), sustained and rate-of-change
-//! conditions, missing-data alarms, NEWS2 and alarm management (acknowledge,
-//! silence, escalate) build on these types and are not here yet.
+//! This crate owns how rules decide, not where readings come from or where
+//! alerts go: the engine feeds it validated readings, clinicians' actions
+//! and the clock, and routes, logs and publishes the alerts it returns. It
+//! does no I/O but reading rule files.
 //!
 //! Hysteresis keeps an alarm from chattering when a value hovers at its
 //! limit: it enters above (or below) one level and leaves only past another.
@@ -29,7 +32,17 @@ use wardflow_model::Metric;
 pub mod alarm;
 pub mod eval;
 pub mod news2;
+pub mod patient;
 pub mod spec;
+
+/// The default rule set for adult intensive care (rules/default/adult-icu.toml).
+pub const DEFAULT_RULES: &str = include_str!("../default/adult-icu.toml");
+
+/// The default rule set, parsed.
+pub fn default_rules() -> spec::RuleSet {
+    spec::RuleSet::parse(std::path::Path::new("default/adult-icu.toml"), DEFAULT_RULES)
+        .expect("the default rules are valid (tested)")
+}
 
 /// Alarm priority (IEC 60601-1-8 §6.1.2): how urgently staff must respond.
 /// Ordered from least to most urgent.
@@ -166,6 +179,14 @@ impl ThresholdRule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_rules_parse() {
+        let set = default_rules();
+        assert_eq!(set.rules.len(), 20);
+        assert!(set.rules.iter().any(|r| matches!(r.kind, spec::RuleKind::News2(_))));
+        assert!(set.rules.iter().filter(|r| r.technical).count() >= 2);
+    }
 
     fn hr_high() -> ThresholdRule {
         ThresholdRule::new(
