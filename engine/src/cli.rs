@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use wardflow_ingest::registry::Registry;
 use wardflow_model::{DeviceId, Metric, PatientId};
+use wardflow_simulator::scenario::Scenario;
 use wardflow_simulator::{Credential, PayloadKind, SimConfig};
 use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, query_dead_letters, query_readings};
 
@@ -62,6 +63,20 @@ pub enum Command {
     Deadletters(DeadlettersCommand),
     /// Print the effective configuration as TOML (defaults, file, then flags)
     Config(ServeArgs),
+    /// Admit, transfer, discharge and list patients
+    #[command(subcommand)]
+    Patients(crate::clinical_cli::PatientsCommand),
+    /// Clinician accounts for the alert feeds
+    #[command(subcommand)]
+    Clinicians(crate::clinical_cli::CliniciansCommand),
+    /// Record a manual observation (consciousness, oxygen, SpO2 scale) for NEWS2
+    Observe(crate::clinical_cli::ObserveArgs),
+    /// The alert log
+    #[command(subcommand)]
+    Alerts(crate::clinical_cli::AlertsCommand),
+    /// Check alert rule files
+    #[command(subcommand)]
+    Rules(crate::clinical_cli::RulesCommand),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -120,6 +135,9 @@ pub struct ServeArgs {
     /// Write-ahead-log segment size, MiB [wal.segment_mb, default 64]
     #[arg(long, value_name = "MIB")]
     pub wal_segment_mb: Option<u64>,
+    /// Directory of alert rule files, reloaded on change [rules.dir; default: the built-in adult ICU rules]
+    #[arg(long, value_name = "DIR")]
+    pub rules: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -150,6 +168,9 @@ impl ServeArgs {
         set!(self.max_age_ms, c.validation.max_age_ms);
         set!(self.memory_mb, c.limits.memory_mb);
         set!(self.wal_segment_mb, c.wal.segment_mb);
+        if self.rules.is_some() {
+            c.rules.dir = self.rules.clone();
+        }
     }
 }
 
@@ -173,11 +194,11 @@ pub struct DemoArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum DevicesCommand {
-    /// Register a device and bind it to a patient; prints a generated secret unless --secret is given
+    /// Register a device (bound to a patient, or unbound); prints a generated secret unless --secret is given
     Add {
         device: String,
         #[arg(long)]
-        patient: String,
+        patient: Option<String>,
         /// The device's secret (at least 16 characters); generated when omitted
         #[arg(long)]
         secret: Option<String>,
@@ -189,6 +210,10 @@ pub enum DevicesCommand {
     },
     /// Remove a device; a connected device is disconnected at its next publish
     Remove { device: String },
+    /// Bind a device to a patient: its next readings are the patient's
+    Bind { device: String, patient: String },
+    /// Unbind a device from a patient: its readings are stored but raise no patient alert
+    Unbind { device: String, patient: String },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -208,9 +233,13 @@ pub struct SimulateArgs {
     /// Readings per second per device; 0 = as fast as the server accepts
     #[arg(long, default_value_t = 7.0)]
     pub rate: f64,
-    /// How long to publish, e.g. 30s, 5m
-    #[arg(long, default_value = "10s")]
-    pub duration: String,
+    /// How long to publish, e.g. 30s, 5m [default: 10s; with --scenario, the scenario's duration]
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// Play a scripted scenario (TOML; see simulator/scenarios/) in real time: its patients,
+    /// devices and events replace --devices, --rate, --prefix and --seed
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["devices", "rate", "prefix", "seed"])]
+    pub scenario: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = PayloadArg::Senml)]
     pub payload: PayloadArg,
     /// Readings per publish
@@ -324,6 +353,11 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::News2 => crate::clinical_cli::news2(),
+        Command::Patients(cmd) => crate::clinical_cli::patients(&data_dir(&cli)?, cmd),
+        Command::Clinicians(cmd) => crate::clinical_cli::clinicians(&data_dir(&cli)?, cmd),
+        Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),
+        Command::Alerts(cmd) => crate::clinical_cli::alerts(&data_dir(&cli)?, cmd),
+        Command::Rules(cmd) => crate::clinical_cli::rules(cmd),
     }
 }
 
@@ -360,9 +394,22 @@ fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
             secret,
         } => {
             let d = DeviceId::new(device).context("device")?;
-            let p = PatientId::new(patient).context("--patient")?;
+            let p = patient
+                .as_deref()
+                .map(PatientId::new)
+                .transpose()
+                .context("--patient")?;
+            if wardflow_ingest::census::Clinicians::load(data_dir)?
+                .clinicians
+                .contains_key(d.as_str())
+            {
+                bail!("{d} is a clinician id; device and clinician ids must differ");
+            }
             let s = Registry::add(data_dir, d.clone(), p.clone(), secret.as_deref())?;
-            println!("device {d} registered for patient {p}");
+            match &p {
+                Some(p) => println!("device {d} registered for patient {p}"),
+                None => println!("device {d} registered, unbound"),
+            }
             if secret.is_none() {
                 println!("secret: {s}");
                 eprintln!("(shown once: only a salted hash is stored)");
@@ -380,7 +427,7 @@ fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
                 .devices()
                 .map(|d| Row {
                     device: d.id.as_str(),
-                    patient: d.patient.as_str(),
+                    patient: d.patient.as_ref().map_or("", |p| p.as_str()),
                     added: format_time(d.added_ns),
                 })
                 .collect();
@@ -395,16 +442,33 @@ fn devices(data_dir: &Path, cmd: &DevicesCommand) -> anyhow::Result<()> {
         }
         DevicesCommand::Remove { device } => {
             let removed = Registry::remove(data_dir, device)?;
-            println!(
-                "device {} removed (was bound to patient {})",
-                removed.id, removed.patient
-            );
+            match removed.patient {
+                Some(p) => println!("device {} removed (was bound to patient {p})", removed.id),
+                None => println!("device {} removed", removed.id),
+            }
+        }
+        DevicesCommand::Bind { device, patient } => {
+            let p = PatientId::new(patient).context("patient")?;
+            match Registry::bind(data_dir, device, p.clone())? {
+                Some(old) if old != p => {
+                    println!("device {device} bound to patient {p} (was {old})")
+                }
+                _ => println!("device {device} bound to patient {p}"),
+            }
+        }
+        DevicesCommand::Unbind { device, patient } => {
+            Registry::unbind(data_dir, device, patient)?;
+            println!("device {device} unbound from patient {patient}");
         }
     }
     Ok(())
 }
 
-fn print_rows<T: Serialize>(format: Format, rows: &Rows, records: &[T]) -> anyhow::Result<()> {
+pub(crate) fn print_rows<T: Serialize>(
+    format: Format,
+    rows: &Rows,
+    records: &[T],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Table => rows.write_table(&mut out)?,
@@ -549,11 +613,17 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
     if target.contains("://") {
         bail!("--target: only mqtt:// is supported, got {}", args.target);
     }
+    let scenario = args.scenario.as_deref().map(Scenario::load).transpose()?;
+    let duration = match (&args.duration, &scenario) {
+        (Some(d), _) => parse_duration("--duration", d)?,
+        (None, Some(s)) => s.duration,
+        (None, None) => Duration::from_secs(10),
+    };
     let config = SimConfig {
         target,
-        devices: args.devices,
+        devices: scenario.as_ref().map_or(args.devices, |s| s.patients.len()),
         rate: args.rate,
-        duration: Some(parse_duration("--duration", &args.duration)?),
+        duration: Some(duration),
         payload: match args.payload {
             PayloadArg::Senml => PayloadKind::Senml,
             PayloadArg::Binary => PayloadKind::Binary,
@@ -568,7 +638,10 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
     };
     let creds = if args.register {
         let dir = data_dir(cli)?;
-        let creds = wardflow_simulator::register(&dir, &config)?;
+        let creds = match &scenario {
+            Some(s) => wardflow_simulator::register_scenario(&dir, s)?,
+            None => wardflow_simulator::register(&dir, &config)?,
+        };
         if let Some(path) = &args.credentials {
             let file: Vec<CredentialFile> = creds
                 .iter()
@@ -587,14 +660,29 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
         let file: Vec<CredentialFile> = serde_json::from_slice(&text)
             .with_context(|| format!("{}: not a credentials file", path.display()))?;
         let mut creds = Vec::new();
-        for c in file.into_iter().take(config.devices) {
+        let take = if scenario.is_some() {
+            usize::MAX
+        } else {
+            config.devices
+        };
+        for c in file.into_iter().take(take) {
             creds.push(Credential {
                 device: DeviceId::new(&c.device)?,
                 patient: PatientId::new(&c.patient)?,
                 secret: c.secret,
             });
         }
-        if creds.len() < config.devices {
+        if let Some(s) = &scenario {
+            let missing = wardflow_simulator::missing_credentials(s, &creds);
+            if !missing.is_empty() {
+                let ids: Vec<&str> = missing.iter().map(|d| d.as_str()).collect();
+                bail!(
+                    "{}: no secret for the scenario's devices {}; pass --register",
+                    path.display(),
+                    ids.join(", ")
+                );
+            }
+        } else if creds.len() < config.devices {
             bail!(
                 "{}: holds {} devices, --devices asks for {}",
                 path.display(),
@@ -610,7 +698,10 @@ fn simulate(cli: &Cli, args: &SimulateArgs) -> anyhow::Result<()> {
     };
     let stop = stop_flag()?;
     let started = Instant::now();
-    let report = wardflow_simulator::run(&config, creds, stop, |p| eprintln!("{p}"));
+    let report = match &scenario {
+        Some(s) => wardflow_simulator::run_scenario(&config, s, creds, stop, |p| eprintln!("{p}")),
+        None => wardflow_simulator::run(&config, creds, stop, |p| eprintln!("{p}")),
+    };
     if args.json {
         println!("{}", report.to_json());
     } else {

@@ -22,6 +22,26 @@ pub struct Config {
     pub validation: ValidationSection,
     pub limits: LimitsSection,
     pub wal: WalSection,
+    pub rules: RulesSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSection {
+    /// Directory of alert rule files (*.toml), reloaded when they change.
+    /// Without it, the built-in adult ICU rule set runs.
+    pub dir: Option<PathBuf>,
+    /// How often the rule files are checked for changes, ms.
+    pub reload_ms: u64,
+}
+
+impl Default for RulesSection {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            reload_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,6 +130,7 @@ impl Default for Config {
             validation: ValidationSection::default(),
             limits: LimitsSection::default(),
             wal: WalSection::default(),
+            rules: RulesSection::default(),
         }
     }
 }

@@ -42,6 +42,8 @@ use timely::dataflow::{InputHandle, ProbeHandle};
 use timely::worker::Worker;
 use wardflow_ingest::budget::Permit;
 use wardflow_ingest::codec::{self, DecodedReading};
+use wardflow_ingest::feeds::{ClinicalCommand, CommandKind};
+use wardflow_ingest::observations::ObservationTail;
 use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validator};
 use wardflow_ingest::wal::{InputEvent, ShardSource};
 use wardflow_ingest::{Envelope, metrics::IngestMetrics};
@@ -49,6 +51,7 @@ use wardflow_model::{DeadLetter, DeviceId, PatientId, Reading, TimestampNs};
 use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_checkpoint};
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
+use crate::alerting::{AlertContext, AlertWorker};
 use crate::metrics::{EngineMetrics, Progress};
 
 /// One publish after validation: what Store writes and later stages
@@ -82,6 +85,10 @@ pub struct DataflowContext {
     pub ingest_metrics: Arc<IngestMetrics>,
     pub metrics: Arc<EngineMetrics>,
     pub progress: Arc<Progress>,
+    /// Rules, admissions and where alerts go.
+    pub alerts: Arc<AlertContext>,
+    /// Clinicians' commands; worker 0 of the process takes them.
+    pub commands: Mutex<Option<crossbeam_channel::Receiver<ClinicalCommand>>>,
 }
 
 /// Runs one worker: recovery, the dataflow, and the input loop until the
@@ -137,6 +144,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
 
     // 3. The dataflow.
     let mut input: InputHandle<u64, _> = InputHandle::new();
+    let mut commands: InputHandle<u64, CapacityContainerBuilder<Vec<ClinicalCommand>>> =
+        InputHandle::new();
     let stored = ProbeHandle::new();
     let persisted = ProbeHandle::new();
     let store_config = StoreConfig {
@@ -166,6 +175,32 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                     }
                 }
             });
+        let command_stream = commands
+            .to_stream(scope)
+            .exchange(|c: &ClinicalCommand| c.route());
+        validated.clone().binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(command_stream, Pipeline, Pipeline, "Alert", {
+            let alerts = ctx.alerts.clone();
+            let peers = scope.peers();
+            move |_cap, _info| {
+                let mut worker = AlertWorker::new(alerts, index, peers);
+                move |(readings, frontier), (cmds, _), _output| {
+                    readings.for_each(|_, data: &mut Vec<Validated>| {
+                        for v in data.iter() {
+                            worker.on_validated(v);
+                        }
+                    });
+                    cmds.for_each(|_, data: &mut Vec<ClinicalCommand>| {
+                        for c in data.iter() {
+                            worker.on_command(c);
+                        }
+                    });
+                    if let Some(&t) = frontier.frontier().first() {
+                        worker.on_time(t);
+                    }
+                    worker.flush();
+                }
+            }
+        });
         let stored_stream = validated.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Store", {
             let metrics = ctx.metrics.clone();
             let progress = ctx.progress.clone();
@@ -281,9 +316,44 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         .take()
         .expect("one source per local worker");
     source.wake.register_current();
+    let command_rx = if leader {
+        ctx.commands.lock().take()
+    } else {
+        None
+    };
+    let mut observations = leader.then(|| ObservationTail::new(&ctx.root));
+    let mut last_poll = std::time::Instant::now() - Duration::from_secs(1);
     let mut open = true;
     while open {
         let mut fed = 0usize;
+        if let Some(rx) = &command_rx {
+            while let Ok(c) = rx.try_recv() {
+                commands.send(c);
+                fed += 1;
+            }
+        }
+        if let Some(tail) = observations.as_mut()
+            && last_poll.elapsed() >= Duration::from_millis(200)
+        {
+            last_poll = std::time::Instant::now();
+            match tail.poll() {
+                Ok(records) => {
+                    for r in records {
+                        commands.send(ClinicalCommand {
+                            kind: CommandKind::Observe {
+                                patient: r.patient.clone(),
+                                observation: r.observation(),
+                            },
+                            by: r.by.clone(),
+                            at_ns: r.time_ns,
+                            reply: None,
+                        });
+                        fed += 1;
+                    }
+                }
+                Err(e) => tracing::warn!("reading manual observations: {e}"),
+            }
+        }
         loop {
             match source.rx.try_recv() {
                 Ok(InputEvent::Data(env)) => {
@@ -308,6 +378,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 }
             }
         }
+        if *commands.time() < *input.time() {
+            commands.advance_to(*input.time());
+        }
         if leader {
             publish_progress(ctx, &stored, &persisted);
         }
@@ -320,6 +393,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
 
     // 5. The log is closed: finish, flushing everything.
     drop(input);
+    drop(commands);
     while !persisted.done() {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }

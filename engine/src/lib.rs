@@ -20,6 +20,8 @@
 //! node.shutdown().unwrap();
 //! ```
 
+pub mod alerting;
+mod api;
 pub mod cli;
 mod clinical_cli;
 pub mod config;

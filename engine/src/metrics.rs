@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -22,6 +23,10 @@ pub struct EngineMetrics {
     pub checkpoint_epoch_ms: Gauge,
     pub dataflow_lag_ms: Gauge,
     pub dataflow_workers: Gauge,
+    pub alert_transitions: Family<[(&'static str, &'static str); 1], Counter>,
+    pub alert_log_errors: Counter,
+    pub rules_loaded: Gauge,
+    pub rules_reload_failures: Gauge,
 }
 
 impl Default for EngineMetrics {
@@ -39,12 +44,36 @@ impl Default for EngineMetrics {
             checkpoint_epoch_ms: Gauge::default(),
             dataflow_lag_ms: Gauge::default(),
             dataflow_workers: Gauge::default(),
+            alert_transitions: Family::default(),
+            alert_log_errors: Counter::default(),
+            rules_loaded: Gauge::default(),
+            rules_reload_failures: Gauge::default(),
         }
     }
 }
 
 impl EngineMetrics {
     fn register(&self, r: &mut Registry) {
+        r.register(
+            "alert_transitions",
+            "Alert transitions by event (raised, acknowledged, escalated, resolved, ...)",
+            self.alert_transitions.clone(),
+        );
+        r.register(
+            "alert_log_errors",
+            "Failed writes to the alert log",
+            self.alert_log_errors.clone(),
+        );
+        r.register(
+            "rules_loaded",
+            "Alert rules in force",
+            self.rules_loaded.clone(),
+        );
+        r.register(
+            "rules_reload_failures",
+            "Rule file changes refused (the previous rules kept running)",
+            self.rules_reload_failures.clone(),
+        );
         r.register(
             "readings_stored",
             "Readings written to the store",

@@ -19,12 +19,15 @@ use anyhow::{Context as _, bail};
 use ntex::web::{self, App, HttpResponse};
 use parking_lot::Mutex;
 use wardflow_ingest::budget::MemoryBudget;
+use wardflow_ingest::census::CensusWatcher;
+use wardflow_ingest::feeds::{AlertHub, Commands};
 use wardflow_ingest::registry::RegistryWatcher;
 use wardflow_ingest::server::{IngestContext, mqtt_config, mqtt_service};
 use wardflow_ingest::wal::{Shards, Wal, WalConfig, WalControl};
 use wardflow_storage::checkpoint::consolidate_states;
 use wardflow_storage::compact::{CompactionPolicy, compact};
 
+use crate::alerting::{self, AlertContext, RuleBook};
 use crate::config::Config;
 use crate::dataflow::{DataflowContext, run_worker};
 use crate::metrics::{Metrics, Progress};
@@ -40,6 +43,7 @@ pub struct Node {
     wal: Option<Wal>,
     timely: Option<timely::communication::WorkerGuards<()>>,
     housekeeping: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+    alert_thread: Option<JoinHandle<()>>,
 }
 
 struct NetThread {
@@ -112,6 +116,11 @@ impl Node {
 
         let registry = RegistryWatcher::open(&data_dir)?;
         registry.spawn_poller(Duration::from_millis(500));
+        let census = CensusWatcher::open(&data_dir)?;
+        census.spawn_pollers(Duration::from_millis(500));
+        let rules = RuleBook::open(config.rules.dir.as_deref())
+            .map_err(|e| anyhow::anyhow!("alert rules: {e}"))?;
+        rules.spawn_poller(Duration::from_millis(config.rules.reload_ms.max(100)));
         let metrics = Metrics::new();
         let progress = Arc::new(Progress::new());
         let budget = MemoryBudget::new(config.in_flight_budget());
@@ -124,6 +133,24 @@ impl Node {
         let workers = config.workers();
         metrics.engine.dataflow_workers.set(workers as i64);
         let (shards, sources) = Shards::new(workers);
+        let (commands, command_rx) = Commands::new(sources[0].wake.clone());
+        let hub = AlertHub::new();
+        let restored = alerting::latest(alerting::read_log(&data_dir)?);
+        alerting::publish_restored(&hub, &restored);
+        let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
+        let alert_thread = alerting::spawn_alert_thread(
+            alert_rx,
+            hub.clone(),
+            alerting::log_path(&data_dir, config.dataflow.process),
+            metrics.engine.clone(),
+        )?;
+        let alerts = Arc::new(AlertContext {
+            rules: rules.clone(),
+            census: census.clone(),
+            registry: registry.clone(),
+            out: alert_tx,
+            restored,
+        });
         let (recovered_tx, recovered_rx) = crossbeam_channel::bounded(1);
         let ctx = Arc::new(DataflowContext {
             root: data_dir.clone(),
@@ -136,6 +163,8 @@ impl Node {
             ingest_metrics: metrics.ingest.clone(),
             metrics: metrics.engine.clone(),
             progress: progress.clone(),
+            alerts,
+            commands: Mutex::new(Some(command_rx)),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -167,14 +196,24 @@ impl Node {
             budget: budget.clone(),
             metrics: metrics.ingest.clone(),
             sessions: Default::default(),
+            census: census.clone(),
+            hub: hub.clone(),
+            commands: commands.clone(),
+            data_dir: data_dir.clone(),
         });
         let health = Arc::new(Health {
             metrics: metrics.clone(),
             progress: progress.clone(),
             wal: wal.handle.control(),
             budget: budget.clone(),
+            rules: rules.clone(),
         });
-        let net = start_net(config, mqtt_listener, http_listener, ingest, health)?;
+        let api = Arc::new(crate::api::Api {
+            census: census.clone(),
+            hub: hub.clone(),
+            commands,
+        });
+        let net = start_net(config, mqtt_listener, http_listener, ingest, health, api)?;
 
         // Housekeeping.
         let stop = Arc::new(AtomicBool::new(false));
@@ -210,6 +249,7 @@ impl Node {
             wal: Some(wal),
             timely: Some(guards),
             housekeeping: Some((stop, hk)),
+            alert_thread: Some(alert_thread),
         })
     }
 
@@ -239,6 +279,11 @@ impl Node {
             stop.store(true, Ordering::Relaxed);
             let _ = join.join();
         }
+        // The workers are gone, so the channel is closed: the thread
+        // writes what is left and ends.
+        if let Some(join) = self.alert_thread.take() {
+            let _ = join.join();
+        }
         Ok(())
     }
 }
@@ -255,6 +300,7 @@ struct Health {
     progress: Arc<Progress>,
     wal: WalControl,
     budget: Arc<MemoryBudget>,
+    rules: Arc<RuleBook>,
 }
 
 /// Updates the gauges that are sampled rather than counted.
@@ -275,6 +321,11 @@ fn refresh_gauges(metrics: &Metrics, progress: &Progress, budget: &MemoryBudget)
 impl Health {
     fn refresh_gauges(&self) {
         refresh_gauges(&self.metrics, &self.progress, &self.budget);
+        let e = &self.metrics.engine;
+        e.rules_loaded
+            .set(self.rules.snapshot().0.rules.len() as i64);
+        e.rules_reload_failures
+            .set(self.rules.reload_failures.load(Ordering::Relaxed) as i64);
     }
 
     fn report(&self) -> (bool, serde_json::Value) {
@@ -292,6 +343,8 @@ impl Health {
                 "checkpoint_epoch_ms": self.progress.checkpoint.load(Ordering::Relaxed),
                 "dataflow_lag_ms": lag,
                 "memory_in_flight_bytes": self.budget.in_use(),
+                "rules": self.rules.snapshot().0.rules.len(),
+                "rules_error": self.rules.last_error.lock().clone(),
             }),
         )
     }
@@ -303,6 +356,7 @@ fn start_net(
     http: TcpListener,
     ingest: Arc<IngestContext>,
     health: Arc<Health>,
+    api: Arc<crate::api::Api>,
 ) -> anyhow::Result<NetThread> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(1);
@@ -325,8 +379,10 @@ fn start_net(
                         let http = web::HttpServer::new(async move || {
                             App::new()
                                 .state(health.clone())
+                                .state(api.clone())
                                 .route("/healthz", web::get().to(healthz))
                                 .route("/metrics", web::get().to(metrics))
+                                .configure(crate::api::routes)
                         })
                         .listen(http)?
                         .workers(1)

@@ -105,7 +105,8 @@ impl Census {
 
     /// The unit a patient's alerts go to.
     pub fn unit_of(&self, patient: &str) -> &str {
-        self.get(patient).map_or(UNASSIGNED_UNIT, |a| a.unit.as_str())
+        self.get(patient)
+            .map_or(UNASSIGNED_UNIT, |a| a.unit.as_str())
     }
 
     fn check_bed(&self, me: &str, unit: &str, bed: &str) -> Result<(), CensusError> {
@@ -263,6 +264,7 @@ impl Clinicians {
 
 /// The census and clinician accounts as the server sees them.
 pub struct CensusWatcher {
+    dir: std::path::PathBuf,
     pub patients: Arc<Watched<Census>>,
     pub clinicians: Arc<Watched<Clinicians>>,
     verified: VerifiedCache,
@@ -271,10 +273,16 @@ pub struct CensusWatcher {
 impl CensusWatcher {
     pub fn open(dir: &Path) -> Result<Arc<CensusWatcher>, CensusError> {
         Ok(Arc::new(CensusWatcher {
+            dir: dir.to_path_buf(),
             patients: Watched::open(dir, PATIENTS_FILE)?,
             clinicians: Watched::open(dir, CLINICIANS_FILE)?,
             verified: VerifiedCache::default(),
         }))
+    }
+
+    /// The data directory the files live in.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn spawn_pollers(&self, period: Duration) {
@@ -321,7 +329,15 @@ mod tests {
     fn admit_transfer_discharge() {
         let dir = tempfile::tempdir().unwrap();
         let p = PatientId::new("p-1").unwrap();
-        Census::admit(dir.path(), p.clone(), "icu-a", "bed-1", Some(64), Some(Sex::F)).unwrap();
+        Census::admit(
+            dir.path(),
+            p.clone(),
+            "icu-a",
+            "bed-1",
+            Some(64),
+            Some(Sex::F),
+        )
+        .unwrap();
         assert!(matches!(
             Census::admit(dir.path(), p.clone(), "icu-a", "bed-2", None, None),
             Err(CensusError::AlreadyAdmitted(_))
@@ -336,7 +352,10 @@ mod tests {
         assert_eq!(c.unit_of("p-1"), "icu-b");
         assert_eq!(c.get("p-1").unwrap().age_years, Some(64));
         Census::discharge(dir.path(), "p-1").unwrap();
-        assert_eq!(Census::load(dir.path()).unwrap().unit_of("p-1"), UNASSIGNED_UNIT);
+        assert_eq!(
+            Census::load(dir.path()).unwrap().unit_of("p-1"),
+            UNASSIGNED_UNIT
+        );
         assert!(Census::admit(dir.path(), p, "icu/a", "bed-1", None, None).is_err());
     }
 
@@ -347,7 +366,11 @@ mod tests {
         let w = CensusWatcher::open(dir.path()).unwrap();
         assert!(w.authenticate("rn-1", secret.as_bytes()).is_some());
         assert!(w.authenticate("rn-1", b"wrong").is_none());
-        assert!(w.from_bearer(&format!("rn-1:{secret}")).unwrap().covers("icu-a"));
+        assert!(
+            w.from_bearer(&format!("rn-1:{secret}"))
+                .unwrap()
+                .covers("icu-a")
+        );
         assert!(w.from_bearer("rn-1").is_none());
         assert!(matches!(
             Clinicians::add(dir.path(), "rn-1", &["icu-a".into()], None),

@@ -87,9 +87,7 @@ impl AlertHub {
 
     /// A new subscription following `units` (which may change later).
     pub fn subscribe(self: &Arc<Self>, units: HashSet<String>) -> Subscription {
-        let id = self
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let units = Arc::new(Mutex::new(units));
         let (tx, rx) = tokio::sync::mpsc::channel(SUBSCRIBER_QUEUE);
         self.subscribers.lock().insert(
@@ -144,7 +142,10 @@ impl AlertHub {
             match s.tx.try_send(item.clone()) {
                 Ok(()) => true,
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(subscriber = id, "alert subscriber too slow: disconnecting it");
+                    tracing::warn!(
+                        subscriber = id,
+                        "alert subscriber too slow: disconnecting it"
+                    );
                     false
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
@@ -327,15 +328,25 @@ mod tests {
 
     #[test]
     fn topics() {
-        assert_eq!(subscription_unit("wardflow/v1/alerts/icu-a/#"), Some("icu-a"));
+        assert_eq!(
+            subscription_unit("wardflow/v1/alerts/icu-a/#"),
+            Some("icu-a")
+        );
         assert_eq!(subscription_unit("wardflow/v1/alerts/+/#"), None);
         assert_eq!(subscription_unit("wardflow/v1/alerts/#"), None);
         assert_eq!(subscription_unit("wardflow/v1/devices/x/readings"), None);
         assert_eq!(
             parse_clinician_topic("wardflow/v1/alerts/icu-a/0123/ack"),
-            Some(ClinicianTopic::Alert { unit: "icu-a", alert: "0123", action: "ack" })
+            Some(ClinicianTopic::Alert {
+                unit: "icu-a",
+                alert: "0123",
+                action: "ack"
+            })
         );
-        assert_eq!(parse_clinician_topic("wardflow/v1/alerts/icu-a/0123/close"), None);
+        assert_eq!(
+            parse_clinician_topic("wardflow/v1/alerts/icu-a/0123/close"),
+            None
+        );
         assert_eq!(
             parse_clinician_topic("wardflow/v1/patients/p-1/observations"),
             Some(ClinicianTopic::Observation { patient: "p-1" })

@@ -164,7 +164,9 @@ impl<F: DeserializeOwned + Default + Send + Sync + 'static> Watched<F> {
                     match w.reload_if_changed() {
                         Ok(true) => tracing::info!(file = name, "reloaded"),
                         Ok(false) => {}
-                        Err(e) => tracing::warn!("{name} not reloaded, keeping the previous one: {e}"),
+                        Err(e) => {
+                            tracing::warn!("{name} not reloaded, keeping the previous one: {e}")
+                        }
                     }
                     drop(w);
                     std::thread::sleep(period);
@@ -201,6 +203,11 @@ mod tests {
             })
         });
         assert!(r.is_err());
-        assert_eq!(load::<BTreeMap<String, u32>>(dir.path(), "x.json").unwrap().len(), 1);
+        assert_eq!(
+            load::<BTreeMap<String, u32>>(dir.path(), "x.json")
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

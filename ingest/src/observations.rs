@@ -60,12 +60,13 @@ impl ObservationBody {
         by: &str,
         time_ns: i64,
     ) -> Result<ObservationRecord, String> {
-        let consciousness = match &self.consciousness {
-            Some(c) => Some(Acvpu::parse(c).ok_or_else(|| {
-                format!("consciousness must be one of A, C, V, P, U, not {c:?}")
-            })?),
-            None => None,
-        };
+        let consciousness =
+            match &self.consciousness {
+                Some(c) => Some(Acvpu::parse(c).ok_or_else(|| {
+                    format!("consciousness must be one of A, C, V, P, U, not {c:?}")
+                })?),
+                None => None,
+            };
         let oxygen = match &self.oxygen {
             Some(o) => Some(
                 Oxygen::parse(o).ok_or_else(|| format!("oxygen must be air or o2, not {o:?}"))?,

@@ -346,6 +346,11 @@ impl RegistryWatcher {
         self.file.snapshot()
     }
 
+    /// Counts reloads: a cheap way to notice a change.
+    pub fn version(&self) -> u64 {
+        self.file.version()
+    }
+
     /// Reloads if the file changed. Returns whether it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, RegistryError> {
         Ok(self.file.reload_if_changed()?)
@@ -482,7 +487,10 @@ mod tests {
         let w = RegistryWatcher::open(dir.path()).unwrap();
         assert_eq!(w.binding("mon-1"), Some(None));
         assert_eq!(w.binding("mon-2"), None);
-        assert_eq!(Registry::bind(dir.path(), "mon-1", p.clone()).unwrap(), None);
+        assert_eq!(
+            Registry::bind(dir.path(), "mon-1", p.clone()).unwrap(),
+            None
+        );
         w.reload_if_changed().unwrap();
         assert_eq!(w.binding("mon-1"), Some(Some(p)));
         assert!(matches!(

@@ -243,11 +243,7 @@ enum Admission {
 }
 
 /// Accepts a clinician's CONNECT (username = clinician id).
-async fn admit_clinician(
-    ctx: &Arc<IngestContext>,
-    id: &str,
-    password: Option<Bytes>,
-) -> Admission {
+async fn admit_clinician(ctx: &Arc<IngestContext>, id: &str, password: Option<Bytes>) -> Admission {
     let census = ctx.census.clone();
     let (user, secret) = (id.to_string(), password.unwrap_or_default());
     let found: Option<Clinician> =
@@ -433,7 +429,11 @@ async fn clinician_publish(
     let covers = |u: &str| units.iter().any(|x| x == u);
     let now = now_ns();
     match parse_clinician_topic(topic) {
-        None => refuse(Refusal::Topic, "topic", "not an alert action or observation topic"),
+        None => refuse(
+            Refusal::Topic,
+            "topic",
+            "not an alert action or observation topic",
+        ),
         Some(ClinicianTopic::Alert { unit, .. }) if !covers(unit) => {
             refuse(Refusal::Topic, "topic", "unit not covered")
         }
@@ -443,7 +443,11 @@ async fn clinician_publish(
             action,
         }) => {
             let Some(item) = ctx.hub.get(alert).filter(|a| a.unit == unit) else {
-                return refuse(Refusal::Invalid, "unknown_alert", "no such alert in this unit");
+                return refuse(
+                    Refusal::Invalid,
+                    "unknown_alert",
+                    "no such alert in this unit",
+                );
             };
             let action = match action {
                 "ack" => AlertAction::Acknowledge,
@@ -486,7 +490,8 @@ async fn clinician_publish(
                 Err(e) => return refuse(Refusal::Invalid, "bad_command", &e),
             };
             let dir = ctx.data_dir.clone();
-            let written = ntex::rt::spawn_blocking(move || observations::append(&dir, &record)).await;
+            let written =
+                ntex::rt::spawn_blocking(move || observations::append(&dir, &record)).await;
             match written {
                 Ok(Ok(())) => Ok(()),
                 _ => refuse(Refusal::LogFailed, "log_failed", "observation not written"),
@@ -876,9 +881,9 @@ impl Service<v5::Publish> for PublishService<v5::Session<Peer>> {
             // QoS 0 has no PUBACK to carry a reason: disconnect.
             (Err(Refusal::Topic), QoS::AtMostOnce) => Err(ConnectionError::TopicDenied),
             (Err(Refusal::LogFailed), QoS::AtMostOnce) => Err(ConnectionError::LogFailed),
-            (Err(Refusal::Invalid), _) => Ok(p
-                .ack()
-                .reason_code(PublishAckReason::PayloadFormatInvalid)),
+            (Err(Refusal::Invalid), _) => {
+                Ok(p.ack().reason_code(PublishAckReason::PayloadFormatInvalid))
+            }
             (Err(Refusal::Topic), _) => Ok(p.ack().reason_code(PublishAckReason::NotAuthorized)),
             (Err(Refusal::LogFailed), _) => {
                 Ok(p.ack().reason_code(PublishAckReason::UnspecifiedError))

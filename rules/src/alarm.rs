@@ -372,26 +372,41 @@ mod tests {
         let mut a = alert(false);
         assert!(a.on_tick(30 * S).is_none());
         let e = a.on_tick(61 * S).unwrap();
-        assert_eq!((e.state, e.tier, e.priority), (AlertState::Escalated, 2, Priority::Medium));
+        assert_eq!(
+            (e.state, e.tier, e.priority),
+            (AlertState::Escalated, 2, Priority::Medium)
+        );
         let e = a.on_tick(121 * S).unwrap();
         assert_eq!((e.tier, e.priority), (3, Priority::High));
         assert!(a.on_tick(500 * S).is_none(), "tier 3 is the last");
         let ack = a.acknowledge("rn-1", 501 * S).unwrap();
         assert_eq!(ack.state, AlertState::Acknowledged);
         assert_eq!(ack.by.as_deref(), Some("rn-1"));
-        assert!(a.on_tick(1000 * S).is_none(), "acknowledged alerts do not escalate");
+        assert!(
+            a.on_tick(1000 * S).is_none(),
+            "acknowledged alerts do not escalate"
+        );
         assert_eq!(a.on_cleared(1001 * S).unwrap().state, AlertState::Resolved);
-        assert!(matches!(a.acknowledge("rn-1", 1002 * S), Err(ActionError::Resolved(_))));
+        assert!(matches!(
+            a.acknowledge("rn-1", 1002 * S),
+            Err(ActionError::Resolved(_))
+        ));
     }
 
     #[test]
     fn silence_pauses_then_sounds_again() {
         let mut a = alert(false);
         let s = a.silence("rn-1", 30 * S, 10 * S).unwrap();
-        assert_eq!((s.state, s.silenced_until_ns), (AlertState::Silenced, Some(40 * S)));
+        assert_eq!(
+            (s.state, s.silenced_until_ns),
+            (AlertState::Silenced, Some(40 * S))
+        );
         assert!(a.on_tick(39 * S).is_none());
         assert_eq!(a.on_tick(40 * S).unwrap().state, AlertState::Active);
-        assert!(a.silence("rn-1", 3600 * S, 41 * S).is_err(), "silences are bounded");
+        assert!(
+            a.silence("rn-1", 3600 * S, 41 * S).is_err(),
+            "silences are bounded"
+        );
     }
 
     #[test]
@@ -400,7 +415,10 @@ mod tests {
         assert_eq!(a.on_cleared(5 * S).unwrap().state, AlertState::Resolved);
         let mut a = alert(true);
         let c = a.on_cleared(5 * S).unwrap();
-        assert_eq!((c.state, c.condition, c.event), (AlertState::Active, false, AlertEventKind::ConditionCleared));
+        assert_eq!(
+            (c.state, c.condition, c.event),
+            (AlertState::Active, false, AlertEventKind::ConditionCleared)
+        );
         let ack = a.acknowledge("rn-1", 6 * S).unwrap();
         assert_eq!(ack.state, AlertState::Resolved);
     }
@@ -410,7 +428,14 @@ mod tests {
         let mut a = alert(false);
         a.acknowledge("rn-1", 2 * S).unwrap();
         let r = a.on_present(Priority::High, vec![], 3 * S).unwrap();
-        assert_eq!((r.state, r.priority, r.event), (AlertState::Active, Priority::High, AlertEventKind::Reprioritized));
+        assert_eq!(
+            (r.state, r.priority, r.event),
+            (
+                AlertState::Active,
+                Priority::High,
+                AlertEventKind::Reprioritized
+            )
+        );
         assert_eq!(r.seq, 3);
     }
 }

@@ -183,7 +183,8 @@ impl PatientMonitor {
         out: &mut Vec<CondEvent>,
     ) {
         let m = r.metric as usize;
-        self.last_received[m] = Some(self.last_received[m].map_or(received_ns, |t| t.max(received_ns)));
+        self.last_received[m] =
+            Some(self.last_received[m].map_or(received_ns, |t| t.max(received_ns)));
         match self.devices.iter_mut().find(|(d, _)| d == device) {
             Some((_, t)) => *t = (*t).max(received_ns),
             None => self.devices.push((device.to_string(), received_ns)),
@@ -232,8 +233,7 @@ impl PatientMonitor {
         };
         self.manual = Some(merged);
         for (i, rule) in rules.rules.iter().enumerate() {
-            if applies.get(i).copied().unwrap_or(false) && matches!(rule.kind, RuleKind::News2(_))
-            {
+            if applies.get(i).copied().unwrap_or(false) && matches!(rule.kind, RuleKind::News2(_)) {
                 self.evaluate(rules, i, obs.time_ns, out);
             }
         }
@@ -269,17 +269,20 @@ impl PatientMonitor {
     /// parameters it lacked, and the evidence. None without any fresh value.
     pub fn news2(&self, freshness_ns: i64, now_ns: i64) -> Option<(News2Score, Vec<Evidence>)> {
         let fresh = |m: Metric| {
-            self.latest[m as usize].filter(|s| now_ns - s.t <= freshness_ns && s.t - now_ns <= freshness_ns)
+            self.latest[m as usize]
+                .filter(|s| now_ns - s.t <= freshness_ns && s.t - now_ns <= freshness_ns)
         };
-        let manual = self.manual.filter(|o| now_ns - o.time_ns <= 24 * 3_600_000_000_000);
+        let manual = self
+            .manual
+            .filter(|o| now_ns - o.time_ns <= 24 * 3_600_000_000_000);
         let oxygen = manual.and_then(|o| o.oxygen);
         let scale = manual.and_then(|o| o.spo2_scale).unwrap_or_default();
         let consciousness = manual.and_then(|o| o.consciousness);
         let mut parts = News2Parts::default();
         let mut evidence = Vec::new();
         let mut measured = 0;
-        let mut add = |name: &str, s: Option<Sample>, score: &dyn Fn(f64) -> u8, slot: &mut u8| {
-            match s {
+        let mut add =
+            |name: &str, s: Option<Sample>, score: &dyn Fn(f64) -> u8, slot: &mut u8| match s {
                 Some(s) => {
                     *slot = score(s.v);
                     measured += 1;
@@ -296,14 +299,23 @@ impl PatientMonitor {
                     time_ns: now_ns,
                     note: Some("no fresh value: scored 0".into()),
                 }),
-            }
-        };
+            };
         let ox = oxygen.unwrap_or(Oxygen::Air);
         add("rr", fresh(Metric::Rr), &news2::rr_score, &mut parts.rr);
-        add("spo2", fresh(Metric::Spo2), &|v| news2::spo2_score(v, scale, ox), &mut parts.spo2);
+        add(
+            "spo2",
+            fresh(Metric::Spo2),
+            &|v| news2::spo2_score(v, scale, ox),
+            &mut parts.spo2,
+        );
         add("sbp", fresh(Metric::Sbp), &news2::sbp_score, &mut parts.sbp);
         add("hr", fresh(Metric::Hr), &news2::hr_score, &mut parts.hr);
-        add("temp", fresh(Metric::Temp), &news2::temp_score, &mut parts.temp);
+        add(
+            "temp",
+            fresh(Metric::Temp),
+            &news2::temp_score,
+            &mut parts.temp,
+        );
         if measured == 0 {
             return None;
         }
@@ -382,7 +394,11 @@ impl PatientMonitor {
                 // Once present, the condition holds until the raw condition
                 // (with its hysteresis) is false.
                 let present = if before.is_some() { raw } else { met };
-                let ev = if present { self.evidence(c, now) } else { Vec::new() };
+                let ev = if present {
+                    self.evidence(c, now)
+                } else {
+                    Vec::new()
+                };
                 (present.then_some(rule.priority), ev)
             }
             RuleKind::News2(n) => self.evaluate_news2(rule, n, i, now),
@@ -403,7 +419,10 @@ impl PatientMonitor {
                     evidence,
                 })
             }
-            (Some(_), None) => out.push(CondEvent::Cleared { rule: i, at_ns: now }),
+            (Some(_), None) => out.push(CondEvent::Cleared {
+                rule: i,
+                at_ns: now,
+            }),
             (Some(a), Some(b)) if a != b => out.push(CondEvent::Changed {
                 rule: i,
                 priority: b,
@@ -431,7 +450,10 @@ impl PatientMonitor {
         let st = &mut self.states[i];
         let hold = rule.sustain.map_or(0, |s| s.for_ns);
         let mut effective = None;
-        for (k, p) in [Priority::Low, Priority::Medium, Priority::High].into_iter().enumerate() {
+        for (k, p) in [Priority::Low, Priority::Medium, Priority::High]
+            .into_iter()
+            .enumerate()
+        {
             if band.is_some_and(|b| b >= p) {
                 let since = *st.band_since[k].get_or_insert(now);
                 if now - since >= hold {
@@ -474,7 +496,9 @@ impl PatientMonitor {
             }
             Cond::Missing { target, .. } => {
                 let (name, last) = match target {
-                    MissingTarget::Metric(m) => (m.name().to_string(), self.last_received[*m as usize]),
+                    MissingTarget::Metric(m) => {
+                        (m.name().to_string(), self.last_received[*m as usize])
+                    }
                     MissingTarget::Device => {
                         let d = self.devices.iter().min_by_key(|(_, t)| *t);
                         (
@@ -491,7 +515,9 @@ impl PatientMonitor {
                     note: Some("seconds silent".into()),
                 });
             }
-            Cond::All(cs) | Cond::Any(cs) => cs.iter().for_each(|c| self.collect_evidence(c, now, out)),
+            Cond::All(cs) | Cond::Any(cs) => {
+                cs.iter().for_each(|c| self.collect_evidence(c, now, out))
+            }
         }
     }
 }
@@ -506,7 +532,9 @@ fn band_index(p: Priority) -> usize {
 
 fn rate_windows(c: &Cond, out: &mut [i64; Metric::COUNT]) {
     match c {
-        Cond::Rate { metric, window_ns, .. } => {
+        Cond::Rate {
+            metric, window_ns, ..
+        } => {
             let w = &mut out[*metric as usize];
             *w = (*w).max(*window_ns);
         }
@@ -592,7 +620,9 @@ fn eval_cond(p: &PatientMonitor, c: &Cond, state: &mut CondState, now: i64) -> b
             }
         }
         Cond::Missing { target, after_ns } => match target {
-            MissingTarget::Metric(m) => p.last_received[*m as usize].is_some_and(|t| now - t > *after_ns),
+            MissingTarget::Metric(m) => {
+                p.last_received[*m as usize].is_some_and(|t| now - t > *after_ns)
+            }
             MissingTarget::Device => p.devices.iter().any(|(_, t)| now - t > *after_ns),
         },
         Cond::All(cs) | Cond::Any(cs) => {
@@ -602,9 +632,16 @@ fn eval_cond(p: &PatientMonitor, c: &Cond, state: &mut CondState, now: i64) -> b
                 return false;
             };
             // Evaluate every child, so each keeps its hysteresis current.
-            let mut results = cs.iter().zip(states.iter_mut()).map(|(c, s)| eval_cond(p, c, s, now));
+            let mut results = cs
+                .iter()
+                .zip(states.iter_mut())
+                .map(|(c, s)| eval_cond(p, c, s, now));
             let v: Vec<bool> = results.by_ref().collect();
-            if all { v.iter().all(|x| *x) } else { v.iter().any(|x| *x) }
+            if all {
+                v.iter().all(|x| *x)
+            } else {
+                v.iter().any(|x| *x)
+            }
         }
     }
 }
@@ -630,11 +667,23 @@ mod tests {
         }
     }
 
-    fn feed(p: &mut PatientMonitor, set: &RuleSet, metric: Metric, values: &[(i64, f64)]) -> Vec<CondEvent> {
+    fn feed(
+        p: &mut PatientMonitor,
+        set: &RuleSet,
+        metric: Metric,
+        values: &[(i64, f64)],
+    ) -> Vec<CondEvent> {
         let applies = vec![true; set.rules.len()];
         let mut out = Vec::new();
         for &(t, v) in values {
-            p.on_reading(set, &applies, "mon-1", t * S, &reading(metric, t, v), &mut out);
+            p.on_reading(
+                set,
+                &applies,
+                "mon-1",
+                t * S,
+                &reading(metric, t, v),
+                &mut out,
+            );
         }
         out
     }
@@ -648,12 +697,24 @@ mod tests {
         let mut values: Vec<(i64, f64)> = (0..20).map(|t| (t, 97.0)).collect();
         values.extend((20..23).map(|t| (t, 75.0)));
         values.extend((23..40).map(|t| (t, 97.0)));
-        assert!(feed(&mut p, &set, Metric::Spo2, &values).is_empty(), "a 3 s dip does not alarm");
+        assert!(
+            feed(&mut p, &set, Metric::Spo2, &values).is_empty(),
+            "a 3 s dip does not alarm"
+        );
         let dip: Vec<(i64, f64)> = (40..60).map(|t| (t, 85.0)).collect();
         let ev = feed(&mut p, &set, Metric::Spo2, &dip);
         assert_eq!(ev.len(), 1, "{ev:?}");
-        let CondEvent::Raised { first_ns, at_ns, .. } = &ev[0] else { panic!("{ev:?}") };
-        assert_eq!((*first_ns, *at_ns), (40 * S, 50 * S), "raised after 10 s, first reading at onset");
+        let CondEvent::Raised {
+            first_ns, at_ns, ..
+        } = &ev[0]
+        else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            (*first_ns, *at_ns),
+            (40 * S, 50 * S),
+            "raised after 10 s, first reading at onset"
+        );
         // 91 is inside the hysteresis band: still present; 93 clears.
         assert!(feed(&mut p, &set, Metric::Spo2, &[(60, 91.0)]).is_empty());
         let ev = feed(&mut p, &set, Metric::Spo2, &[(61, 93.0)]);
@@ -684,16 +745,25 @@ mod tests {
         let mut p = PatientMonitor::new(&set);
         let sbp: Vec<(i64, f64)> = (0..600).map(|t| (t, 130.0 - t as f64 * 0.06)).collect();
         let ev = feed(&mut p, &set, Metric::Sbp, &sbp);
-        assert!(matches!(ev[..], [CondEvent::Raised { rule: 0, .. }]), "{ev:?}");
+        assert!(
+            matches!(ev[..], [CondEvent::Raised { rule: 0, .. }]),
+            "{ev:?}"
+        );
         let ev = feed(&mut p, &set, Metric::Hr, &[(600, 125.0)]);
         assert!(ev.is_empty(), "sbp 94 is not below 90: {ev:?}");
         let ev = feed(&mut p, &set, Metric::Sbp, &[(601, 85.0)]);
-        assert!(ev.iter().any(|e| matches!(e, CondEvent::Raised { rule: 1, .. })), "{ev:?}");
+        assert!(
+            ev.iter()
+                .any(|e| matches!(e, CondEvent::Raised { rule: 1, .. })),
+            "{ev:?}"
+        );
     }
 
     #[test]
     fn missing_data_is_timed() {
-        let set = rules("[[rule]]\nid='no-spo2'\npriority='medium'\nwhen={missing='spo2', after='30s'}\n");
+        let set = rules(
+            "[[rule]]\nid='no-spo2'\npriority='medium'\nwhen={missing='spo2', after='30s'}\n",
+        );
         assert!(set.rules[0].technical);
         let mut p = PatientMonitor::new(&set);
         let mut out = Vec::new();
@@ -715,25 +785,78 @@ mod tests {
         let mut p = PatientMonitor::new(&set);
         let applies = [true];
         let mut out = Vec::new();
-        for (m, v) in [(Metric::Rr, 16.0), (Metric::Spo2, 97.0), (Metric::Sbp, 125.0), (Metric::Hr, 75.0), (Metric::Temp, 37.0)] {
+        for (m, v) in [
+            (Metric::Rr, 16.0),
+            (Metric::Spo2, 97.0),
+            (Metric::Sbp, 125.0),
+            (Metric::Hr, 75.0),
+            (Metric::Temp, 37.0),
+        ] {
             p.on_reading(&set, &applies, "d", 0, &reading(m, 0, v), &mut out);
         }
         assert!(out.is_empty());
         // HR 135 scores 3: a red score, low-medium risk -> low priority.
-        p.on_reading(&set, &applies, "d", S, &reading(Metric::Hr, 1, 135.0), &mut out);
-        assert!(matches!(out[..], [CondEvent::Raised { priority: Priority::Low, .. }]), "{out:?}");
+        p.on_reading(
+            &set,
+            &applies,
+            "d",
+            S,
+            &reading(Metric::Hr, 1, 135.0),
+            &mut out,
+        );
+        assert!(
+            matches!(
+                out[..],
+                [CondEvent::Raised {
+                    priority: Priority::Low,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
         out.clear();
         // RR 26 (3) and temp 39.5 (2): total 8, high.
-        p.on_reading(&set, &applies, "d", 2 * S, &reading(Metric::Rr, 2, 26.0), &mut out);
-        p.on_reading(&set, &applies, "d", 3 * S, &reading(Metric::Temp, 3, 39.5), &mut out);
-        assert!(matches!(out.last(), Some(CondEvent::Changed { priority: Priority::High, .. })), "{out:?}");
+        p.on_reading(
+            &set,
+            &applies,
+            "d",
+            2 * S,
+            &reading(Metric::Rr, 2, 26.0),
+            &mut out,
+        );
+        p.on_reading(
+            &set,
+            &applies,
+            "d",
+            3 * S,
+            &reading(Metric::Temp, 3, 39.5),
+            &mut out,
+        );
+        assert!(
+            matches!(
+                out.last(),
+                Some(CondEvent::Changed {
+                    priority: Priority::High,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
         out.clear();
-        let obs = ManualObservation { consciousness: Some(Acvpu::Alert), oxygen: Some(Oxygen::Air), spo2_scale: None, time_ns: 4 * S };
+        let obs = ManualObservation {
+            consciousness: Some(Acvpu::Alert),
+            oxygen: Some(Oxygen::Air),
+            spo2_scale: None,
+            time_ns: 4 * S,
+        };
         p.on_manual(&set, &applies, obs, &mut out);
         assert!(out.is_empty());
         for (m, v) in [(Metric::Rr, 16.0), (Metric::Hr, 75.0), (Metric::Temp, 37.0)] {
             p.on_reading(&set, &applies, "d", 5 * S, &reading(m, 5, v), &mut out);
         }
-        assert!(matches!(out.last(), Some(CondEvent::Cleared { .. })), "{out:?}");
+        assert!(
+            matches!(out.last(), Some(CondEvent::Cleared { .. })),
+            "{out:?}"
+        );
     }
 }

@@ -40,8 +40,11 @@ pub const DEFAULT_RULES: &str = include_str!("../default/adult-icu.toml");
 
 /// The default rule set, parsed.
 pub fn default_rules() -> spec::RuleSet {
-    spec::RuleSet::parse(std::path::Path::new("default/adult-icu.toml"), DEFAULT_RULES)
-        .expect("the default rules are valid (tested)")
+    spec::RuleSet::parse(
+        std::path::Path::new("default/adult-icu.toml"),
+        DEFAULT_RULES,
+    )
+    .expect("the default rules are valid (tested)")
 }
 
 /// Alarm priority (IEC 60601-1-8 §6.1.2): how urgently staff must respond.
@@ -184,7 +187,11 @@ mod tests {
     fn the_default_rules_parse() {
         let set = default_rules();
         assert_eq!(set.rules.len(), 20);
-        assert!(set.rules.iter().any(|r| matches!(r.kind, spec::RuleKind::News2(_))));
+        assert!(
+            set.rules
+                .iter()
+                .any(|r| matches!(r.kind, spec::RuleKind::News2(_)))
+        );
         assert!(set.rules.iter().filter(|r| r.technical).count() >= 2);
     }
 

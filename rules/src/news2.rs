@@ -396,9 +396,11 @@ mod tests {
             .map(sbp_score)
             .to_vec();
         assert_eq!(sbp, [3, 2, 2, 1, 1, 0, 0, 3]);
-        let hr: Vec<u8> = [40.0, 41.0, 50.0, 51.0, 90.0, 91.0, 110.0, 111.0, 130.0, 131.0]
-            .map(hr_score)
-            .to_vec();
+        let hr: Vec<u8> = [
+            40.0, 41.0, 50.0, 51.0, 90.0, 91.0, 110.0, 111.0, 130.0, 131.0,
+        ]
+        .map(hr_score)
+        .to_vec();
         assert_eq!(hr, [3, 1, 1, 0, 0, 1, 1, 2, 2, 3]);
         let temp: Vec<u8> = [35.0, 35.1, 36.0, 36.1, 38.0, 38.1, 39.0, 39.1]
             .map(temp_score)
@@ -408,9 +410,11 @@ mod tests {
             .map(|v| spo2_score(v, Spo2Scale::One, Oxygen::O2))
             .to_vec();
         assert_eq!(s1, [3, 2, 2, 1, 1, 0]);
-        let s2_o2: Vec<u8> = [83.0, 84.0, 85.0, 86.0, 87.0, 88.0, 92.0, 93.0, 94.0, 95.0, 96.0, 97.0]
-            .map(|v| spo2_score(v, Spo2Scale::Two, Oxygen::O2))
-            .to_vec();
+        let s2_o2: Vec<u8> = [
+            83.0, 84.0, 85.0, 86.0, 87.0, 88.0, 92.0, 93.0, 94.0, 95.0, 96.0, 97.0,
+        ]
+        .map(|v| spo2_score(v, Spo2Scale::Two, Oxygen::O2))
+        .to_vec();
         assert_eq!(s2_o2, [3, 2, 2, 1, 1, 0, 0, 1, 1, 2, 2, 3]);
         assert_eq!(spo2_score(99.0, Spo2Scale::Two, Oxygen::Air), 0);
     }

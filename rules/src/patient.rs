@@ -143,6 +143,11 @@ impl PatientRules {
         self.open.values()
     }
 
+    /// Stops expecting readings from a device (unbound or moved).
+    pub fn forget_device(&mut self, device: &str) {
+        self.monitor.forget_device(device);
+    }
+
     pub fn monitor(&self) -> &PatientMonitor {
         &self.monitor
     }
@@ -162,14 +167,16 @@ impl PatientRules {
 
     pub fn on_manual(&mut self, rules: &RuleSet, obs: ManualObservation) -> Vec<Alert> {
         let mut events = Vec::new();
-        self.monitor.on_manual(rules, &self.applies, obs, &mut events);
+        self.monitor
+            .on_manual(rules, &self.applies, obs, &mut events);
         self.apply(rules, events)
     }
 
     /// Time passes: missing data, escalations, silences ending.
     pub fn on_tick(&mut self, rules: &RuleSet, now_ns: i64) -> Vec<Alert> {
         let mut events = Vec::new();
-        self.monitor.on_tick(rules, &self.applies, now_ns, &mut events);
+        self.monitor
+            .on_tick(rules, &self.applies, now_ns, &mut events);
         let mut out = self.apply(rules, events);
         for a in self.open.values_mut() {
             out.extend(a.on_tick(now_ns));

@@ -128,9 +128,13 @@ impl Rule {
         let mut out = BTreeSet::new();
         match &self.kind {
             RuleKind::Condition(c) => c.metrics(&mut out),
-            RuleKind::News2(_) => {
-                out.extend([Metric::Rr, Metric::Spo2, Metric::Sbp, Metric::Hr, Metric::Temp])
-            }
+            RuleKind::News2(_) => out.extend([
+                Metric::Rr,
+                Metric::Spo2,
+                Metric::Sbp,
+                Metric::Hr,
+                Metric::Temp,
+            ]),
         }
         out
     }
@@ -468,7 +472,10 @@ impl RuleSet {
                             return Err(err(
                                 m.span(),
                                 "max_missing",
-                                format!("{} is not a share from 0 up to (not including) 1", m.get_ref()),
+                                format!(
+                                    "{} is not a share from 0 up to (not including) 1",
+                                    m.get_ref()
+                                ),
                             ));
                         }
                         Some(m) => *m.get_ref(),
@@ -541,12 +548,7 @@ fn duration(ck: &Checker, id: &str, field: &str, s: &Spanned<String>) -> Result<
     }
 }
 
-fn check_cond(
-    ck: &Checker,
-    id: &str,
-    field: &str,
-    c: Spanned<RawCond>,
-) -> Result<Cond, SpecError> {
+fn check_cond(ck: &Checker, id: &str, field: &str, c: Spanned<RawCond>) -> Result<Cond, SpecError> {
     let span = c.span();
     let c = c.into_inner();
     let err = |span: Range<usize>, sub: &str, msg: String| {
@@ -561,7 +563,11 @@ fn check_cond(
             err(
                 m.span(),
                 ".metric",
-                format!("unknown metric {:?}; known: {}", m.get_ref(), known.join(", ")),
+                format!(
+                    "unknown metric {:?}; known: {}",
+                    m.get_ref(),
+                    known.join(", ")
+                ),
             )
         })
     };
@@ -644,10 +650,18 @@ fn check_cond(
             _ => return Err(err(span, "", "give rise or fall, not both".into())),
         };
         if amount <= 0.0 {
-            return Err(err(span, "", format!("the change {amount} must be positive")));
+            return Err(err(
+                span,
+                "",
+                format!("the change {amount} must be positive"),
+            ));
         }
         let Some(w) = &c.within else {
-            return Err(err(span, ".within", "missing: the window, e.g. \"5m\"".into()));
+            return Err(err(
+                span,
+                ".within",
+                "missing: the window, e.g. \"5m\"".into(),
+            ));
         };
         return Ok(Cond::Rate {
             metric: m,
@@ -668,7 +682,11 @@ fn check_cond(
             })?),
         };
         let Some(a) = &c.after else {
-            return Err(err(span, ".after", "missing: how long silent, e.g. \"30s\"".into()));
+            return Err(err(
+                span,
+                ".after",
+                "missing: how long silent, e.g. \"30s\"".into(),
+            ));
         };
         return Ok(Cond::Missing {
             target: t,
@@ -689,7 +707,11 @@ fn check_cond(
         .enumerate()
         .map(|(i, c)| check_cond(ck, id, &format!("{field}.{name}[{i}]"), c))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(if all { Cond::All(conds) } else { Cond::Any(conds) })
+    Ok(if all {
+        Cond::All(conds)
+    } else {
+        Cond::Any(conds)
+    })
 }
 
 #[cfg(test)]
@@ -759,11 +781,15 @@ news2 = { freshness = "5m" }
         .unwrap_err();
         assert_eq!(e.line, 4, "{e}");
         assert!(e.message.contains("when.exit"), "{e}");
-        let e = parse("[[rule]]\nid = \"x\"\npriority = \"urgent\"\nwhen = { metric = \"hr\", above = 1 }\n")
-            .unwrap_err();
+        let e = parse(
+            "[[rule]]\nid = \"x\"\npriority = \"urgent\"\nwhen = { metric = \"hr\", above = 1 }\n",
+        )
+        .unwrap_err();
         assert_eq!((e.line, e.message.contains("priority")), (3, true), "{e}");
-        let e = parse("[[rule]]\nid = \"x\"\npriority = \"low\"\nwhen = { metric = \"pulse\", above = 1 }\n")
-            .unwrap_err();
+        let e = parse(
+            "[[rule]]\nid = \"x\"\npriority = \"low\"\nwhen = { metric = \"pulse\", above = 1 }\n",
+        )
+        .unwrap_err();
         assert!(e.message.contains("unknown metric \"pulse\""), "{e}");
         let e = parse("[[rule]]\nid = \"x\"\npriorty = \"low\"\n").unwrap_err();
         assert_eq!(e.line, 3, "{e}");

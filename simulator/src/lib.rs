@@ -1,11 +1,14 @@
 //! Virtual patients and devices for Wardflow: they publish realistic vital
 //! signs over MQTT and report what got through.
 //!
-//! This crate owns the physiology model ([`physiology`]), device
-//! registration for test runs ([`register`]), the MQTT publishers (MQTT
-//! 3.1.1, QoS 0 or 1, SenML or binary frames, see [`mqtt`]) and
-//! the load report ([`Report`]). It knows nothing of the engine's insides:
-//! it talks to any MQTT server (Wardflow, or Mosquitto as a baseline).
+//! This crate owns the physiology model ([`physiology`]), scripted patient
+//! scenarios and their offline generator ([`scenario`]), device
+//! registration for test runs ([`register`], [`register_scenario`]), the
+//! MQTT publishers (MQTT 3.1.1, QoS 0 or 1, SenML or binary frames, see
+//! [`mqtt`]; [`run`] for load, [`run_scenario`] for scenarios in real time)
+//! and the load report ([`Report`]). It knows nothing of the engine's
+//! insides: it talks to any MQTT server (Wardflow, or Mosquitto as a
+//! baseline).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -20,13 +23,15 @@
 
 pub mod mqtt;
 pub mod physiology;
+pub mod scenario;
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -38,6 +43,9 @@ use wardflow_ingest::server::readings_topic;
 use wardflow_model::{DeviceId, Metric, PatientId, Unit, now_ns};
 
 use crate::physiology::{MONITOR_METRICS, VirtualPatient, Vital};
+use crate::scenario::{
+    ArtefactInterval, EventKind, PatientRun, Scenario, ScenarioReading, ScenarioRun,
+};
 
 /// Payload encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -117,7 +125,39 @@ pub fn device_ids(config: &SimConfig) -> Vec<(DeviceId, PatientId)> {
 /// Registers the simulated devices in `data_dir` with fresh secrets,
 /// replacing earlier registrations of the same ids.
 pub fn register(data_dir: &Path, config: &SimConfig) -> Result<Vec<Credential>, RegistryError> {
-    let ids = device_ids(config);
+    register_ids(data_dir, device_ids(config))
+}
+
+/// Registers a scenario's devices, each bound to its patient, in `data_dir`
+/// with fresh secrets, replacing earlier registrations of the same ids.
+pub fn register_scenario(
+    data_dir: &Path,
+    scenario: &Scenario,
+) -> Result<Vec<Credential>, RegistryError> {
+    register_ids(
+        data_dir,
+        scenario
+            .patients
+            .iter()
+            .map(|p| (p.device.clone(), p.id.clone()))
+            .collect(),
+    )
+}
+
+/// The scenario's devices that `creds` has no secret for.
+pub fn missing_credentials<'a>(scenario: &'a Scenario, creds: &[Credential]) -> Vec<&'a DeviceId> {
+    scenario
+        .patients
+        .iter()
+        .map(|p| &p.device)
+        .filter(|d| !creds.iter().any(|c| &c.device == *d))
+        .collect()
+}
+
+fn register_ids(
+    data_dir: &Path,
+    ids: Vec<(DeviceId, PatientId)>,
+) -> Result<Vec<Credential>, RegistryError> {
     let existing = Registry::load(data_dir)?;
     for (d, _) in &ids {
         if existing.get(d.as_str()).is_some() {
@@ -126,7 +166,7 @@ pub fn register(data_dir: &Path, config: &SimConfig) -> Result<Vec<Credential>, 
     }
     let secrets = Registry::add_many(
         data_dir,
-        ids.iter().map(|(d, p)| (d.clone(), p.clone(), None)),
+        ids.iter().map(|(d, p)| (d.clone(), Some(p.clone()), None)),
     )?;
     Ok(ids
         .into_iter()
@@ -148,6 +188,9 @@ struct Counters {
     errors: AtomicU64,
     connect_errors: AtomicU64,
     bad_injected: AtomicU64,
+    /// Motion artefacts the scenario devices generated (collected once per
+    /// device, when it stops).
+    artefacts: Mutex<Vec<ArtefactInterval>>,
 }
 
 /// A progress snapshot, printed once a second.
@@ -208,6 +251,43 @@ pub struct Report {
     pub publishes_per_s: f64,
     /// From publish to PUBACK; `null` for QoS 0.
     pub ack_latency_ms: Option<Latency>,
+    /// The scenario's name (scenario runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
+    /// Every scripted event with its onset in wall-clock time (scenario runs
+    /// only), so that a test can measure the delay from onset to alert.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventReport>>,
+    /// Every motion artefact that was published (scenario runs only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artefacts: Option<Vec<ArtefactReport>>,
+}
+
+/// A scripted event of a scenario run, in wall-clock time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventReport {
+    pub patient: PatientId,
+    pub device: DeviceId,
+    pub kind: EventKind,
+    /// Onset, milliseconds since the Unix epoch: the run's start plus the
+    /// event's offset. Readings carry the same clock (start plus their
+    /// offset), so the first reading affected is at or just after this time.
+    pub onset_ms: i64,
+    /// When the effect is over, milliseconds since the Unix epoch; `null` if
+    /// it lasts to the end.
+    pub end_ms: Option<i64>,
+}
+
+/// A motion artefact of a scenario run, in wall-clock time.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArtefactReport {
+    pub patient: PatientId,
+    /// First artefact reading, milliseconds since the Unix epoch.
+    pub start_ms: i64,
+    /// Just after the last artefact reading, milliseconds since the Unix epoch.
+    pub end_ms: i64,
+    /// The metrics that read wrong.
+    pub metrics: Vec<Metric>,
 }
 
 impl Report {
@@ -245,6 +325,22 @@ impl fmt::Display for Report {
                 l.p50, l.p99, l.p999, l.max
             )?;
         }
+        if let Some(name) = &self.scenario {
+            write!(f, "\nscenario {name}")?;
+            for e in self.events.iter().flatten() {
+                write!(
+                    f,
+                    "\n  {} {} ({}): onset {} ms",
+                    e.patient, e.kind, e.device, e.onset_ms
+                )?;
+                if let Some(end) = e.end_ms {
+                    write!(f, ", over {end} ms")?;
+                }
+            }
+            if let Some(a) = &self.artefacts {
+                write!(f, "\n  {} motion artefacts published", a.len())?;
+            }
+        }
         Ok(())
     }
 }
@@ -258,13 +354,104 @@ pub fn run(
     stop: Arc<AtomicBool>,
     progress: impl Fn(&Progress),
 ) -> Report {
+    let devices = creds.into_iter().map(|c| (c, None)).collect();
+    run_devices(config, devices, stop, progress).0
+}
+
+/// Plays `scenario` in real time: one device per scenario patient (its
+/// secret looked up in `creds` by device id), each publishing that
+/// patient's readings at 1 Hz per metric, timestamped at the run's start
+/// plus their offset in the scenario, with `config`'s payload, batch, QoS,
+/// window, threads and faulty share. Runs until `config.duration` passes
+/// (pass `Some(scenario.duration)` for the scripted length; runs longer than
+/// the script keep its last state) or `stop` is set; `config.devices`,
+/// `rate`, `seed` and `device_prefix` do not apply.
+///
+/// Each device publishes full batches only: readings generated after its
+/// last full batch (fewer than `config.batch`) are not sent. Devices without
+/// a credential count as connect errors. The report adds the scenario's
+/// events with their wall-clock onsets and the artefacts that were published.
+pub fn run_scenario(
+    config: &SimConfig,
+    scenario: &Scenario,
+    creds: Vec<Credential>,
+    stop: Arc<AtomicBool>,
+    progress: impl Fn(&Progress),
+) -> Report {
+    let config = SimConfig {
+        devices: scenario.patients.len(),
+        ..config.clone()
+    };
+    let mut missing = 0;
+    let mut devices = Vec::with_capacity(scenario.patients.len());
+    for patient in ScenarioRun::new(scenario).into_patients() {
+        match creds.iter().find(|c| &c.device == patient.device()) {
+            Some(c) => devices.push((c.clone(), Some(patient))),
+            None => {
+                tracing::warn!(device = %patient.device(), "no credential; not publishing");
+                missing += 1;
+            }
+        }
+    }
+    let (mut report, outcome) = run_devices(&config, devices, stop, progress);
+    report.connect_errors += missing;
+    report.errors += missing;
+    let at = |offset: Duration| (outcome.epoch_ns + offset.as_nanos() as i64) / 1_000_000;
+    report.scenario = Some(scenario.name.clone());
+    report.events = Some(
+        ScenarioRun::new(scenario)
+            .events()
+            .iter()
+            .map(|e| EventReport {
+                patient: e.patient.clone(),
+                device: e.device.clone(),
+                kind: e.kind,
+                onset_ms: at(e.onset),
+                end_ms: e.end.map(at),
+            })
+            .collect(),
+    );
+    let mut artefacts = outcome.artefacts;
+    artefacts.sort_by_key(|a| (a.start, a.patient_index));
+    report.artefacts = Some(
+        artefacts
+            .into_iter()
+            .map(|a| ArtefactReport {
+                patient: a.patient,
+                start_ms: at(a.start),
+                end_ms: at(a.end),
+                metrics: a.metrics,
+            })
+            .collect(),
+    );
+    report
+}
+
+/// What a run leaves besides its report.
+struct Outcome {
+    /// Wall-clock start of the run, ns since the Unix epoch.
+    epoch_ns: i64,
+    artefacts: Vec<ArtefactInterval>,
+}
+
+fn run_devices(
+    config: &SimConfig,
+    devices: Vec<(Credential, Option<PatientRun>)>,
+    stop: Arc<AtomicBool>,
+    progress: impl Fn(&Progress),
+) -> (Report, Outcome) {
     let counters = Arc::new(Counters::default());
     let started = Instant::now();
+    let epoch_ns = now_ns();
     let deadline = config.duration.map(|d| started + d);
-    let threads = config.threads.clamp(1, creds.len().max(1));
-    let mut per_thread: Vec<Vec<(usize, Credential)>> = vec![Vec::new(); threads];
-    for (i, c) in creds.into_iter().enumerate() {
-        per_thread[i % threads].push((i, c));
+    let threads = config.threads.clamp(1, devices.len().max(1));
+    let mut per_thread: Vec<Vec<DeviceJob>> = (0..threads).map(|_| Vec::new()).collect();
+    for (index, (cred, script)) in devices.into_iter().enumerate() {
+        per_thread[index % threads].push(DeviceJob {
+            index,
+            cred,
+            script: script.map(|run| ScenarioVitals::new(run, started, epoch_ns)),
+        });
     }
     let handles: Vec<_> = per_thread
         .into_iter()
@@ -310,7 +497,7 @@ pub fn run(
     let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (sent, acked) = (c(&counters.sent_readings), c(&counters.acked_readings));
     let qos1 = config.qos >= 1;
-    Report {
+    let report = Report {
         devices: config.devices,
         payload: config.payload,
         batch: config.batch,
@@ -334,7 +521,31 @@ pub fn run(
                 max: hist.max() as f64 / 1000.0,
             }
         }),
-    }
+        scenario: None,
+        events: None,
+        artefacts: None,
+    };
+    let artefacts = std::mem::take(
+        &mut *counters
+            .artefacts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    (
+        report,
+        Outcome {
+            epoch_ns,
+            artefacts,
+        },
+    )
+}
+
+/// One device to simulate: its place in the run, its identity, and, in a
+/// scenario, its scripted patient.
+struct DeviceJob {
+    index: usize,
+    cred: Credential,
+    script: Option<ScenarioVitals>,
 }
 
 /// Latencies in microseconds, up to a minute, 3 significant digits.
@@ -344,7 +555,7 @@ fn new_histogram() -> Histogram<u64> {
 
 fn run_thread(
     config: SimConfig,
-    devices: Vec<(usize, Credential)>,
+    devices: Vec<DeviceJob>,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
@@ -360,11 +571,10 @@ fn run_thread(
     local.block_on(&rt, async move {
         let tasks: Vec<_> = devices
             .into_iter()
-            .map(|(i, cred)| {
+            .map(|job| {
                 tokio::task::spawn_local(device_task(
                     config.clone(),
-                    i,
-                    cred,
+                    job,
                     counters.clone(),
                     stop.clone(),
                     deadline,
@@ -383,15 +593,28 @@ fn run_thread(
 
 /// Builds publishes for one device.
 struct DeviceSource {
-    patient: VirtualPatient,
-    pending: Vec<Vital>,
+    vitals: Vitals,
     seq: u64,
-    dt: f64,
     records: Vec<frame::Record>,
     faults: u64,
 }
 
-impl DeviceSource {
+/// Where a device's readings come from.
+enum Vitals {
+    /// A virtual patient stepped as fast as the configured rate asks.
+    Load(LoadVitals),
+    /// A scripted patient, in real time.
+    Scenario(Box<ScenarioVitals>),
+}
+
+struct LoadVitals {
+    patient: VirtualPatient,
+    pending: Vec<Vital>,
+    /// Simulated seconds per patient step.
+    dt: f64,
+}
+
+impl LoadVitals {
     /// Next `batch` vitals with their times (spread over the batch period).
     fn take(&mut self, batch: usize) -> Vec<(Vital, i64)> {
         let now = now_ns();
@@ -407,6 +630,82 @@ impl DeviceSource {
             out.push((vital, now - (batch - 1 - k) as i64 * spacing));
         }
         out
+    }
+}
+
+/// A scenario patient played against the wall clock: readings become
+/// available when their offset since the run's start has passed, and carry
+/// the run's start time plus that offset.
+struct ScenarioVitals {
+    run: PatientRun,
+    started: Instant,
+    epoch_ns: i64,
+    generated: Vec<ScenarioReading>,
+    ready: VecDeque<(Vital, i64)>,
+}
+
+impl ScenarioVitals {
+    fn new(run: PatientRun, started: Instant, epoch_ns: i64) -> ScenarioVitals {
+        ScenarioVitals {
+            run,
+            started,
+            epoch_ns,
+            generated: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// Generates the readings due by now; true if a full batch is ready.
+    fn batch_ready(&mut self, batch: usize) -> bool {
+        self.run.step(self.started.elapsed(), &mut self.generated);
+        for r in self.generated.drain(..) {
+            let t = self.epoch_ns + r.offset.as_nanos() as i64;
+            self.ready.push_back((
+                Vital {
+                    metric: r.metric,
+                    value: r.value,
+                    quality: r.quality,
+                },
+                t,
+            ));
+        }
+        self.ready.len() >= batch
+    }
+
+    /// Until the next second's readings are due.
+    fn wait(&self) -> Duration {
+        self.run
+            .position()
+            .saturating_sub(self.started.elapsed())
+            .clamp(Duration::from_micros(100), Duration::from_millis(100))
+    }
+
+    fn take(&mut self, batch: usize) -> Vec<(Vital, i64)> {
+        let n = batch.min(self.ready.len());
+        self.ready.drain(..n).collect()
+    }
+}
+
+impl DeviceSource {
+    fn load(patient: VirtualPatient, dt: f64, batch: usize) -> DeviceSource {
+        DeviceSource {
+            vitals: Vitals::Load(LoadVitals {
+                patient,
+                pending: Vec::new(),
+                dt,
+            }),
+            seq: 0,
+            records: Vec::with_capacity(batch),
+            faults: 0,
+        }
+    }
+
+    /// Next `batch` vitals with their times.
+    fn take(&mut self, batch: usize) -> Vec<(Vital, i64)> {
+        match &mut self.vitals {
+            Vitals::Load(v) => v.take(batch),
+            Vitals::Scenario(v) => v.take(batch),
+        }
     }
 
     fn payload(&mut self, kind: PayloadKind, batch: usize, fault: bool) -> Vec<u8> {
@@ -482,13 +781,17 @@ impl DeviceSource {
 
 async fn device_task(
     config: Rc<SimConfig>,
-    index: usize,
-    cred: Credential,
+    job: DeviceJob,
     counters: Arc<Counters>,
     stop: Arc<AtomicBool>,
     deadline: Option<Instant>,
     hist: Rc<RefCell<Histogram<u64>>>,
 ) {
+    let DeviceJob {
+        index,
+        cred,
+        script,
+    } = job;
     let mut conn = None;
     for attempt in 0..20 {
         match mqtt::connect(&config.target, cred.device.as_str(), cred.secret.as_bytes()).await {
@@ -528,22 +831,27 @@ async fn device_task(
     } else {
         0.0
     };
-    let mut source = DeviceSource {
-        patient: VirtualPatient::new(
-            config
-                .seed
-                .wrapping_mul(1_000_003)
-                .wrapping_add(index as u64),
-        ),
-        pending: Vec::new(),
-        seq: 0,
-        dt: if config.rate > 0.0 {
-            MONITOR_METRICS.len() as f64 / config.rate
-        } else {
-            1.0
+    let mut source = match script {
+        Some(vitals) => DeviceSource {
+            vitals: Vitals::Scenario(Box::new(vitals)),
+            seq: 0,
+            records: Vec::with_capacity(batch),
+            faults: 0,
         },
-        records: Vec::with_capacity(batch),
-        faults: 0,
+        None => DeviceSource::load(
+            VirtualPatient::new(
+                config
+                    .seed
+                    .wrapping_mul(1_000_003)
+                    .wrapping_add(index as u64),
+            ),
+            if config.rate > 0.0 {
+                MONITOR_METRICS.len() as f64 / config.rate
+            } else {
+                1.0
+            },
+            batch,
+        ),
     };
     let mut fault_rng: u64 = config.seed ^ (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut next_fault = || {
@@ -567,22 +875,31 @@ async fn device_task(
         {
             break;
         }
-        if per_publish > 0.0 {
-            let due = (start.elapsed().as_secs_f64() / per_publish) as u64 + 1;
-            if sent >= due {
-                if writer.flush().await.is_err()
-                    || mqtt::ping_if_idle(&mut writer, &mut last_write)
-                        .await
-                        .is_err()
-                {
-                    failed = true;
-                    break;
-                }
-                let wait =
-                    (sent as f64 * per_publish - start.elapsed().as_secs_f64()).clamp(0.000_1, 0.1);
-                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-                continue;
+        // Paced by the configured rate, or in a scenario by its clock.
+        let idle = match &mut source.vitals {
+            Vitals::Load(_) => {
+                // 1 + elapsed / per_publish publishes are due (the first at once).
+                per_publish > 0.0 && sent > (start.elapsed().as_secs_f64() / per_publish) as u64
             }
+            Vitals::Scenario(v) => !v.batch_ready(batch),
+        };
+        if idle {
+            if writer.flush().await.is_err()
+                || mqtt::ping_if_idle(&mut writer, &mut last_write)
+                    .await
+                    .is_err()
+            {
+                failed = true;
+                break;
+            }
+            let wait = match &source.vitals {
+                Vitals::Load(_) => Duration::from_secs_f64(
+                    (sent as f64 * per_publish - start.elapsed().as_secs_f64()).clamp(0.000_1, 0.1),
+                ),
+                Vitals::Scenario(v) => v.wait(),
+            };
+            tokio::time::sleep(wait).await;
+            continue;
         }
         if qos1 && inflight.borrow().in_flight >= window {
             if writer.flush().await.is_err() {
@@ -640,23 +957,24 @@ async fn device_task(
     for &us in &f.latencies_us {
         let _ = h.record(us);
     }
+    if let Vitals::Scenario(v) = &source.vitals {
+        counters
+            .artefacts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .extend_from_slice(v.run.artefacts());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use wardflow_ingest::codec;
+    use wardflow_model::Metric;
 
     #[test]
     fn payloads_decode_and_faults_are_what_they_say() {
-        let mut src = DeviceSource {
-            patient: VirtualPatient::new(3),
-            pending: Vec::new(),
-            seq: 0,
-            dt: 1.0,
-            records: Vec::new(),
-            faults: 0,
-        };
+        let mut src = DeviceSource::load(VirtualPatient::new(3), 1.0, 10);
         for kind in [PayloadKind::Binary, PayloadKind::Senml] {
             let p = src.payload(kind, 10, false);
             let mut out = Vec::new();
@@ -691,5 +1009,185 @@ mod tests {
         assert_eq!(ids.len(), 50);
         assert_eq!(ids[7].0.as_str(), "sim-0007");
         assert_eq!(ids[7].1.as_str(), "sim-patient-0007");
+    }
+
+    /// A bare MQTT 3.1.1 server: accepts every device, acknowledges QoS 1
+    /// publishes, answers pings, and keeps each publish's topic and decoded
+    /// readings.
+    /// Each publish's topic and decoded readings.
+    type Received = Arc<Mutex<Vec<(String, Vec<codec::DecodedReading>)>>>;
+
+    fn fake_broker() -> (String, Received) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let store = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let (Ok(mut s), store) = (stream, store.clone()) else {
+                    continue;
+                };
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    loop {
+                        let mut first = [0u8];
+                        s.read_exact(&mut first)?;
+                        let (mut len, mut shift) = (0usize, 0);
+                        loop {
+                            let mut b = [0u8];
+                            s.read_exact(&mut b)?;
+                            len |= ((b[0] & 0x7f) as usize) << shift;
+                            shift += 7;
+                            if b[0] & 0x80 == 0 {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        s.read_exact(&mut body)?;
+                        match first[0] >> 4 {
+                            1 => s.write_all(&[0x20, 2, 0, 0])?,
+                            3 => {
+                                let n = u16::from_be_bytes([body[0], body[1]]) as usize;
+                                let topic = String::from_utf8_lossy(&body[2..2 + n]).into_owned();
+                                let mut at = 2 + n;
+                                if (first[0] >> 1) & 3 == 1 {
+                                    s.write_all(&[0x40, 2, body[at], body[at + 1]])?;
+                                    at += 2;
+                                }
+                                let mut out = Vec::new();
+                                codec::decode(&body[at..], now_ns(), &mut out).unwrap();
+                                store.lock().unwrap().push((topic, out));
+                            }
+                            12 => s.write_all(&[0xd0, 0])?,
+                            14 => return Ok(()),
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        (addr, received)
+    }
+
+    #[test]
+    fn scenarios_play_in_real_time_over_mqtt_with_onsets_in_the_report() {
+        let scenario = Scenario::parse(
+            r#"
+name = "live"
+duration = "4s"
+[[patients]]
+id = "pt-live-1"
+[[patients.events]]
+kind = "tachycardia"
+onset = "1s"
+ramp = "0s"
+hr = 150
+[[patients]]
+id = "pt-live-2"
+device = "live-monitor-2"
+[[patients.events]]
+kind = "disconnect"
+onset = "1s"
+duration = "2s"
+metrics = ["spo2"]
+"#,
+            Path::new("live.toml"),
+        )
+        .unwrap();
+        let (target, received) = fake_broker();
+        let creds: Vec<Credential> = scenario
+            .patients
+            .iter()
+            .map(|p| Credential {
+                device: p.device.clone(),
+                patient: p.id.clone(),
+                secret: "s".into(),
+            })
+            .collect();
+        let config = SimConfig {
+            target,
+            duration: Some(scenario.duration),
+            ..SimConfig::default()
+        };
+        let before_ms = now_ns() / 1_000_000;
+        let report = run_scenario(
+            &config,
+            &scenario,
+            creds,
+            Arc::new(AtomicBool::new(false)),
+            |_| {},
+        );
+        assert_eq!((report.devices, report.errors), (2, 0), "{report}");
+        // Patient 1: 4 s of 7 metrics; patient 2: 26 readings, 3 full batches of 7.
+        assert!(report.sent >= 28 + 21, "{report}");
+        assert_eq!(report.acked, report.sent);
+        let events = report.events.as_ref().unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].kind, EventKind::Tachycardia);
+        assert_eq!(events[1].device.as_str(), "live-monitor-2");
+        let onset = events[0].onset_ms;
+        assert!(
+            (before_ms..before_ms + 1_500).contains(&(onset - 1_000)),
+            "{onset}"
+        );
+        assert_eq!(events[1].end_ms, Some(events[1].onset_ms + 2_000));
+        assert_eq!(report.artefacts.as_deref(), Some(&[][..]));
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["scenario"], "live");
+        assert_eq!(json["events"][0]["kind"], "tachycardia");
+        assert_eq!(json["events"][0]["patient"], "pt-live-1");
+        assert_eq!(json["events"][0]["onset_ms"], onset);
+
+        let received = received.lock().unwrap();
+        let of = |device: &str, metric: Metric| -> Vec<(i64, f64)> {
+            let topic = readings_topic(device);
+            received
+                .iter()
+                .filter(|(t, _)| *t == topic)
+                .flat_map(|(_, r)| r)
+                .filter(|r| r.metric == codec::DecodedMetric::Known(metric))
+                .map(|r| match r.value {
+                    codec::DecodedValue::Number(v) => (r.time_ns / 1_000_000, v),
+                    _ => panic!("{r:?}"),
+                })
+                .collect()
+        };
+        let hr = of("icu-a-bed-1", Metric::Hr);
+        assert!(hr.len() >= 4, "{hr:?}");
+        // Readings are stamped at the run's start plus their offset.
+        for (i, (t, _)) in hr.iter().enumerate() {
+            assert!(
+                (t - (onset - 1_000 + 1_000 * i as i64)).abs() <= 1,
+                "{hr:?}"
+            );
+        }
+        assert!(
+            hr.iter().all(|&(t, v)| (t < onset) == (v < 120.0)),
+            "{hr:?}"
+        );
+        let spo2 = of("live-monitor-2", Metric::Spo2);
+        let gap = (events[1].onset_ms, events[1].end_ms.unwrap());
+        assert!(!spo2.is_empty());
+        assert!(
+            spo2.iter().all(|&(t, _)| t < gap.0 - 1 || t >= gap.1 - 1),
+            "{spo2:?}"
+        );
+
+        // Load runs keep their report as it was.
+        let json = run(
+            &SimConfig {
+                target: "127.0.0.1:1".into(),
+                devices: 0,
+                ..SimConfig::default()
+            },
+            Vec::new(),
+            Arc::new(AtomicBool::new(true)),
+            |_| {},
+        )
+        .to_json();
+        assert!(
+            !json.contains("events") && !json.contains("scenario"),
+            "{json}"
+        );
     }
 }
