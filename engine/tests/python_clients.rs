@@ -48,3 +48,12 @@ fn kill_9_loses_no_acknowledged_reading() {
 fn news2_agrees_with_the_chart_oracle() {
     run_python("test_news2.py");
 }
+
+/// Alert feeds with paho-mqtt (3.1.1 and 5.0), mosquitto_sub and HTTP:
+/// unit-scoped subscriptions, acknowledgements over MQTT and HTTP seen by
+/// every subscriber, Server-Sent Events, a refused rules file, unbound
+/// devices, manual observations.
+#[test]
+fn alert_feeds_with_real_clients() {
+    run_python("test_alerts.py");
+}
