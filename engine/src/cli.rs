@@ -138,6 +138,9 @@ pub struct ServeArgs {
     /// Directory of alert rule files, reloaded on change [rules.dir; default: the built-in adult ICU rules]
     #[arg(long, value_name = "DIR")]
     pub rules: Option<PathBuf>,
+    /// How often the rule files are checked for changes, ms [rules.reload_ms, default 1000]
+    #[arg(long, value_name = "MS")]
+    pub rules_reload_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -171,6 +174,7 @@ impl ServeArgs {
         if self.rules.is_some() {
             c.rules.dir = self.rules.clone();
         }
+        set!(self.rules_reload_ms, c.rules.reload_ms);
     }
 }
 

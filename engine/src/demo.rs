@@ -1,11 +1,51 @@
 //! `wardflow demo`: the engine and 50 simulated bedside monitors in one
-//! process, on loopback, with a temporary data directory.
+//! process, on loopback, with a temporary data directory. The patients lie
+//! in two units; two more patients follow a script (a desaturation and a
+//! tachycardia) so the default alert rules have something to say, and a
+//! clinician account covering both units is printed with the commands to
+//! follow its alert feed.
+
+/// The scripted patients of the demo (simulator scenario format).
+const DEMO_SCENARIO: &str = r#"
+name = "demo"
+description = "Two patients who deteriorate while the demo runs"
+duration = "24h"
+seed = 2026
+
+[[patients]]
+id = "demo-desat"
+device = "demo-mon-1"
+unit = "icu-a"
+bed = "bed-90"
+
+[[patients.events]]
+kind = "desaturation"
+onset = "10s"
+ramp = "40s"
+spo2 = 82
+duration = "10m"
+
+[[patients]]
+id = "demo-tachy"
+device = "demo-mon-2"
+unit = "icu-b"
+bed = "bed-90"
+
+[[patients.events]]
+kind = "tachycardia"
+onset = "20s"
+ramp = "40s"
+hr = 155
+duration = "10m"
+"#;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use wardflow_ingest::census::{Census, Clinicians};
+use wardflow_simulator::scenario::Scenario;
 use wardflow_simulator::{PayloadKind, SimConfig};
 use wardflow_storage::query::{ReadingQuery, query_readings};
 
@@ -53,13 +93,47 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         device_prefix: "bed-".into(),
     };
     let creds = wardflow_simulator::register(&config.data_dir, &sim)?;
+    // Half the patients in each unit.
+    for (i, c) in creds.iter().enumerate() {
+        let unit = if i % 2 == 0 { "icu-a" } else { "icu-b" };
+        let bed = format!("bed-{:02}", i / 2 + 1);
+        if Census::load(&config.data_dir)?
+            .get(c.patient.as_str())
+            .is_none()
+        {
+            Census::admit(&config.data_dir, c.patient.clone(), unit, &bed, None, None)?;
+        }
+    }
+    let scenario = Scenario::parse(DEMO_SCENARIO, std::path::Path::new("demo scenario"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let scripted = wardflow_simulator::register_scenario(&config.data_dir, &scenario)?;
+    let units = ["icu-a".to_string(), "icu-b".to_string()];
+    let clinician = match Clinicians::add(&config.data_dir, "demo-rn", &units, None) {
+        Ok(secret) => Some(secret),
+        Err(wardflow_ingest::census::CensusError::ClinicianExists(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
     println!(
-        "wardflow demo: {} simulated patients on MQTT {}, metrics on http://{}/metrics, data in {}",
+        "wardflow demo: {} simulated patients in units icu-a and icu-b on MQTT {}, metrics on http://{}/metrics, data in {}",
         args.patients,
         node.mqtt_addr,
         node.http_addr,
         config.data_dir.display()
     );
+    println!(
+        "two more patients deteriorate (a desaturation from 10 s, a tachycardia from 20 s): the default rules alert within about a minute"
+    );
+    if let Some(secret) = &clinician {
+        let port = node.mqtt_addr.port();
+        println!("follow the alerts as clinician demo-rn:");
+        println!(
+            "  mosquitto_sub -p {port} -u demo-rn -P {secret} -t 'wardflow/v1/alerts/icu-a/#' -t 'wardflow/v1/alerts/icu-b/#'"
+        );
+        println!(
+            "  curl -N -H 'Authorization: Bearer demo-rn:{secret}' http://{}/v1/alerts/stream",
+            node.http_addr
+        );
+    }
     println!("one line a second; Ctrl-C stops");
 
     let sim_stop = Arc::new(AtomicBool::new(false));
@@ -68,6 +142,14 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("demo-simulator".into())
             .spawn(move || wardflow_simulator::run(&sim, creds, stop, |_| {}))?
+    };
+    let script = {
+        let (sim, stop) = (sim.clone(), sim_stop.clone());
+        std::thread::Builder::new()
+            .name("demo-scenario".into())
+            .spawn(move || {
+                wardflow_simulator::run_scenario(&sim, &scenario, scripted, stop, |_| {})
+            })?
     };
 
     let started = Instant::now();
@@ -88,6 +170,15 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
             rejected,
         )
     };
+    let alerts = || {
+        let n = |e: &'static str| {
+            m.engine
+                .alert_transitions
+                .get_or_create(&[("event", e)])
+                .get()
+        };
+        (n("raised"), n("resolved"))
+    };
     let mut last = totals();
     let mut last_at = Instant::now();
     while !stop.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
@@ -98,14 +189,17 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         let now = totals();
         let secs = last_at.elapsed().as_secs_f64();
         let rate = |a: u64, b: u64| (a - b) as f64 / secs;
+        let (raised, resolved) = alerts();
         println!(
-            "{:>5.0}s  accepted {:>6.0}/s  stored {:>6.0}/s  dead letters {:>4.0}/s  (total stored {}, dead letters {})  connections {}  lag {} ms",
+            "{:>5.0}s  accepted {:>6.0}/s  stored {:>6.0}/s  dead letters {:>4.0}/s  (total stored {}, dead letters {})  alerts open {} (raised {})  connections {}  lag {} ms",
             started.elapsed().as_secs_f64(),
             rate(now.0, last.0),
             rate(now.1, last.1),
             rate(now.2, last.2),
             now.1,
             now.2,
+            raised.saturating_sub(resolved),
+            raised,
             m.ingest.connections.get(),
             m.engine.dataflow_lag_ms.get(),
         );
@@ -117,11 +211,29 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     let report = simulator
         .join()
         .map_err(|_| anyhow::anyhow!("the simulator panicked"))?;
+    let _ = script.join();
     let data_dir = node.data_dir.clone();
     node.shutdown()?;
     let (accepted, stored, dead) = totals();
     println!("{report}");
     println!("accepted {accepted} readings, stored {stored}, dead letters {dead}");
+    let log = crate::alerting::read_log(&data_dir)?;
+    let raised: Vec<_> = log
+        .iter()
+        .filter(|a| a.event == wardflow_rules::alarm::AlertEventKind::Raised)
+        .collect();
+    println!("alerts raised: {}", raised.len());
+    for a in raised.iter().take(10) {
+        println!(
+            "  {} {} {} bed {} {} ({:?})",
+            format_time(a.raised_ns),
+            a.patient.as_deref().or(a.device.as_deref()).unwrap_or(""),
+            a.unit.as_deref().unwrap_or(""),
+            a.bed.as_deref().unwrap_or(""),
+            a.rule,
+            a.priority
+        );
+    }
     let q = ReadingQuery {
         patient: Some("bed-patient-0000".into()),
         ..Default::default()

@@ -16,11 +16,12 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 /// What a publish will cost in memory until it is stored, in bytes: the
-/// payload itself, and for each reading it carries a decoded reading and a
-/// buffered storage row (about 96 bytes together). A binary frame says how
-/// many readings it carries; a SenML record is rarely under 48 bytes.
+/// payload itself, and for each reading it carries a decoded reading, the
+/// alert rules' copy of it and a buffered storage row (about 144 bytes
+/// together). A binary frame says how many readings it carries; a SenML
+/// record is rarely under 48 bytes.
 pub fn weight(payload: &[u8]) -> usize {
-    const PER_READING: usize = 96;
+    const PER_READING: usize = 144;
     let readings = match crate::codec::frame::header(payload) {
         Ok(h) => h.count,
         Err(_) => payload.len() / 48 + 1,
@@ -69,6 +70,27 @@ impl MemoryBudget {
 
     fn has_room(&self) -> bool {
         self.in_use.load(Ordering::Acquire) < self.capacity
+    }
+
+    /// The reserve: half the capacity again, for a publish whose payload
+    /// is still arriving (its chunks must get through, or it would hold
+    /// its connection forever).
+    fn has_reserve(&self) -> bool {
+        self.in_use.load(Ordering::Acquire) < self.capacity + self.capacity / 2
+    }
+
+    /// Waits until the budget's reserve has room.
+    pub async fn wait_reserve(&self) {
+        while !self.has_reserve() {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+            // Freed memory is announced when use falls below the capacity;
+            // the reserve is checked again every millisecond meanwhile.
+            let freed = self.freed.notified();
+            if self.has_reserve() {
+                return;
+            }
+            let _ = ntex::time::timeout(Duration::from_millis(1), freed).await;
+        }
     }
 
     /// Waits until the budget has room (admission).
@@ -134,9 +156,9 @@ mod tests {
         let mut frame = Vec::new();
         let rec = crate::codec::frame::Record::new(wardflow_model::Metric::Hr, 0, 60.0, 0);
         crate::codec::frame::encode(0, 0, &[rec; 50], &mut frame);
-        assert_eq!(weight(&frame), frame.len() + 50 * 96);
+        assert_eq!(weight(&frame), frame.len() + 50 * 144);
         let senml = br#"[{"n":"hr","v":60}]"#;
-        assert_eq!(weight(senml), senml.len() + 96);
+        assert_eq!(weight(senml), senml.len() + 144);
     }
 
     #[test]

@@ -15,6 +15,7 @@ type Labels = [(&'static str, &'static str); 1];
 pub struct IngestMetrics {
     pub connections: Gauge,
     pub clinician_connections: Gauge,
+    pub admission_reserve: Counter,
     pub connects: Family<Labels, Counter>,
     pub session_takeovers: Counter,
     pub publishes: Family<Labels, Counter>,
@@ -43,6 +44,7 @@ impl Default for IngestMetrics {
         Self {
             connections: Gauge::default(),
             clinician_connections: Gauge::default(),
+            admission_reserve: Counter::default(),
             connects: Family::default(),
             session_takeovers: Counter::default(),
             publishes: Family::default(),
@@ -98,6 +100,11 @@ impl IngestMetrics {
             "mqtt_connections",
             "Open device connections",
             self.connections.clone(),
+        );
+        r.register(
+            "mqtt_admission_reserve",
+            "Readiness checks that used the memory budget's reserve because a payload was arriving in chunks",
+            self.admission_reserve.clone(),
         );
         r.register(
             "mqtt_clinician_connections",

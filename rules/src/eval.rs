@@ -111,13 +111,91 @@ struct RuleState {
     band_since: [Option<i64>; 3],
 }
 
+/// A metric's recent history at one-second resolution (the least and
+/// greatest value of each second), for rate-of-change conditions over
+/// windows of minutes. The extremes of each window over the closed seconds
+/// are recomputed once a second, so a reading costs O(1) at any rate.
+#[derive(Debug, Clone, Default)]
+struct Trend {
+    /// (second, least, greatest), oldest first.
+    seconds: VecDeque<(i64, f64, f64)>,
+    /// Per window (in seconds): the least and greatest value of the closed
+    /// seconds inside it, as of the newest second.
+    windows: Vec<(i64, f64, f64)>,
+}
+
+impl Trend {
+    fn new(windows_ns: &[i64]) -> Trend {
+        let mut windows: Vec<(i64, f64, f64)> = windows_ns
+            .iter()
+            .map(|w| (ceil_s(*w), f64::INFINITY, f64::NEG_INFINITY))
+            .collect();
+        windows.sort_by_key(|w| w.0);
+        windows.dedup_by_key(|w| w.0);
+        Trend {
+            seconds: VecDeque::new(),
+            windows,
+        }
+    }
+
+    fn push(&mut self, t: i64, v: f64) {
+        let sec = t.div_euclid(1_000_000_000);
+        match self.seconds.back_mut() {
+            Some(b) if b.0 == sec => {
+                b.1 = b.1.min(v);
+                b.2 = b.2.max(v);
+                return;
+            }
+            // A late reading joins the newest second.
+            Some(b) if b.0 > sec => {
+                b.1 = b.1.min(v);
+                b.2 = b.2.max(v);
+                return;
+            }
+            _ => {}
+        }
+        self.seconds.push_back((sec, v, v));
+        let longest = self.windows.last().map_or(0, |w| w.0);
+        while self.seconds.front().is_some_and(|f| f.0 < sec - longest) {
+            self.seconds.pop_front();
+        }
+        // Recompute the closed seconds' extremes of each window.
+        let closed = self.seconds.len() - 1;
+        for w in &mut self.windows {
+            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+            for &(s, l, h) in self.seconds.range(..closed).rev() {
+                if s < sec - w.0 {
+                    break;
+                }
+                lo = lo.min(l);
+                hi = hi.max(h);
+            }
+            w.1 = lo;
+            w.2 = hi;
+        }
+    }
+
+    /// The least and greatest value within `window_ns` of the newest
+    /// second, and how many seconds of history there are.
+    fn extremes(&self, window_ns: i64) -> Option<(f64, f64, i64)> {
+        let &(newest, l, h) = self.seconds.back()?;
+        let oldest = self.seconds.front()?.0;
+        let ws = ceil_s(window_ns);
+        let w = self.windows.iter().find(|w| w.0 == ws)?;
+        Some((w.1.min(l), w.2.max(h), newest - oldest))
+    }
+}
+
 /// One patient's state under a rule set.
 #[derive(Debug, Clone)]
 pub struct PatientMonitor {
     latest: [Option<Sample>; Metric::COUNT],
     last_received: [Option<i64>; Metric::COUNT],
-    history: Vec<VecDeque<Sample>>,
-    history_ns: [i64; Metric::COUNT],
+    trends: Vec<Option<Trend>>,
+    /// For each metric, the rules that read it.
+    readers: Vec<Vec<usize>>,
+    /// The rules that depend on time passing.
+    timed: Vec<usize>,
     devices: Vec<(String, i64)>,
     manual: Option<ManualObservation>,
     states: Vec<RuleState>,
@@ -125,17 +203,40 @@ pub struct PatientMonitor {
 
 impl PatientMonitor {
     pub fn new(rules: &RuleSet) -> PatientMonitor {
-        let mut history_ns = [0i64; Metric::COUNT];
+        let mut windows: Vec<Vec<i64>> = vec![Vec::new(); Metric::COUNT];
         for r in &rules.rules {
             if let RuleKind::Condition(c) = &r.kind {
-                rate_windows(c, &mut history_ns);
+                rate_windows(c, &mut windows);
             }
         }
+        let readers = Metric::ALL
+            .iter()
+            .map(|&m| {
+                rules
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| rule_reads(r, m))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let timed = rules
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| matches!(&r.kind, RuleKind::Condition(c) if c.is_timed()))
+            .map(|(i, _)| i)
+            .collect();
         PatientMonitor {
             latest: [None; Metric::COUNT],
             last_received: [None; Metric::COUNT],
-            history: (0..Metric::COUNT).map(|_| VecDeque::new()).collect(),
-            history_ns,
+            trends: windows
+                .iter()
+                .map(|w| (!w.is_empty()).then(|| Trend::new(w)))
+                .collect(),
+            readers,
+            timed,
             devices: Vec::new(),
             manual: None,
             states: rules
@@ -200,15 +301,12 @@ impl PatientMonitor {
         if self.latest[m].is_none_or(|l| l.t <= s.t) {
             self.latest[m] = Some(s);
         }
-        if self.history_ns[m] > 0 {
-            let h = &mut self.history[m];
-            h.push_back(s);
-            while h.front().is_some_and(|f| f.t < s.t - self.history_ns[m]) {
-                h.pop_front();
-            }
+        if let Some(t) = &mut self.trends[m] {
+            t.push(s.t, s.v);
         }
-        for (i, rule) in rules.rules.iter().enumerate() {
-            if applies.get(i).copied().unwrap_or(false) && rule_reads(rule, r.metric) {
+        for k in 0..self.readers[m].len() {
+            let i = self.readers[m][k];
+            if applies.get(i).copied().unwrap_or(false) {
                 self.evaluate(rules, i, r.time_ns, out);
             }
         }
@@ -247,9 +345,9 @@ impl PatientMonitor {
         now_ns: i64,
         out: &mut Vec<CondEvent>,
     ) {
-        for (i, rule) in rules.rules.iter().enumerate() {
-            let timed = matches!(&rule.kind, RuleKind::Condition(c) if c.is_timed());
-            if timed && applies.get(i).copied().unwrap_or(false) {
+        for k in 0..self.timed.len() {
+            let i = self.timed[k];
+            if applies.get(i).copied().unwrap_or(false) {
                 self.evaluate(rules, i, now_ns, out);
             }
         }
@@ -268,6 +366,18 @@ impl PatientMonitor {
     /// The NEWS2 of the patient's latest values at `now_ns`: the score, the
     /// parameters it lacked, and the evidence. None without any fresh value.
     pub fn news2(&self, freshness_ns: i64, now_ns: i64) -> Option<(News2Score, Vec<Evidence>)> {
+        let mut evidence = Vec::new();
+        let score = self.news2_score(freshness_ns, now_ns, Some(&mut evidence))?;
+        Some((score, evidence))
+    }
+
+    /// The NEWS2 of the latest values; the evidence too if asked for.
+    fn news2_score(
+        &self,
+        freshness_ns: i64,
+        now_ns: i64,
+        mut evidence: Option<&mut Vec<Evidence>>,
+    ) -> Option<News2Score> {
         let fresh = |m: Metric| {
             self.latest[m as usize]
                 .filter(|s| now_ns - s.t <= freshness_ns && s.t - now_ns <= freshness_ns)
@@ -278,92 +388,95 @@ impl PatientMonitor {
         let oxygen = manual.and_then(|o| o.oxygen);
         let scale = manual.and_then(|o| o.spo2_scale).unwrap_or_default();
         let consciousness = manual.and_then(|o| o.consciousness);
+        let ox = oxygen.unwrap_or(Oxygen::Air);
         let mut parts = News2Parts::default();
-        let mut evidence = Vec::new();
-        let mut measured = 0;
-        let mut add =
-            |name: &str, s: Option<Sample>, score: &dyn Fn(f64) -> u8, slot: &mut u8| match s {
-                Some(s) => {
-                    *slot = score(s.v);
-                    measured += 1;
-                    evidence.push(Evidence {
-                        name: name.into(),
+        let measured = [
+            (Metric::Rr, &mut parts.rr),
+            (Metric::Spo2, &mut parts.spo2),
+            (Metric::Sbp, &mut parts.sbp),
+            (Metric::Hr, &mut parts.hr),
+            (Metric::Temp, &mut parts.temp),
+        ];
+        let mut count = 0;
+        for (m, slot) in measured {
+            let s = fresh(m);
+            if let Some(s) = s {
+                *slot = match m {
+                    Metric::Rr => news2::rr_score(s.v),
+                    Metric::Spo2 => news2::spo2_score(s.v, scale, ox),
+                    Metric::Sbp => news2::sbp_score(s.v),
+                    Metric::Hr => news2::hr_score(s.v),
+                    _ => news2::temp_score(s.v),
+                };
+                count += 1;
+            }
+            if let Some(ev) = evidence.as_deref_mut() {
+                ev.push(match s {
+                    Some(s) => Evidence {
+                        name: m.name().into(),
                         value: s.v,
                         time_ns: s.t,
                         note: Some(format!("scores {slot}")),
-                    });
-                }
-                None => evidence.push(Evidence {
-                    name: name.into(),
-                    value: f64::NAN,
-                    time_ns: now_ns,
-                    note: Some("no fresh value: scored 0".into()),
-                }),
-            };
-        let ox = oxygen.unwrap_or(Oxygen::Air);
-        add("rr", fresh(Metric::Rr), &news2::rr_score, &mut parts.rr);
-        add(
-            "spo2",
-            fresh(Metric::Spo2),
-            &|v| news2::spo2_score(v, scale, ox),
-            &mut parts.spo2,
-        );
-        add("sbp", fresh(Metric::Sbp), &news2::sbp_score, &mut parts.sbp);
-        add("hr", fresh(Metric::Hr), &news2::hr_score, &mut parts.hr);
-        add(
-            "temp",
-            fresh(Metric::Temp),
-            &news2::temp_score,
-            &mut parts.temp,
-        );
-        if measured == 0 {
+                    },
+                    None => Evidence {
+                        name: m.name().into(),
+                        value: f64::NAN,
+                        time_ns: now_ns,
+                        note: Some("no fresh value: scored 0".into()),
+                    },
+                });
+            }
+        }
+        if count == 0 {
             return None;
         }
         parts.oxygen = news2::oxygen_score(ox);
         parts.consciousness = consciousness.map_or(0, news2::consciousness_score);
-        let manual_time = manual.map_or(now_ns, |o| o.time_ns);
-        evidence.push(Evidence {
-            name: "oxygen".into(),
-            value: parts.oxygen as f64,
-            time_ns: manual_time,
-            note: Some(match oxygen {
-                Some(Oxygen::O2) => "oxygen".into(),
-                Some(Oxygen::Air) => "air".into(),
-                None => "not observed: air assumed".into(),
-            }),
-        });
-        evidence.push(Evidence {
-            name: "consciousness".into(),
-            value: parts.consciousness as f64,
-            time_ns: manual_time,
-            note: Some(match consciousness {
-                Some(c) => c.letter().into(),
-                None => "not observed: alert assumed".into(),
-            }),
-        });
-        evidence.push(Evidence {
-            name: "spo2_scale".into(),
-            value: scale.number() as f64,
-            time_ns: manual_time,
-            note: None,
-        });
         let score = News2Score::from_parts(parts);
-        evidence.insert(
-            0,
-            Evidence {
-                name: "news2".into(),
-                value: score.total as f64,
-                time_ns: now_ns,
-                note: Some(format!("risk {}", score.risk.name())),
-            },
-        );
-        Some((score, evidence))
+        if let Some(ev) = evidence {
+            let manual_time = manual.map_or(now_ns, |o| o.time_ns);
+            ev.push(Evidence {
+                name: "oxygen".into(),
+                value: parts.oxygen as f64,
+                time_ns: manual_time,
+                note: Some(match oxygen {
+                    Some(Oxygen::O2) => "oxygen".into(),
+                    Some(Oxygen::Air) => "air".into(),
+                    None => "not observed: air assumed".into(),
+                }),
+            });
+            ev.push(Evidence {
+                name: "consciousness".into(),
+                value: parts.consciousness as f64,
+                time_ns: manual_time,
+                note: Some(match consciousness {
+                    Some(c) => c.letter().into(),
+                    None => "not observed: alert assumed".into(),
+                }),
+            });
+            ev.push(Evidence {
+                name: "spo2_scale".into(),
+                value: scale.number() as f64,
+                time_ns: manual_time,
+                note: None,
+            });
+            ev.insert(
+                0,
+                Evidence {
+                    name: "news2".into(),
+                    value: score.total as f64,
+                    time_ns: now_ns,
+                    note: Some(format!("risk {}", score.risk.name())),
+                },
+            );
+        }
+        Some(score)
     }
 
     fn evaluate(&mut self, rules: &RuleSet, i: usize, now: i64, out: &mut Vec<CondEvent>) {
         let rule = &rules.rules[i];
         let before = self.states[i].present;
-        let (after, evidence) = match &rule.kind {
+        let after = match &rule.kind {
             RuleKind::Condition(c) => {
                 let mut cs = std::mem::take(&mut self.states[i].cond);
                 let raw = eval_cond(self, c, &mut cs, now);
@@ -394,14 +507,21 @@ impl PatientMonitor {
                 // Once present, the condition holds until the raw condition
                 // (with its hysteresis) is false.
                 let present = if before.is_some() { raw } else { met };
-                let ev = if present {
-                    self.evidence(c, now)
-                } else {
-                    Vec::new()
-                };
-                (present.then_some(rule.priority), ev)
+                present.then_some(rule.priority)
             }
             RuleKind::News2(n) => self.evaluate_news2(rule, n, i, now),
+        };
+        // The values behind a raise or a change (only then: building them
+        // costs more than the evaluation).
+        let evidence = match (before, after) {
+            (None, Some(_)) | (Some(_), Some(_)) if before != after => match &rule.kind {
+                RuleKind::Condition(c) => self.evidence(c, now),
+                RuleKind::News2(n) => self
+                    .news2(n.freshness_ns, now)
+                    .map(|(_, e)| e)
+                    .unwrap_or_default(),
+            },
+            _ => Vec::new(),
         };
         let st = &mut self.states[i];
         st.present = after;
@@ -439,9 +559,9 @@ impl PatientMonitor {
         n: &News2Rule,
         i: usize,
         now: i64,
-    ) -> (Option<Priority>, Vec<Evidence>) {
-        let scored = self.news2(n.freshness_ns, now);
-        let band = scored.as_ref().and_then(|(s, _)| match s.risk {
+    ) -> Option<Priority> {
+        let scored = self.news2_score(n.freshness_ns, now, None);
+        let band = scored.as_ref().and_then(|s| match s.risk {
             Risk::High => n.high,
             Risk::Medium => n.medium,
             Risk::LowMedium => n.low_medium,
@@ -463,7 +583,7 @@ impl PatientMonitor {
                 st.band_since[k] = None;
             }
         }
-        (effective, scored.map(|(_, e)| e).unwrap_or_default())
+        effective
     }
 
     fn evidence(&self, c: &Cond, now: i64) -> Vec<Evidence> {
@@ -480,10 +600,17 @@ impl PatientMonitor {
                 }
                 if let Some(s) = self.latest[*metric as usize] {
                     let note = match c {
-                        Cond::Rate { .. } => {
-                            let h = &self.history[*metric as usize];
-                            h.front().map(|f| format!("was {} at {}", f.v, f.t))
-                        }
+                        Cond::Rate {
+                            window_ns,
+                            direction,
+                            ..
+                        } => self.trends[*metric as usize]
+                            .as_ref()
+                            .and_then(|t| t.extremes(*window_ns))
+                            .map(|(lo, hi, _)| match direction {
+                                Direction::Above => format!("up from {lo} within the window"),
+                                Direction::Below => format!("down from {hi} within the window"),
+                            }),
                         _ => None,
                     };
                     out.push(Evidence {
@@ -522,6 +649,11 @@ impl PatientMonitor {
     }
 }
 
+/// Whole seconds, rounded up.
+fn ceil_s(ns: i64) -> i64 {
+    (ns + 999_999_999) / 1_000_000_000
+}
+
 fn band_index(p: Priority) -> usize {
     match p {
         Priority::Low => 0,
@@ -530,14 +662,11 @@ fn band_index(p: Priority) -> usize {
     }
 }
 
-fn rate_windows(c: &Cond, out: &mut [i64; Metric::COUNT]) {
+fn rate_windows(c: &Cond, out: &mut [Vec<i64>]) {
     match c {
         Cond::Rate {
             metric, window_ns, ..
-        } => {
-            let w = &mut out[*metric as usize];
-            *w = (*w).max(*window_ns);
-        }
+        } => out[*metric as usize].push(*window_ns),
         Cond::All(cs) | Cond::Any(cs) => cs.iter().for_each(|c| rate_windows(c, out)),
         _ => {}
     }
@@ -597,26 +726,23 @@ fn eval_cond(p: &PatientMonitor, c: &Cond, state: &mut CondState, now: i64) -> b
             amount,
             window_ns,
         } => {
-            let h = &p.history[*metric as usize];
-            let (Some(first), Some(last)) = (h.front(), h.back()) else {
+            let Some(last) = p.latest[*metric as usize] else {
+                return false;
+            };
+            let Some((low, high, span_s)) = p.trends[*metric as usize]
+                .as_ref()
+                .and_then(|t| t.extremes(*window_ns))
+            else {
                 return false;
             };
             // A window not yet half full could mistake the first samples
             // for a trend.
-            if last.t - first.t < window_ns / 2 || now - last.t > STALE_AFTER_NS {
+            if span_s * 1_000_000_000 < window_ns / 2 || now - last.t > STALE_AFTER_NS {
                 return false;
             }
-            let from = last.t - window_ns;
-            let within = h.iter().filter(|s| s.t >= from);
             match direction {
-                Direction::Above => {
-                    let low = within.map(|s| s.v).fold(f64::INFINITY, f64::min);
-                    last.v - low >= *amount
-                }
-                Direction::Below => {
-                    let high = within.map(|s| s.v).fold(f64::NEG_INFINITY, f64::max);
-                    high - last.v >= *amount
-                }
+                Direction::Above => last.v - low >= *amount,
+                Direction::Below => high - last.v >= *amount,
             }
         }
         Cond::Missing { target, after_ns } => match target {

@@ -133,15 +133,42 @@ pub fn register(data_dir: &Path, config: &SimConfig) -> Result<Vec<Credential>, 
 pub fn register_scenario(
     data_dir: &Path,
     scenario: &Scenario,
-) -> Result<Vec<Credential>, RegistryError> {
-    register_ids(
+) -> Result<Vec<Credential>, wardflow_ingest::census::CensusError> {
+    use wardflow_ingest::census::{Census, CensusError, Sex};
+    let creds = register_ids(
         data_dir,
         scenario
             .patients
             .iter()
             .map(|p| (p.device.clone(), p.id.clone()))
             .collect(),
-    )
+    )?;
+    // Admit each patient to the scenario's unit and bed (moving them there
+    // if they are admitted already), so alerts reach the unit's feed.
+    for p in &scenario.patients {
+        let sex = p.sex.map(|s| match s {
+            scenario::Sex::Female => Sex::F,
+            scenario::Sex::Male => Sex::M,
+            scenario::Sex::Other => Sex::X,
+        });
+        let admitted =
+            match Census::admit(data_dir, p.id.clone(), &p.unit, &p.bed, p.age_years, sex) {
+                Err(CensusError::AlreadyAdmitted(_)) => {
+                    Census::transfer(data_dir, p.id.as_str(), &p.unit, &p.bed).map(|_| ())
+                }
+                other => other.map(|_| ()),
+            };
+        match admitted {
+            Ok(()) => {}
+            // Another patient lies there: the scenario still runs, its
+            // alerts go to the unassigned feed.
+            Err(e @ CensusError::BedTaken { .. }) => {
+                tracing::warn!("patient {} not admitted: {e}", p.id)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(creds)
 }
 
 /// The scenario's devices that `creds` has no secret for.

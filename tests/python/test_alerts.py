@@ -5,6 +5,7 @@ against a real `wardflow serve` with a rules directory of its own."""
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import unittest
@@ -386,6 +387,45 @@ class AlertFeedTests(unittest.TestCase):
         self.assertEqual([(l["patient"], l.get("consciousness"), l.get("oxygen"), l["by"]) for l in lines],
                          [("p-1", "V", None, "rn-a"), ("p-1", None, "o2", "cli")],
                          "p-2 lies in icu-b: rn-a's observation is refused")
+
+    def test_7_a_scripted_scenario_raises_its_alert_end_to_end(self):
+        scenario = os.path.join(self.rules_dir, "..", f"wardflow-scenario-{os.getpid()}.toml")
+        with open(scenario, "w") as f:
+            f.write("""
+name = "quick-desaturation"
+duration = "12s"
+[[patients]]
+id = "pt-scen-1"
+device = "scen-mon-1"
+unit = "icu-a"
+bed = "bed-77"
+[[patients.events]]
+kind = "desaturation"
+onset = "1s"
+ramp = "2s"
+spo2 = 80
+""")
+        watcher = Clinician(self.server, "rn-a", self.nurse, mqtt.MQTTv5, client_id="rn-a-scenario")
+        try:
+            self.assertTrue(watcher.connected.wait(10))
+            watcher.subscribe("wardflow/v1/alerts/icu-a/#")
+            out = wardflow(self.server.data, "simulate", "--target", f"mqtt://127.0.0.1:{self.server.mqtt_port}",
+                           "--scenario", scenario, "--register", "--payload", "senml", "--batch", "7",
+                           "--qos", "1", "--json")
+            report = json.loads(out.stdout)
+            self.assertEqual(report["errors"], 0, report)
+            onset = next(e["onset_ms"] for e in report["events"] if e["kind"] == "desaturation")
+            got = wait_for(lambda: watcher.alerts(rule="spo2-low", patient="pt-scen-1", event="raised"), 15)
+            self.assertTrue(got, "the scripted desaturation raises spo2-low")
+            alert = got[0]
+            self.assertEqual((alert["unit"], alert["bed"]), ("icu-a", "bed-77"), "admitted by --register")
+            delay_ms = alert["raised_ns"] / 1e6 - onset
+            print(f"\nscripted desaturation over MQTT: spo2-low {delay_ms:.0f} ms after onset", file=sys.stderr)
+            self.assertGreater(delay_ms, 0)
+            self.assertLess(delay_ms, 10_000)
+        finally:
+            watcher.close()
+            os.remove(scenario)
 
 
 if __name__ == "__main__":
