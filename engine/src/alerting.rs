@@ -563,24 +563,11 @@ pub fn spawn_alert_thread(
                 let mut next = Some(first);
                 while let Some(a) = next {
                     let json = serde_json::to_vec(&a).unwrap_or_default();
-                    let unit = a.unit.clone().unwrap_or_else(|| UNASSIGNED_UNIT.into());
                     metrics
                         .alert_transitions
                         .get_or_create(&[("event", event_name(a.event))])
                         .inc();
-                    hub.publish(
-                        FeedItem {
-                            topic: alert_topic(&unit, &a.id),
-                            id: a.id.clone(),
-                            unit,
-                            subject: a.subject.clone(),
-                            open: a.state.is_open(),
-                            seq: a.seq,
-                            at_ns: a.at_ns,
-                            json: json.clone().into(),
-                        },
-                        wardflow_model::now_ns(),
-                    );
+                    hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
                     buf.extend_from_slice(&json);
                     buf.push(b'\n');
                     next = rx.try_recv().ok();
@@ -614,19 +601,22 @@ pub fn publish_restored(hub: &AlertHub, restored: &HashMap<String, Alert>) {
     let mut open: Vec<&Alert> = restored.values().filter(|a| a.state.is_open()).collect();
     open.sort_by_key(|a| a.at_ns);
     for a in open {
-        let unit = a.unit.clone().unwrap_or_else(|| UNASSIGNED_UNIT.into());
-        hub.publish(
-            FeedItem {
-                topic: alert_topic(&unit, &a.id),
-                id: a.id.clone(),
-                unit,
-                subject: a.subject.clone(),
-                open: true,
-                seq: a.seq,
-                at_ns: a.at_ns,
-                json: serde_json::to_vec(a).unwrap_or_default().into(),
-            },
-            wardflow_model::now_ns(),
-        );
+        let json = serde_json::to_vec(a).unwrap_or_default();
+        hub.publish(feed_item(a, json), wardflow_model::now_ns());
+    }
+}
+
+/// An alert transition as the feeds carry it.
+fn feed_item(a: &Alert, json: Vec<u8>) -> FeedItem {
+    let unit = a.unit.clone().unwrap_or_else(|| UNASSIGNED_UNIT.into());
+    FeedItem {
+        topic: alert_topic(&unit, &a.id),
+        id: a.id.clone(),
+        unit,
+        subject: a.subject.clone(),
+        open: a.state.is_open(),
+        seq: a.seq,
+        at_ns: a.at_ns,
+        json: json.into(),
     }
 }

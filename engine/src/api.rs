@@ -93,9 +93,14 @@ struct UnitQuery {
     unit: Option<String>,
 }
 
-/// The units a request covers: the one asked for (if the clinician covers
-/// it), else all of the clinician's.
-fn units(c: &Clinician, asked: Option<String>) -> Result<HashSet<String>, HttpResponse> {
+/// The units a request covers: the one asked for (if the request's
+/// clinician covers it), else all of the clinician's.
+async fn clinician_units(
+    api: &Api,
+    req: &HttpRequest,
+    asked: Option<String>,
+) -> Result<HashSet<String>, HttpResponse> {
+    let c = clinician(api, req).await?;
     match asked {
         Some(u) if c.covers(&u) => Ok([u].into()),
         Some(u) => Err(error(
@@ -111,11 +116,7 @@ async fn list(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let c = match clinician(&api, &req).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let units = match units(&c, q.into_inner().unit) {
+    let units = match clinician_units(&api, &req, q.into_inner().unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -178,11 +179,7 @@ async fn stream(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let c = match clinician(&api, &req).await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let units = match units(&c, q.into_inner().unit) {
+    let units = match clinician_units(&api, &req, q.into_inner().unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
