@@ -256,7 +256,7 @@ pub struct AlertContext {
     pub census: Arc<CensusWatcher>,
     pub registry: Arc<RegistryWatcher>,
     /// Transitions, to the alert thread.
-    pub out: crossbeam_channel::Sender<Alert>,
+    pub out: crossbeam_channel::Sender<AlertOut>,
     /// Open alerts and logged sequence numbers found at start.
     pub restored: HashMap<String, Alert>,
 }
@@ -341,11 +341,16 @@ impl AlertWorker {
         }
     }
 
-    /// Sends what the last calls produced to the alert thread.
-    pub fn flush(&mut self) {
-        for a in self.emitted.drain(..) {
-            let _ = self.ctx.out.send(a);
+    /// Sends what the last calls produced to the alert thread, to be
+    /// published and logged; returns them (for other processes' feeds).
+    pub fn flush(&mut self) -> Vec<Alert> {
+        for a in &self.emitted {
+            let _ = self.ctx.out.send(AlertOut {
+                alert: a.clone(),
+                log: true,
+            });
         }
+        std::mem::take(&mut self.emitted)
     }
 
     /// One publish's readings.
@@ -538,11 +543,18 @@ impl AlertWorker {
     }
 }
 
+/// A transition on its way to the feeds, and to the alert log if this
+/// process decided it.
+pub struct AlertOut {
+    pub alert: Alert,
+    pub log: bool,
+}
+
 /// Writes transitions to the feeds and the alert log, on its own thread:
 /// feeds first (a clinician must not wait for a disk), then the log, with
 /// one fsync for whatever arrived together.
 pub fn spawn_alert_thread(
-    rx: crossbeam_channel::Receiver<Alert>,
+    rx: crossbeam_channel::Receiver<AlertOut>,
     hub: Arc<AlertHub>,
     path: PathBuf,
     metrics: Arc<crate::metrics::EngineMetrics>,
@@ -561,16 +573,21 @@ pub fn spawn_alert_thread(
             let mut buf = Vec::new();
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
-                while let Some(a) = next {
+                while let Some(AlertOut { alert: a, log }) = next {
                     let json = serde_json::to_vec(&a).unwrap_or_default();
-                    metrics
-                        .alert_transitions
-                        .get_or_create(&[("event", event_name(a.event))])
-                        .inc();
                     hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
-                    buf.extend_from_slice(&json);
-                    buf.push(b'\n');
+                    if log {
+                        metrics
+                            .alert_transitions
+                            .get_or_create(&[("event", event_name(a.event))])
+                            .inc();
+                        buf.extend_from_slice(&json);
+                        buf.push(b'\n');
+                    }
                     next = rx.try_recv().ok();
+                }
+                if buf.is_empty() {
+                    continue;
                 }
                 let written = file.write_all(&buf).and_then(|()| file.sync_data());
                 if let Err(e) = written {

@@ -48,10 +48,11 @@ use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validato
 use wardflow_ingest::wal::{InputEvent, ShardSource};
 use wardflow_ingest::{Envelope, metrics::IngestMetrics};
 use wardflow_model::{DeadLetter, DeviceId, PatientId, Reading, TimestampNs};
+use wardflow_rules::alarm::Alert;
 use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_checkpoint};
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
-use crate::alerting::{AlertContext, AlertWorker};
+use crate::alerting::{AlertContext, AlertOut, AlertWorker};
 use crate::metrics::{EngineMetrics, Progress};
 
 /// One publish after validation: what Store writes and later stages
@@ -148,6 +149,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         InputHandle::new();
     let stored = ProbeHandle::new();
     let persisted = ProbeHandle::new();
+    // In a cluster, a worker may only leave once the alert relay between
+    // processes is complete too, or its peers lose their connection to it.
+    let relay_done = ProbeHandle::new();
     let store_config = StoreConfig {
         root: ctx.root.clone(),
         process: ctx.process,
@@ -178,12 +182,18 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         let command_stream = commands
             .to_stream(scope)
             .exchange(|c: &ClinicalCommand| c.route());
-        validated.clone().binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(command_stream, Pipeline, Pipeline, "Alert", {
+        // Transitions go to this process's feeds and alert log from the
+        // operator itself; in a cluster they also travel to every other
+        // process, whose clinicians may follow the same units.
+        let cluster = scope.peers() > ctx.workers_per_process;
+        let relayed = validated.clone().binary_frontier::<_, CapacityContainerBuilder<Vec<(usize, String)>>, _, _, _, _>(command_stream, Pipeline, Pipeline, "Alert", {
             let alerts = ctx.alerts.clone();
             let peers = scope.peers();
-            move |_cap, _info| {
+            let process = ctx.process;
+            move |cap, _info| {
                 let mut worker = AlertWorker::new(alerts, index, peers);
-                move |(readings, frontier), (cmds, _), _output| {
+                let mut cap = Some(cap);
+                move |(readings, frontier), (cmds, cmd_frontier), output| {
                     readings.for_each(|_, data: &mut Vec<Validated>| {
                         for v in data.iter() {
                             worker.on_validated(v);
@@ -196,11 +206,46 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                     });
                     if let Some(&t) = frontier.frontier().first() {
                         worker.on_time(t);
+                        if let Some(c) = cap.as_mut()
+                            && *c.time() < t
+                        {
+                            c.downgrade(&t);
+                        }
                     }
-                    worker.flush();
+                    let sent = worker.flush();
+                    if cluster
+                        && !sent.is_empty()
+                        && let Some(c) = &cap
+                    {
+                        // As JSON: the alert's optional fields are skipped
+                        // when empty, which only a self-describing format reads back.
+                        output.session(c).give_iterator(
+                            sent.iter().filter_map(|a| serde_json::to_string(a).ok()).map(|j| (process, j)),
+                        );
+                    }
+                    if frontier.is_empty() && cmd_frontier.is_empty() {
+                        cap = None;
+                    }
                 }
             }
         });
+        if cluster {
+            let relay = ctx.alerts.out.clone();
+            let process = ctx.process;
+            relayed.broadcast().probe_with(&relay_done).sink(Pipeline, "AlertRelay", move |(input, _)| {
+                input.for_each(|_, data: &mut Vec<(usize, String)>| {
+                    for (origin, json) in data.drain(..) {
+                        // One worker per process relays; the origin logged it.
+                        if leader
+                            && origin != process
+                            && let Ok(alert) = serde_json::from_str::<Alert>(&json)
+                        {
+                            let _ = relay.send(AlertOut { alert, log: false });
+                        }
+                    }
+                });
+            });
+        }
         let stored_stream = validated.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Store", {
             let metrics = ctx.metrics.clone();
             let progress = ctx.progress.clone();
@@ -394,7 +439,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     // 5. The log is closed: finish, flushing everything.
     drop(input);
     drop(commands);
-    while !persisted.done() {
+    let cluster = ctx.workers_per_process < worker.peers();
+    while !persisted.done() || (cluster && !relay_done.done()) {
         worker.step_or_park(Some(Duration::from_millis(5)));
     }
     if leader {

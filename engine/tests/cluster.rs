@@ -135,6 +135,172 @@ fn two_processes_store_every_reading() {
     assert_eq!(writers.into_iter().collect::<Vec<_>>(), ["p0", "p1"]);
 }
 
+/// An alert decided on one process reaches a clinician connected to the
+/// other: transitions are relayed to every process's feeds, and each is
+/// logged once, by the process that owns its subject.
+#[test]
+fn alerts_reach_clinicians_on_every_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // Unbound devices raise a technical alert in the `unassigned` unit.
+    let devices: Vec<(String, String)> = (0..8)
+        .map(|i| {
+            let d = format!("loose-{i}");
+            let out = wardflow_ok(&dir, &["devices", "add", &d]);
+            let secret = out
+                .lines()
+                .find_map(|l| l.strip_prefix("secret: "))
+                .unwrap()
+                .to_string();
+            (d, secret)
+        })
+        .collect();
+    let out = wardflow_ok(&dir, &["clinicians", "add", "ops", "--units", "unassigned"]);
+    let ops = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    let hostfile = tmp.path().join("hosts.txt");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    let h = hostfile.to_str().unwrap();
+    let mut p0 = Server::spawn_on(
+        &dir,
+        free_port(),
+        free_port(),
+        &["-n", "2", "-p", "0", "--hostfile", h, "-w", "1"],
+    );
+    let mut p1 = Server::spawn_on(
+        &dir,
+        free_port(),
+        free_port(),
+        &["-n", "2", "-p", "1", "--hostfile", h, "-w", "1"],
+    );
+    p0.wait_healthy();
+    p1.wait_healthy();
+
+    // The clinician follows the feed on process 0 only.
+    let sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &p0.mqtt_port.to_string(),
+            "-u",
+            "ops",
+            "-P",
+            &ops,
+        ])
+        .args([
+            "-i",
+            "ops-sub",
+            "-t",
+            "wardflow/v1/alerts/unassigned/#",
+            "-C",
+            "8",
+            "-W",
+            "30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for (i, (d, secret)) in devices.iter().enumerate() {
+        let port = if i % 2 == 0 {
+            p0.mqtt_port
+        } else {
+            p1.mqtt_port
+        };
+        let payload = format!(r#"[{{"n":"hr","u":"/min","v":72,"t":{now}}}]"#);
+        let out = Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-i",
+                d,
+                "-u",
+                d,
+                "-P",
+                secret,
+            ])
+            .args([
+                "-q",
+                "1",
+                "-t",
+                &format!("wardflow/v1/devices/{d}/readings"),
+                "-m",
+                &payload,
+            ])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = sub.wait_with_output().unwrap();
+    let alerts: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let seen: std::collections::BTreeSet<String> = alerts
+        .iter()
+        .filter(|a| a["rule"] == "device-unbound" && a["event"] == "raised")
+        .map(|a| a["device"].as_str().unwrap().to_string())
+        .collect();
+
+    p0.interrupt();
+    p1.interrupt();
+    p0.wait_exit();
+    p1.wait_exit();
+    // Each alert is logged once, by the process that decided it, and both
+    // processes decided some.
+    let logged = |p: usize| -> Vec<Value> {
+        std::fs::read_to_string(dir.join("alerts").join(format!("p{p}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (l0, l1) = (logged(0), logged(1));
+    let devs = |l: &[Value]| {
+        l.iter()
+            .map(|a| a["device"].to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen.len(),
+        8,
+        "every device's alert reached process 0's clinician: saw {seen:?}; p0 logged {:?}, p1 logged {:?}",
+        devs(&l0),
+        devs(&l1)
+    );
+    assert!(
+        !l0.is_empty() && !l1.is_empty(),
+        "p0 {} p1 {}",
+        l0.len(),
+        l1.len()
+    );
+    let ids0: std::collections::BTreeSet<&str> =
+        l0.iter().map(|a| a["id"].as_str().unwrap()).collect();
+    assert!(
+        l1.iter().all(|a| !ids0.contains(a["id"].as_str().unwrap())),
+        "no alert is logged by both processes"
+    );
+    assert_eq!(ids0.len() + l1.len(), 8);
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
