@@ -263,15 +263,37 @@ async fn act(api: &Api, req: &HttpRequest, id: &str, action: AlertAction) -> Htt
     if !sent {
         return error(503, "the engine is stopping");
     }
-    match ntex::time::timeout(Duration::from_secs(5), rx).await {
-        Ok(Ok(Ok(json))) => HttpResponse::Ok()
-            .content_type("application/json")
-            .body(json),
-        Ok(Ok(Err(why))) if why.contains("not open") => error(404, &why),
-        Ok(Ok(Err(why))) if why.contains("silence lasts") => error(400, &why),
-        Ok(Ok(Err(why))) => error(409, &why),
-        Ok(Err(_)) => error(503, "the engine is stopping"),
-        Err(_) => error(504, "no answer from the dataflow within 5 s"),
+    // The worker that owns the alert answers; in a cluster it may live in
+    // another process, whose answer cannot travel back: then the alert's
+    // next transition, relayed to this process's feeds, is the answer.
+    let mut rx = rx;
+    let mut closed = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if !closed {
+            match ntex::time::timeout(Duration::from_millis(20), &mut rx).await {
+                Ok(Ok(Ok(json))) => {
+                    return HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(json);
+                }
+                Ok(Ok(Err(why))) if why.contains("not open") => return error(404, &why),
+                Ok(Ok(Err(why))) if why.contains("silence lasts") => return error(400, &why),
+                Ok(Ok(Err(why))) => return error(409, &why),
+                Ok(Err(_)) => closed = true,
+                Err(_) => {}
+            }
+        } else {
+            ntex::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(now) = api.hub.get(id).filter(|a| a.seq > item.seq) {
+            return HttpResponse::Ok()
+                .content_type("application/json")
+                .body(now.json.clone());
+        }
+        if std::time::Instant::now() >= deadline {
+            return error(504, "no answer from the dataflow within 5 s");
+        }
     }
 }
 

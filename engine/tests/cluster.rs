@@ -260,6 +260,24 @@ fn alerts_reach_clinicians_on_every_process() {
         .map(|a| a["device"].as_str().unwrap().to_string())
         .collect();
 
+    // Acknowledged over HTTP on process 0, an alert process 1 decided.
+    let remote: Value = std::fs::read_to_string(dir.join("alerts").join("p1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .next()
+        .expect("process 1 decided an alert");
+    let (status, body) = http_post(
+        p0.http_port,
+        &format!("/v1/alerts/{}/ack", remote["id"].as_str().unwrap()),
+        &format!("ops:{ops}"),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let acked: Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(acked["state"], "acknowledged");
+    assert_eq!(acked["by"], "ops");
+
     p0.interrupt();
     p1.interrupt();
     p0.wait_exit();
@@ -298,7 +316,12 @@ fn alerts_reach_clinicians_on_every_process() {
         l1.iter().all(|a| !ids0.contains(a["id"].as_str().unwrap())),
         "no alert is logged by both processes"
     );
-    assert_eq!(ids0.len() + l1.len(), 8);
+    // Eight raises and the acknowledgement.
+    assert_eq!(ids0.len() + l1.len(), 9);
+    assert!(
+        l1.iter().any(|a| a["state"] == "acknowledged"),
+        "process 1 logged the acknowledgement"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
