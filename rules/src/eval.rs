@@ -111,78 +111,109 @@ struct RuleState {
     band_since: [Option<i64>; 3],
 }
 
-/// A metric's recent history at one-second resolution (the least and
-/// greatest value of each second), for rate-of-change conditions over
-/// windows of minutes. The extremes of each window over the closed seconds
-/// are recomputed once a second, so a reading costs O(1) at any rate.
+/// A metric's recent history at one-second resolution, for rate-of-change
+/// conditions over windows of minutes: the least and greatest value of each
+/// closed second, kept per window in monotonic queues (the sliding-window
+/// minimum), so a reading costs amortized O(1) whatever the window or the
+/// sampling rate.
 #[derive(Debug, Clone, Default)]
 struct Trend {
-    /// (second, least, greatest), oldest first.
-    seconds: VecDeque<(i64, f64, f64)>,
-    /// Per window (in seconds): the least and greatest value of the closed
-    /// seconds inside it, as of the newest second.
-    windows: Vec<(i64, f64, f64)>,
+    /// The open second: (second, least, greatest).
+    current: Option<(i64, f64, f64)>,
+    /// The oldest second seen (for "is the window half full").
+    first: Option<i64>,
+    windows: Vec<Window>,
+}
+
+/// One window's monotonic queues of closed seconds: lows increasing from
+/// the front, highs decreasing, so each front is the window's extreme.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    seconds: i64,
+    lows: VecDeque<(i64, f64)>,
+    highs: VecDeque<(i64, f64)>,
+}
+
+impl Window {
+    fn close(&mut self, sec: i64, low: f64, high: f64) {
+        while self.lows.back().is_some_and(|b| b.1 >= low) {
+            self.lows.pop_back();
+        }
+        self.lows.push_back((sec, low));
+        while self.highs.back().is_some_and(|b| b.1 <= high) {
+            self.highs.pop_back();
+        }
+        self.highs.push_back((sec, high));
+    }
+
+    fn expire(&mut self, newest: i64) {
+        let oldest = newest - self.seconds;
+        while self.lows.front().is_some_and(|f| f.0 < oldest) {
+            self.lows.pop_front();
+        }
+        while self.highs.front().is_some_and(|f| f.0 < oldest) {
+            self.highs.pop_front();
+        }
+    }
 }
 
 impl Trend {
     fn new(windows_ns: &[i64]) -> Trend {
-        let mut windows: Vec<(i64, f64, f64)> = windows_ns
-            .iter()
-            .map(|w| (ceil_s(*w), f64::INFINITY, f64::NEG_INFINITY))
-            .collect();
-        windows.sort_by_key(|w| w.0);
-        windows.dedup_by_key(|w| w.0);
+        let mut seconds: Vec<i64> = windows_ns.iter().map(|w| ceil_s(*w)).collect();
+        seconds.sort_unstable();
+        seconds.dedup();
         Trend {
-            seconds: VecDeque::new(),
-            windows,
+            current: None,
+            first: None,
+            windows: seconds
+                .into_iter()
+                .map(|seconds| Window {
+                    seconds,
+                    ..Window::default()
+                })
+                .collect(),
         }
     }
 
     fn push(&mut self, t: i64, v: f64) {
         let sec = t.div_euclid(1_000_000_000);
-        match self.seconds.back_mut() {
-            Some(b) if b.0 == sec => {
-                b.1 = b.1.min(v);
-                b.2 = b.2.max(v);
-                return;
+        self.first.get_or_insert(sec);
+        match &mut self.current {
+            // The open second, or a late reading (joins the open second).
+            Some(c) if c.0 >= sec => {
+                c.1 = c.1.min(v);
+                c.2 = c.2.max(v);
             }
-            // A late reading joins the newest second.
-            Some(b) if b.0 > sec => {
-                b.1 = b.1.min(v);
-                b.2 = b.2.max(v);
-                return;
-            }
-            _ => {}
-        }
-        self.seconds.push_back((sec, v, v));
-        let longest = self.windows.last().map_or(0, |w| w.0);
-        while self.seconds.front().is_some_and(|f| f.0 < sec - longest) {
-            self.seconds.pop_front();
-        }
-        // Recompute the closed seconds' extremes of each window.
-        let closed = self.seconds.len() - 1;
-        for w in &mut self.windows {
-            let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-            for &(s, l, h) in self.seconds.range(..closed).rev() {
-                if s < sec - w.0 {
-                    break;
+            Some(c) => {
+                let (closed, low, high) = *c;
+                for w in &mut self.windows {
+                    w.close(closed, low, high);
+                    w.expire(sec);
                 }
-                lo = lo.min(l);
-                hi = hi.max(h);
+                *c = (sec, v, v);
             }
-            w.1 = lo;
-            w.2 = hi;
+            None => self.current = Some((sec, v, v)),
         }
     }
 
     /// The least and greatest value within `window_ns` of the newest
     /// second, and how many seconds of history there are.
     fn extremes(&self, window_ns: i64) -> Option<(f64, f64, i64)> {
-        let &(newest, l, h) = self.seconds.back()?;
-        let oldest = self.seconds.front()?.0;
+        let (newest, low, high) = self.current?;
         let ws = ceil_s(window_ns);
-        let w = self.windows.iter().find(|w| w.0 == ws)?;
-        Some((w.1.min(l), w.2.max(h), newest - oldest))
+        let w = self.windows.iter().find(|w| w.seconds == ws)?;
+        let oldest = newest - ws;
+        let lo = w
+            .lows
+            .iter()
+            .find(|x| x.0 >= oldest)
+            .map_or(low, |x| x.1.min(low));
+        let hi = w
+            .highs
+            .iter()
+            .find(|x| x.0 >= oldest)
+            .map_or(high, |x| x.1.max(high));
+        Some((lo, hi, newest - self.first.unwrap_or(newest)))
     }
 }
 
@@ -199,7 +230,12 @@ pub struct PatientMonitor {
     devices: Vec<(String, i64)>,
     manual: Option<ManualObservation>,
     states: Vec<RuleState>,
+    /// NEWS2 parameter scores of the latest samples, each with what it was
+    /// computed from (time, value, SpO2 scale, oxygen).
+    part_scores: [std::cell::Cell<Option<(PartKey, u8)>>; Metric::COUNT],
 }
+
+type PartKey = (i64, u64, Spo2Scale, Oxygen);
 
 impl PatientMonitor {
     pub fn new(rules: &RuleSet) -> PatientMonitor {
@@ -237,6 +273,7 @@ impl PatientMonitor {
                 .collect(),
             readers,
             timed,
+            part_scores: Default::default(),
             devices: Vec::new(),
             manual: None,
             states: rules
@@ -401,12 +438,22 @@ impl PatientMonitor {
         for (m, slot) in measured {
             let s = fresh(m);
             if let Some(s) = s {
-                *slot = match m {
-                    Metric::Rr => news2::rr_score(s.v),
-                    Metric::Spo2 => news2::spo2_score(s.v, scale, ox),
-                    Metric::Sbp => news2::sbp_score(s.v),
-                    Metric::Hr => news2::hr_score(s.v),
-                    _ => news2::temp_score(s.v),
+                // Each parameter's score is kept with the sample (and, for
+                // SpO2, the scale and oxygen) it was computed from.
+                let key = (s.t, s.v.to_bits(), scale, ox);
+                *slot = match self.part_scores[m as usize].get() {
+                    Some((k, score)) if k == key => score,
+                    _ => {
+                        let score = match m {
+                            Metric::Rr => news2::rr_score(s.v),
+                            Metric::Spo2 => news2::spo2_score(s.v, scale, ox),
+                            Metric::Sbp => news2::sbp_score(s.v),
+                            Metric::Hr => news2::hr_score(s.v),
+                            _ => news2::temp_score(s.v),
+                        };
+                        self.part_scores[m as usize].set(Some((key, score)));
+                        score
+                    }
                 };
                 count += 1;
             }
@@ -883,6 +930,35 @@ mod tests {
                 .any(|e| matches!(e, CondEvent::Raised { rule: 1, .. })),
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn trend_windows_match_a_plain_scan() {
+        let mut t = Trend::new(&[10 * S, 60 * S]);
+        let mut all: Vec<(i64, f64)> = Vec::new();
+        for i in 0..500i64 {
+            // Several readings some seconds, none in others, values that wander.
+            for k in 0..(i % 3) {
+                let time = i * S + k * (S / 3);
+                let v = ((i * 7919 + k * 104_729) % 97) as f64;
+                t.push(time, v);
+                all.push((time, v));
+            }
+            for w in [10i64, 60] {
+                let Some((lo, hi, _)) = t.extremes(w * S) else {
+                    continue;
+                };
+                let newest = all.last().unwrap().0.div_euclid(S);
+                let inside = all
+                    .iter()
+                    .filter(|(time, _)| time.div_euclid(S) >= newest - w);
+                let (elo, ehi) = inside
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, v)| {
+                        (a.min(*v), b.max(*v))
+                    });
+                assert_eq!((lo, hi), (elo, ehi), "window {w} s at second {i}");
+            }
+        }
     }
 
     #[test]
