@@ -158,9 +158,17 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         interval_ms: ctx.interval_ms,
     };
     worker.dataflow::<u64, _, _>(|scope| {
-        let validated = input
-            .to_stream(scope)
-            .exchange(|e: &Envelope| e.route())
+        // The log shards publishes by the same route the exchange uses, so
+        // in one process each is already on its worker: an exchange there
+        // would only hold it back (it buffers until the epoch closes, up to
+        // an idle tick, 20 ms). Across processes it must move.
+        let arrived = input.to_stream(scope);
+        let routed = if scope.peers() == ctx.workers_per_process {
+            arrived
+        } else {
+            arrived.exchange(|e: &Envelope| e.route())
+        };
+        let validated = routed
             .unary::<CapacityContainerBuilder<Vec<Validated>>, _, _, _>(Pipeline, "Validate", {
                 let metrics = ctx.ingest_metrics.clone();
                 let config = ctx.validation;
@@ -430,6 +438,11 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
             publish_progress(ctx, &stored, &persisted);
         }
         if fed > 0 {
+            // An input handle keeps what it was given until its buffer fills
+            // or time advances: hand it over now, or a publish waits for the
+            // next commit or idle tick (20 ms) before any rule sees it.
+            input.flush();
+            commands.flush();
             worker.step();
         } else {
             worker.step_or_park(Some(Duration::from_millis(20)));

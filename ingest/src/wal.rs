@@ -41,7 +41,7 @@ use ntex_bytes::Bytes;
 use wardflow_model::{DeviceId, PatientId, TimestampNs};
 
 use crate::budget::{MemoryBudget, Permit};
-use crate::envelope::{Envelope, Payload, route_hash};
+use crate::envelope::{Envelope, Payload};
 use crate::metrics::IngestMetrics;
 
 const RECORD_HEADER: usize = 8;
@@ -160,13 +160,16 @@ impl Shards {
         self.senders.is_empty()
     }
 
-    /// The shard a device's publishes go to.
-    pub fn shard_of(&self, device: &DeviceId) -> usize {
-        (route_hash(device.as_str()) % self.senders.len() as u64) as usize
+    /// The shard a publish goes to: the worker the dataflow exchanges it to
+    /// (by patient, else device), so in one process it stays on its worker.
+    /// A hop between workers would wait for the receiving worker to wake
+    /// (up to its 20 ms park), which alert latency cannot afford.
+    pub fn shard_of(&self, env: &Envelope) -> usize {
+        (env.route() % self.senders.len() as u64) as usize
     }
 
     fn send(&self, env: Envelope) {
-        let s = self.shard_of(&env.device);
+        let s = self.shard_of(&env);
         // A closed shard means the dataflow is shutting down.
         let _ = self.senders[s].send(InputEvent::Data(env));
     }
