@@ -5,11 +5,18 @@
 //! both rates and their ratio. It is a measuring tool: nothing in the engine
 //! depends on it.
 //!
-//! The pieces here are the harness's own: a counting MQTT subscriber, process
-//! and port helpers, and reading `/proc` for peak memory.
+//! The alert latency harness (`src/bin/alert_latency.rs`) measures the time
+//! from a device's publish to the alert's arrival at a clinician's MQTT
+//! subscription, with and without simulator load.
+//!
+//! The pieces here are the harnesses' own: a counting MQTT subscriber, a
+//! subscriber that hands each message to a callback (with credentials),
+//! process and port helpers, reading `/proc` for memory, and Prometheus text
+//! (counters and histograms).
 //!
 //! ```no_run
 //! // cargo run --release -p wardflow-benches --bin e2e -- --duration 10 --repeat 3
+//! // cargo run --release -p wardflow-benches --bin alert_latency -- --duration 60
 //! ```
 
 use std::io::{Read, Write};
@@ -50,8 +57,22 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Current resident memory of a process, in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A plain HTTP GET of a local endpoint's body.
 pub fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_status(port, path).map(|(_, body)| body)
+}
+
+/// A plain HTTP GET of a local endpoint: status code and body.
+pub fn http_get_status(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -61,7 +82,9 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
     .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
 }
 
 /// A counter in a Prometheus text body.
@@ -70,6 +93,59 @@ pub fn metric(body: &str, name: &str) -> Option<f64> {
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The cumulative buckets of a Prometheus histogram (`NAME_bucket{le="X"}`
+/// lines, without labels other than `le`): upper bound and count, in order.
+pub fn histogram_buckets(body: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{");
+    let mut out: Vec<(f64, u64)> = body
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let le = labels
+                .split(',')
+                .find_map(|kv| kv.trim().strip_prefix("le="))?
+                .trim_matches('"');
+            let le = match le {
+                "+Inf" | "Inf" => f64::INFINITY,
+                v => v.parse().ok()?,
+            };
+            Some((le, value.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
+/// The upper bound of the bucket that holds quantile `q` of the
+/// observations made between two snapshots of one histogram, and how many
+/// observations that was. `None` when nothing was observed in between.
+pub fn histogram_quantile(
+    before: &[(f64, u64)],
+    after: &[(f64, u64)],
+    q: f64,
+) -> Option<(f64, u64)> {
+    let count_at = |snapshot: &[(f64, u64)], le: f64| {
+        snapshot
+            .iter()
+            .find(|(b, _)| *b == le)
+            .map_or(0, |(_, c)| *c)
+    };
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|&(le, c)| (le, c.saturating_sub(count_at(before, le))))
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    delta
+        .iter()
+        .find(|(_, c)| *c >= rank)
+        .map(|&(le, _)| (le, total))
 }
 
 /// What a counting subscriber saw.
@@ -195,6 +271,153 @@ pub async fn subscribe_and_count(
     }
 }
 
+/// Reads one MQTT packet: its first byte, and its body into `body`.
+pub async fn read_packet<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut Vec<u8>,
+) -> std::io::Result<u8> {
+    use tokio::io::AsyncReadExt;
+    let first = r.read_u8().await?;
+    read_packet_body(r, body).await?;
+    Ok(first)
+}
+
+/// Reads the rest of an MQTT packet whose first byte has been read: the
+/// remaining length, then the body into `body`.
+pub async fn read_packet_body<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut len = 0usize;
+    for shift in (0..28).step_by(7) {
+        let b = r.read_u8().await?;
+        len |= ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            body.resize(len, 0);
+            r.read_exact(body).await?;
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "MQTT remaining length longer than 4 bytes",
+    ))
+}
+
+/// Who an MQTT connection authenticates as.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub client_id: String,
+    pub username: String,
+    pub password: String,
+}
+
+/// Subscribes to `filter` with `qos` on an MQTT 3.1.1 server, logged in as
+/// `login` (clean session), and hands every message's topic and payload to
+/// `on_message` as it arrives, until `stop` is set or the server closes the
+/// connection. QoS 1 deliveries are acknowledged; a PINGREQ goes out every
+/// 20 s (keep-alive 60 s). `ready` is set once the SUBACK granted the
+/// subscription; a refused login or subscription is an error.
+pub async fn subscribe_payloads(
+    port: u16,
+    login: &Login,
+    filter: &str,
+    qos: u8,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    mut on_message: impl FnMut(&str, &[u8]),
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("subscriber connect")?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::with_capacity(64 << 10, r);
+    // CONNECT: user name, password, clean session; keep-alive 60 s.
+    let mut var = Vec::new();
+    put_str(&mut var, b"MQTT");
+    var.extend_from_slice(&[4, 0xc2]);
+    var.extend_from_slice(&60u16.to_be_bytes());
+    put_str(&mut var, login.client_id.as_bytes());
+    put_str(&mut var, login.username.as_bytes());
+    put_str(&mut var, login.password.as_bytes());
+    let mut p = vec![0x10];
+    remaining_length(&mut p, var.len());
+    p.extend_from_slice(&var);
+    w.write_all(&p).await?;
+    let mut body = Vec::new();
+    let first = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut r, &mut body))
+        .await
+        .context("no CONNACK within 10 s")??;
+    if first != 0x20 || body.len() != 2 {
+        bail!("expected CONNACK, got packet type {}", first >> 4);
+    }
+    if body[1] != 0 {
+        bail!(
+            "CONNACK refused {} with return code {}",
+            login.username,
+            body[1]
+        );
+    }
+    // SUBSCRIBE, packet id 1.
+    let mut sub = vec![0, 1];
+    put_str(&mut sub, filter.as_bytes());
+    sub.push(qos);
+    let mut p = vec![0x82];
+    remaining_length(&mut p, sub.len());
+    p.extend_from_slice(&sub);
+    w.write_all(&p).await?;
+    let mut last_write = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let _ = w.write_all(&[0xe0, 0x00]).await;
+            return Ok(());
+        }
+        if last_write.elapsed() > Duration::from_secs(20) {
+            w.write_all(&[0xc0, 0x00]).await?;
+            last_write = Instant::now();
+        }
+        // Only the first byte is awaited with a timeout: a read cancelled
+        // inside a packet would lose its bytes.
+        let first = match tokio::time::timeout(Duration::from_millis(200), r.read_u8()).await {
+            Err(_) => continue,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                bail!("the server closed the subscription to {filter}");
+            }
+            Ok(b) => b?,
+        };
+        read_packet_body(&mut r, &mut body).await?;
+        match first >> 4 {
+            3 => {
+                if body.len() < 2 {
+                    bail!("short PUBLISH");
+                }
+                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let mut at = 2 + topic_len;
+                if (first >> 1) & 0x3 == 1 {
+                    w.write_all(&[0x40, 0x02, body[at], body[at + 1]]).await?;
+                    last_write = Instant::now();
+                    at += 2;
+                }
+                let topic = String::from_utf8_lossy(&body[2..2 + topic_len]);
+                on_message(&topic, &body[at..]);
+            }
+            9 => {
+                if body.get(2).is_none_or(|&code| code >= 0x80) {
+                    bail!("SUBACK refused {filter} for {}", login.username);
+                }
+                ready.store(true, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +431,26 @@ mod tests {
         assert_eq!(readings_in(&frame), 7);
         assert_eq!(readings_in(br#"[{"n":"hr","v":1},{"n":"rr","v":2}]"#), 2);
         assert_eq!(metric("a_total 3\na 4\n", "a"), Some(4.0));
+    }
+
+    #[test]
+    fn histogram_quantiles_come_from_bucket_deltas() {
+        let text = |counts: [u64; 3]| {
+            format!(
+                "# TYPE h histogram\nh_sum 1.0\nh_count {}\nh_bucket{{le=\"0.001\"}} {}\nh_bucket{{le=\"0.01\"}} {}\nh_bucket{{le=\"+Inf\"}} {}\n",
+                counts[2], counts[0], counts[1], counts[2]
+            )
+        };
+        let before = histogram_buckets(&text([10, 10, 10]), "h");
+        assert_eq!(before.len(), 3);
+        assert_eq!(before[2], (f64::INFINITY, 10));
+        let after = histogram_buckets(&text([100, 109, 110]), "h");
+        assert_eq!(histogram_quantile(&before, &after, 0.5), Some((0.001, 100)));
+        assert_eq!(histogram_quantile(&before, &after, 0.99), Some((0.01, 100)));
+        assert_eq!(
+            histogram_quantile(&before, &after, 1.0),
+            Some((f64::INFINITY, 100))
+        );
+        assert_eq!(histogram_quantile(&after, &after, 0.5), None);
     }
 }
