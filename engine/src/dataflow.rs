@@ -262,7 +262,28 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 let mut writer: ShardWriter<DeviceState> = ShardWriter::new(store_config, index);
                 let interval_ms = writer.config().interval_ms;
                 let activator = scope.activator_for(info.address.clone());
-                // The least capability of each interval not yet flushed, and
+                // Complete intervals are encoded and written on a thread of
+                // their own: a flush takes hundreds of milliseconds at full
+                // load, and the worker's other operators (the alert rules)
+                // must not wait for it. One flush at a time per worker.
+                let (jobs, job_rx) = crossbeam_channel::bounded::<ShardWriter<DeviceState>>(1);
+                let (done_tx, done) = crossbeam_channel::unbounded();
+                let wake = scope.worker().sync_activator_for(info.address.to_vec());
+                std::thread::Builder::new()
+                    .name(format!("flush-{index}"))
+                    .spawn(move || {
+                        while let Ok(mut job) = job_rx.recv() {
+                            let result = job.flush_before(None);
+                            if done_tx.send((job, result)).is_err() {
+                                break;
+                            }
+                            let _ = wake.activate();
+                        }
+                    })
+                    .expect("spawn the flush thread");
+                let mut in_flight: Option<Vec<u64>> = None;
+                let mut retry_at: Option<std::time::Instant> = None;
+                // The least capability of each interval not yet written, and
                 // the memory budget its publishes hold.
                 let mut held: BTreeMap<u64, (Capability<u64>, Vec<Arc<Permit>>)> = BTreeMap::new();
                 move |(input, frontier), output| {
@@ -289,12 +310,10 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                             entry.1.extend(v.permit);
                         }
                     });
-                    let f = frontier.frontier().first().copied();
-                    let complete = writer
-                        .earliest_pending()
-                        .is_some_and(|s| f.is_none_or(|f| s + interval_ms <= f));
-                    if complete {
-                        match writer.flush_before(f) {
+                    // A flush finished.
+                    while let Ok((leftover, result)) = done.try_recv() {
+                        in_flight = None;
+                        match result {
                             Ok(stats) => {
                                 metrics.readings_stored.inc_by(stats.readings);
                                 metrics.dead_letters_stored.inc_by(stats.dead_letters);
@@ -307,15 +326,34 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                                 tracing::error!("storage flush failed, retrying in 1 s (data stays in the write-ahead log): {e}");
                                 metrics.storage_errors.inc();
                                 progress.storage_healthy.store(false, Ordering::Relaxed);
+                                // What was not written is written again.
+                                writer.absorb(leftover);
+                                retry_at = Some(std::time::Instant::now() + Duration::from_secs(1));
                                 activator.activate_after(Duration::from_secs(1));
                             }
                         }
                     }
-                    // Release the capabilities and memory of flushed intervals.
-                    match writer.earliest_pending() {
-                        Some(first) => held.retain(|interval, _| *interval >= first),
-                        None => held.clear(),
+                    let f = frontier.frontier().first().copied();
+                    let complete = writer
+                        .earliest_pending()
+                        .is_some_and(|s| f.is_none_or(|f| s + interval_ms <= f));
+                    if complete
+                        && in_flight.is_none()
+                        && retry_at.is_none_or(|t| std::time::Instant::now() >= t)
+                    {
+                        retry_at = None;
+                        let job = writer.split_before(f);
+                        in_flight = Some(job.intervals().collect());
+                        if jobs.send(job).is_err() {
+                            tracing::error!("the flush thread stopped; data stays in the write-ahead log");
+                            progress.storage_healthy.store(false, Ordering::Relaxed);
+                        }
                     }
+                    // Release the capabilities and memory of written intervals.
+                    held.retain(|interval, _| {
+                        writer.intervals().any(|i| i == *interval)
+                            || in_flight.as_ref().is_some_and(|f| f.contains(interval))
+                    });
                     metrics.storage_pending_readings.set(writer.pending_rows() as i64);
                 }
             }

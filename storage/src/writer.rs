@@ -227,6 +227,43 @@ impl<S: Serialize> ShardWriter<S> {
         self.pending.values().map(|i| i.rows.len()).sum()
     }
 
+    /// Moves every interval that ends at or before `frontier` into a writer
+    /// of its own, to be written elsewhere (another thread) while this one
+    /// takes new data.
+    pub fn split_before(&mut self, frontier: Option<u64>) -> ShardWriter<S> {
+        let keep = match frontier {
+            Some(f) => self
+                .pending
+                .keys()
+                .find(|&&start| start + self.config.interval_ms > f)
+                .copied(),
+            None => None,
+        };
+        let complete = match keep {
+            Some(k) => {
+                let rest = self.pending.split_off(&k);
+                std::mem::replace(&mut self.pending, rest)
+            }
+            None => std::mem::take(&mut self.pending),
+        };
+        ShardWriter {
+            config: self.config.clone(),
+            worker: self.worker,
+            pending: complete,
+            props: self.props.clone(),
+        }
+    }
+
+    /// Takes back intervals another writer did not write.
+    pub fn absorb(&mut self, other: ShardWriter<S>) {
+        self.pending.extend(other.pending);
+    }
+
+    /// The starts of the buffered intervals.
+    pub fn intervals(&self) -> impl Iterator<Item = u64> + '_ {
+        self.pending.keys().copied()
+    }
+
     /// Writes every interval that ends at or before `frontier` (all its data
     /// has arrived). An empty frontier (`None`) writes everything.
     pub fn flush_before(&mut self, frontier: Option<u64>) -> Result<FlushStats, StorageError> {
@@ -237,8 +274,13 @@ impl<S: Serialize> ShardWriter<S> {
             if frontier.is_some_and(|f| start + self.config.interval_ms > f) {
                 break;
             }
-            let buf = self.pending.remove(&start).expect("present");
-            self.write_interval(start, buf, &mut stats, &mut dirs)?;
+            let mut buf = self.pending.remove(&start).expect("present");
+            if let Err(e) = self.write_interval(start, &mut buf, &mut stats, &mut dirs) {
+                // Kept for the next attempt: its files are written whole
+                // (temporary name, then rename) or not at all.
+                self.pending.insert(start, buf);
+                return Err(e);
+            }
             stats.intervals += 1;
         }
         dirs.sort();
@@ -253,7 +295,7 @@ impl<S: Serialize> ShardWriter<S> {
     fn write_interval(
         &self,
         start: u64,
-        mut buf: Interval<S>,
+        buf: &mut Interval<S>,
         stats: &mut FlushStats,
         dirs: &mut Vec<PathBuf>,
     ) -> Result<(), StorageError> {
@@ -328,7 +370,7 @@ impl<S: Serialize> ShardWriter<S> {
             let path = dir.join(name.render("json"));
             let file = StateFile {
                 interval: start,
-                devices: buf.states.into_iter().collect(),
+                devices: buf.states.iter().map(|(d, s)| (d.clone(), s)).collect(),
             };
             let json =
                 serde_json::to_vec(&file).map_err(|e| StorageError::Encode(e.to_string()))?;
