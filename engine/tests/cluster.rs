@@ -32,27 +32,7 @@ fn two_processes_store_every_reading() {
     let mut patients = register(&dir, "a-", 6, &creds_a);
     patients.extend(register(&dir, "b-", 6, &creds_b));
 
-    let hostfile = tmp.path().join("hosts.txt");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
-    )
-    .unwrap();
-    let h = hostfile.to_str().unwrap();
-    let mut p0 = Server::spawn_on(
-        &dir,
-        free_port(),
-        free_port(),
-        &["-n", "2", "-p", "0", "--hostfile", h, "-w", "1"],
-    );
-    let mut p1 = Server::spawn_on(
-        &dir,
-        free_port(),
-        free_port(),
-        &["-n", "2", "-p", "1", "--hostfile", h, "-w", "1"],
-    );
-    p0.wait_healthy();
-    p1.wait_healthy();
+    let (mut p0, mut p1) = start_cluster(tmp.path(), &dir);
 
     let simulate = |port: u16, prefix: &str, creds: &std::path::Path| {
         Command::new(BIN)
@@ -161,27 +141,7 @@ fn alerts_reach_clinicians_on_every_process() {
         .find_map(|l| l.strip_prefix("secret: "))
         .unwrap()
         .to_string();
-    let hostfile = tmp.path().join("hosts.txt");
-    std::fs::write(
-        &hostfile,
-        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
-    )
-    .unwrap();
-    let h = hostfile.to_str().unwrap();
-    let mut p0 = Server::spawn_on(
-        &dir,
-        free_port(),
-        free_port(),
-        &["-n", "2", "-p", "0", "--hostfile", h, "-w", "1"],
-    );
-    let mut p1 = Server::spawn_on(
-        &dir,
-        free_port(),
-        free_port(),
-        &["-n", "2", "-p", "1", "--hostfile", h, "-w", "1"],
-    );
-    p0.wait_healthy();
-    p1.wait_healthy();
+    let (mut p0, mut p1) = start_cluster(tmp.path(), &dir);
 
     // The clinician follows the feed on process 0 only.
     let sub = Command::new("mosquitto_sub")
@@ -322,6 +282,30 @@ fn alerts_reach_clinicians_on_every_process() {
         l1.iter().any(|a| a["state"] == "acknowledged"),
         "process 1 logged the acknowledgement"
     );
+}
+
+/// Two `wardflow serve` processes forming one timely cluster on loopback,
+/// sharing the data directory `dir`; returns once both are healthy.
+fn start_cluster(tmp: &std::path::Path, dir: &std::path::Path) -> (Server, Server) {
+    let hostfile = tmp.join("hosts.txt");
+    std::fs::write(
+        &hostfile,
+        format!("127.0.0.1:{}\n127.0.0.1:{}\n", free_port(), free_port()),
+    )
+    .unwrap();
+    let h = hostfile.to_str().unwrap();
+    let spawn = |p: &str| {
+        Server::spawn_on(
+            dir,
+            free_port(),
+            free_port(),
+            &["-n", "2", "-p", p, "--hostfile", h, "-w", "1"],
+        )
+    };
+    let (mut p0, mut p1) = (spawn("0"), spawn("1"));
+    p0.wait_healthy();
+    p1.wait_healthy();
+    (p0, p1)
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -103,33 +103,24 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
 
 /// A plain HTTP/1.1 GET; returns (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((status, body))
+    http_request(port, &format!("GET {path} HTTP/1.1\r\n"))
 }
 
 /// A plain HTTP/1.1 POST with a bearer token and an empty body; returns
 /// (status, body).
 pub fn http_post(port: u16, path: &str, bearer: &str) -> Option<(u16, String)> {
+    http_request(
+        port,
+        &format!("POST {path} HTTP/1.1\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 0\r\n"),
+    )
+}
+
+/// Sends a request line and headers (each ending in CRLF), then reads the
+/// whole answer.
+fn http_request(port: u16, head: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {bearer}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "{head}Host: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
