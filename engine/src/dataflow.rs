@@ -272,6 +272,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 std::thread::Builder::new()
                     .name(format!("flush-{index}"))
                     .spawn(move || {
+                        lower_priority();
                         while let Ok(mut job) = job_rx.recv() {
                             let result = job.flush_before(None);
                             if done_tx.send((job, result)).is_err() {
@@ -496,6 +497,17 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     }
     if leader {
         publish_progress(ctx, &stored, &persisted);
+    }
+}
+
+/// Lowers the calling thread's scheduling priority (nice 10), for threads
+/// that encode Parquet: they can wait; readings and alerts cannot.
+pub(crate) fn lower_priority() {
+    // SAFETY: setpriority only reads its arguments; on Linux, PRIO_PROCESS
+    // with id 0 applies to the calling thread alone.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if rc != 0 {
+        tracing::debug!("could not lower a background thread's priority");
     }
 }
 

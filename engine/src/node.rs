@@ -233,6 +233,8 @@ impl Node {
             std::thread::Builder::new()
                 .name("housekeeping".into())
                 .spawn(move || {
+                    // Compaction rewrites Parquet: it runs behind ingest and alerts.
+                    crate::dataflow::lower_priority();
                     housekeeping(
                         stop, progress, metrics, handle, budget, root, process, policy,
                     )
