@@ -364,7 +364,7 @@ impl AlertWorker {
                 let device = v.device.as_str();
                 let mut out = Vec::new();
                 let pr = self.patient(p);
-                for r in &v.readings {
+                for r in v.readings.iter() {
                     out.extend(pr.on_reading(&rules, device, v.received_ns, r));
                 }
                 self.emit(out);

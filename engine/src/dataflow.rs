@@ -32,7 +32,6 @@ use std::time::Duration;
 
 use crossbeam_channel::{Sender, TryRecvError};
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::Capability;
@@ -56,19 +55,20 @@ use crate::alerting::{AlertContext, AlertOut, AlertWorker};
 use crate::metrics::{EngineMetrics, Progress};
 
 /// One publish after validation: what Store writes and later stages
-/// (rules, research) will read.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// (rules, research) will read. It goes to more than one operator on the
+/// same worker, and timely clones it for all but one of them: the parts
+/// that own heap memory are shared, so that clone copies no reading.
+#[derive(Debug, Clone)]
 pub struct Validated {
     pub device: DeviceId,
     pub patient: Option<PatientId>,
     pub received_ns: TimestampNs,
-    pub readings: Vec<Reading>,
+    pub readings: Arc<Vec<Reading>>,
     pub dead: Vec<DeadLetter>,
     /// The device's validation state after this publish (checkpointed).
-    pub state: DeviceState,
+    pub state: Arc<DeviceState>,
     /// The publish's share of the memory budget, held until it is stored:
     /// so ingest slows down when storage falls behind.
-    #[serde(skip)]
     pub permit: Option<Arc<Permit>>,
 }
 
@@ -307,7 +307,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                             return;
                         };
                         for v in data.drain(..) {
-                            writer.append(time, Origin { device: &v.device, patient: v.patient.as_ref(), received_ns: v.received_ns }, &v.readings, v.dead, v.state);
+                            writer.append(time, Origin { device: &v.device, patient: v.patient.as_ref(), received_ns: v.received_ns }, &v.readings, v.dead, Arc::unwrap_or_clone(v.state));
                             entry.1.extend(v.permit);
                         }
                     });
@@ -560,9 +560,9 @@ fn validate_one(
         device: env.device,
         patient: env.patient,
         received_ns: env.received_ns,
-        readings,
+        readings: Arc::new(readings),
         dead,
-        state,
+        state: Arc::new(state),
         permit: env.permit,
     }
 }
