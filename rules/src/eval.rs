@@ -290,11 +290,6 @@ impl PatientMonitor {
         }
     }
 
-    /// Whether a rule's condition is present now, and at which priority.
-    pub fn present(&self, rule: usize) -> Option<Priority> {
-        self.states.get(rule).and_then(|s| s.present)
-    }
-
     /// Marks a rule's condition as present without raising it again: for
     /// alerts restored after a restart, whose condition is presumed to hold
     /// until a reading shows otherwise.
@@ -959,6 +954,35 @@ mod tests {
                 assert_eq!((lo, hi), (elo, ehi), "window {w} s at second {i}");
             }
         }
+    }
+
+    #[test]
+    fn questionable_and_stale_values_feed_no_condition() {
+        let set = rules(
+            "[[rule]]\nid='hr'\npriority='medium'\nwhen={metric='hr', above=130, exit=120}\n",
+        );
+        let mut p = PatientMonitor::new(&set);
+        let mut out = Vec::new();
+        let mut flagged = reading(Metric::Hr, 0, 170.0);
+        flagged.quality = Quality::QUESTIONABLE;
+        p.on_reading(&set, &[true], "mon-1", 0, &flagged, &mut out);
+        assert!(out.is_empty(), "a value the monitor flags does not alarm");
+        let ev = feed(&mut p, &set, Metric::Hr, &[(1, 150.0)]);
+        assert!(
+            matches!(ev[..], [CondEvent::Raised { .. }]),
+            "an unflagged one does: {ev:?}"
+        );
+        // A value older than STALE_AFTER_NS no longer holds the condition:
+        // a later combination reading the stale value sees it cleared.
+        let both = rules(
+            "[[rule]]\nid='x'\npriority='high'\nwhen={all=[{metric='hr', above=130}, {metric='spo2', below=90}]}\n",
+        );
+        let mut q = PatientMonitor::new(&both);
+        feed(&mut q, &both, Metric::Hr, &[(0, 150.0)]);
+        let late = 1 + STALE_AFTER_NS / S;
+        assert!(feed(&mut q, &both, Metric::Spo2, &[(late, 85.0)]).is_empty());
+        let fresh = feed(&mut q, &both, Metric::Hr, &[(late + 1, 150.0)]);
+        assert!(matches!(fresh[..], [CondEvent::Raised { .. }]), "{fresh:?}");
     }
 
     #[test]

@@ -139,10 +139,6 @@ impl PatientRules {
         self.open.insert(alert.rule.clone(), alert);
     }
 
-    pub fn open_alerts(&self) -> impl Iterator<Item = &Alert> {
-        self.open.values()
-    }
-
     /// Stops expecting readings from a device (unbound or moved).
     pub fn forget_device(&mut self, device: &str) {
         self.monitor.forget_device(device);

@@ -49,44 +49,14 @@ pub struct SpecError {
 }
 
 /// How long a duration string is, in nanoseconds: `500ms`, `15s`, `2m`,
-/// `1h`, `1d`, or combined (`1m30s`).
+/// `1h`, or combined (`1m30s`), as the rest of Wardflow reads durations
+/// (jiff's friendly format).
 pub fn parse_duration_ns(text: &str) -> Result<i64, String> {
-    let t = text.trim();
-    if t.is_empty() {
-        return Err("an empty duration".into());
-    }
-    let mut total: i64 = 0;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| format!("{text:?} needs a unit (ms, s, m, h, d)"))?;
-        if digits == 0 {
-            return Err(format!("{text:?} is not a duration like 15s, 2m or 1h"));
-        }
-        let n: f64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("{text:?}: {:?} is not a number", &rest[..digits]))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let scale: f64 = match &rest[..unit_len] {
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" | "min" => 60e9,
-            "h" => 3600e9,
-            "d" => 86400e9,
-            other => {
-                return Err(format!(
-                    "{text:?}: unknown unit {other:?} (use ms, s, m, h or d)"
-                ));
-            }
-        };
-        rest = &rest[unit_len..];
-        total = total.saturating_add((n * scale) as i64);
-    }
-    Ok(total)
+    let d: jiff::SignedDuration = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 15s, 2m or 1h30m"))?;
+    i64::try_from(d.as_nanos()).map_err(|_| format!("{text:?} is too long"))
 }
 
 /// A loaded, checked set of rules.
@@ -121,22 +91,6 @@ impl Rule {
     pub fn applies_to(&self, patient: &str, unit: Option<&str>) -> bool {
         (self.units.is_empty() || unit.is_some_and(|u| self.units.iter().any(|x| x == u)))
             && (self.patients.is_empty() || self.patients.iter().any(|p| p == patient))
-    }
-
-    /// The metrics whose readings can change the rule's condition.
-    pub fn metrics(&self) -> BTreeSet<Metric> {
-        let mut out = BTreeSet::new();
-        match &self.kind {
-            RuleKind::Condition(c) => c.metrics(&mut out),
-            RuleKind::News2(_) => out.extend([
-                Metric::Rr,
-                Metric::Spo2,
-                Metric::Sbp,
-                Metric::Hr,
-                Metric::Temp,
-            ]),
-        }
-        out
     }
 }
 
