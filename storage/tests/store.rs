@@ -318,3 +318,26 @@ fn consolidated_states_load_the_same() {
         9
     );
 }
+
+/// A write that fails keeps its interval for the next attempt; a split
+/// writer hands complete intervals to another thread and takes back what it
+/// could not write.
+#[test]
+fn failed_writes_are_kept_and_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ShardWriter::new(config(dir.path()), 0);
+    write_seconds(&mut w, 0..3, 2);
+    // A file where the readings directory should be: every write fails.
+    let blocker = dir.path().join("readings");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let mut job = w.split_before(Some(E0 + 2500));
+    assert_eq!(job.intervals().collect::<Vec<_>>(), [E0, E0 + 1000]);
+    assert_eq!(w.intervals().collect::<Vec<_>>(), [E0 + 2000]);
+    assert!(job.flush_before(None).is_err());
+    assert_eq!(job.pending_rows(), 2 * 2 * 2, "nothing is lost on failure");
+    w.absorb(job);
+    std::fs::remove_file(&blocker).unwrap();
+    let stats = w.flush_before(None).unwrap();
+    assert_eq!((stats.intervals, stats.readings), (3, 3 * 2 * 2));
+    assert_eq!(all_of(dir.path(), "p-1").len(), 6);
+}
