@@ -186,6 +186,36 @@ fn remaining_length(out: &mut Vec<u8>, mut n: usize) {
     }
 }
 
+/// CONNECT (clean session; with a user name and password if `login` has
+/// them) and SUBSCRIBE (`filter` at `qos`, packet id 1), MQTT 3.1.1.
+fn connect_and_subscribe(
+    client_id: &str,
+    login: Option<&Login>,
+    keep_alive_s: u16,
+    filter: &str,
+    qos: u8,
+) -> (Vec<u8>, Vec<u8>) {
+    let mut var = Vec::new();
+    put_str(&mut var, b"MQTT");
+    var.extend_from_slice(&[4, if login.is_some() { 0xc2 } else { 0x02 }]);
+    var.extend_from_slice(&keep_alive_s.to_be_bytes());
+    put_str(&mut var, client_id.as_bytes());
+    if let Some(l) = login {
+        put_str(&mut var, l.username.as_bytes());
+        put_str(&mut var, l.password.as_bytes());
+    }
+    let mut connect = vec![0x10];
+    remaining_length(&mut connect, var.len());
+    connect.extend_from_slice(&var);
+    let mut sub = vec![0, 1];
+    put_str(&mut sub, filter.as_bytes());
+    sub.push(qos);
+    let mut subscribe = vec![0x82];
+    remaining_length(&mut subscribe, sub.len());
+    subscribe.extend_from_slice(&sub);
+    (connect, subscribe)
+}
+
 /// Subscribes to `filter` on an MQTT 3.1.1 broker with `qos` and counts what
 /// arrives until `stop` is set, acknowledging QoS 1 deliveries.
 pub async fn subscribe_and_count(
@@ -203,22 +233,9 @@ pub async fn subscribe_and_count(
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(256 << 10, r);
-    // CONNECT, clean session, keep-alive 600 s.
-    let mut var = Vec::new();
-    put_str(&mut var, b"MQTT");
-    var.extend_from_slice(&[4, 0x02]);
-    var.extend_from_slice(&600u16.to_be_bytes());
-    put_str(&mut var, b"bench-subscriber");
-    let mut p = vec![0x10];
-    remaining_length(&mut p, var.len());
-    p.extend_from_slice(&var);
-    // SUBSCRIBE, packet id 1.
-    let mut sub = vec![0, 1];
-    put_str(&mut sub, filter.as_bytes());
-    sub.push(qos);
-    p.push(0x82);
-    remaining_length(&mut p, sub.len());
-    p.extend_from_slice(&sub);
+    // Anonymous, keep-alive 600 s; SUBSCRIBE right behind CONNECT.
+    let (mut p, subscribe) = connect_and_subscribe("bench-subscriber", None, 600, filter, qos);
+    p.extend_from_slice(&subscribe);
     w.write_all(&p).await?;
     let mut body = Vec::new();
     let mut acks = Vec::new();
@@ -237,18 +254,7 @@ pub async fn subscribe_and_count(
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Ok(b) => b?,
         };
-        let mut len = 0usize;
-        let mut shift = 0;
-        loop {
-            let b = r.read_u8().await?;
-            len |= ((b & 0x7f) as usize) << shift;
-            shift += 7;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        body.resize(len, 0);
-        r.read_exact(&mut body).await?;
+        read_packet_body(&mut r, &mut body).await?;
         if first >> 4 == 3 {
             let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
             let mut at = 2 + topic_len;
@@ -335,18 +341,10 @@ pub async fn subscribe_payloads(
     stream.set_nodelay(true)?;
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::with_capacity(64 << 10, r);
-    // CONNECT: user name, password, clean session; keep-alive 60 s.
-    let mut var = Vec::new();
-    put_str(&mut var, b"MQTT");
-    var.extend_from_slice(&[4, 0xc2]);
-    var.extend_from_slice(&60u16.to_be_bytes());
-    put_str(&mut var, login.client_id.as_bytes());
-    put_str(&mut var, login.username.as_bytes());
-    put_str(&mut var, login.password.as_bytes());
-    let mut p = vec![0x10];
-    remaining_length(&mut p, var.len());
-    p.extend_from_slice(&var);
-    w.write_all(&p).await?;
+    // Keep-alive 60 s; SUBSCRIBE once the CONNACK accepted the login.
+    let (connect, subscribe) =
+        connect_and_subscribe(&login.client_id, Some(login), 60, filter, qos);
+    w.write_all(&connect).await?;
     let mut body = Vec::new();
     let first = tokio::time::timeout(Duration::from_secs(10), read_packet(&mut r, &mut body))
         .await
@@ -361,14 +359,7 @@ pub async fn subscribe_payloads(
             body[1]
         );
     }
-    // SUBSCRIBE, packet id 1.
-    let mut sub = vec![0, 1];
-    put_str(&mut sub, filter.as_bytes());
-    sub.push(qos);
-    let mut p = vec![0x82];
-    remaining_length(&mut p, sub.len());
-    p.extend_from_slice(&sub);
-    w.write_all(&p).await?;
+    w.write_all(&subscribe).await?;
     let mut last_write = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
