@@ -427,6 +427,33 @@ spo2 = 80
             watcher.close()
             os.remove(scenario)
 
+    def test_8_open_alerts_survive_a_restart(self):
+        watcher = Clinician(self.server, "rn-a", self.nurse, mqtt.MQTTv5, client_id="rn-a-before")
+        try:
+            self.assertTrue(watcher.connected.wait(10))
+            watcher.subscribe("wardflow/v1/alerts/icu-a/#")
+            alert = self.raise_alert("spo2", 83, "%", "spo2-low", watcher)
+        finally:
+            watcher.close()
+        self.server.stop()
+        self.server.start()
+        after = Clinician(self.server, "rn-a", self.nurse, mqtt.MQTTv5, client_id="rn-a-after")
+        try:
+            self.assertTrue(after.connected.wait(10))
+            after.subscribe("wardflow/v1/alerts/icu-a/#")
+            restored = wait_for(lambda: after.alerts(id=alert["id"]), 10)
+            self.assertTrue(restored, "the open alert is restored and sent to a new subscriber")
+            self.assertEqual(restored[0]["state"], "active")
+            status, body = self.http("POST", f"/v1/alerts/{alert['id']}/ack", f"rn-a:{self.nurse}")
+            self.assertEqual(status, 200, body)
+            self.assertEqual(json.loads(body)["seq"], alert["seq"] + 1, "the same alert continues")
+        finally:
+            after.close()
+        log = json.loads(wardflow(self.server.data, "alerts", "list", "--history", "--patient", "p-1",
+                                  "--format", "json", "--limit", "1000").stdout)
+        raised = [a for a in log if a["id"] == alert["id"] and a["event"] == "raised"]
+        self.assertEqual(len(raised), 1, "the replay after the restart raised it only once")
+
 
 if __name__ == "__main__":
     unittest.main()
