@@ -33,6 +33,8 @@ pub struct IngestMetrics {
     pub wal_replayed: Counter,
     pub wal_segments: Gauge,
     pub wal_segments_deleted: Counter,
+    pub wal_segments_prepared: Counter,
+    pub wal_segments_unprepared: Counter,
     pub wal_failed: Gauge,
     pub memory_budget_bytes: Gauge,
     pub memory_in_flight_bytes: Gauge,
@@ -63,6 +65,8 @@ impl Default for IngestMetrics {
             wal_replayed: Counter::default(),
             wal_segments: Gauge::default(),
             wal_segments_deleted: Counter::default(),
+            wal_segments_prepared: Counter::default(),
+            wal_segments_unprepared: Counter::default(),
             wal_failed: Gauge::default(),
             memory_budget_bytes: Gauge::default(),
             memory_in_flight_bytes: Gauge::default(),
@@ -195,6 +199,16 @@ impl IngestMetrics {
             "wal_segments_deleted",
             "Write-ahead log segments deleted after the storage checkpoint passed them",
             self.wal_segments_deleted.clone(),
+        );
+        r.register(
+            "wal_segments_prepared",
+            "Write-ahead log segments prepared ahead of the writer (allocated, zeroed and fsynced)",
+            self.wal_segments_prepared.clone(),
+        );
+        r.register(
+            "wal_segments_unprepared",
+            "Write-ahead log segments the writer had to create itself because no prepared one was ready",
+            self.wal_segments_unprepared.clone(),
         );
         r.register(
             "wal_failed",

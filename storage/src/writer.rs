@@ -415,8 +415,9 @@ fn write_parquet_batches(
     let mut size = 0;
     let mut failure = None;
     let written = layout::write_atomically(&path, |f: &mut File| {
-        let mut w = ArrowWriter::try_new(f.try_clone()?, schema, Some(props))
-            .map_err(std::io::Error::other)?;
+        let out = layout::SteadyWriter::new(f.try_clone()?);
+        let mut w =
+            ArrowWriter::try_new(out, schema, Some(props)).map_err(std::io::Error::other)?;
         for batch in batches {
             let batch = batch.map_err(|e| {
                 failure = Some(e);
