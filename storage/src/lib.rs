@@ -5,8 +5,10 @@
 //! the `readings` and `deadletters` tables ([`schema`]), the per-worker
 //! writer that turns a flush interval into sorted Parquet files
 //! ([`writer`]), the checkpoint that tells the write-ahead log what it may
-//! forget and what to replay ([`checkpoint`]), compaction ([`compact`]) and
-//! queries ([`query`]). It does not decide *when* to flush (the engine does,
+//! forget and what to replay ([`checkpoint`]), compaction ([`compact`]),
+//! queries ([`query`]) and the audit-trail leaves of stored rows
+//! ([`leaves`]; their encoding and the batches they go into belong to
+//! `ledger-bridge`). It does not decide *when* to flush (the engine does,
 //! from the dataflow's frontier), validate readings (`ingest`), or talk to
 //! QuestDB (a later sink).
 //!
@@ -36,6 +38,7 @@ use std::path::{Path, PathBuf};
 pub mod checkpoint;
 pub mod compact;
 pub mod layout;
+pub mod leaves;
 pub mod query;
 pub mod schema;
 pub mod writer;

@@ -20,6 +20,7 @@ pub static READINGS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("seq", DataType::UInt64, true),
         Field::new("quality", DataType::UInt8, false),
         Field::new("received_at", ts(), false),
+        Field::new("log_epoch", DataType::UInt64, false),
     ]))
 });
 
@@ -33,6 +34,7 @@ pub mod readings {
     pub const SEQ: usize = 6;
     pub const QUALITY: usize = 7;
     pub const RECEIVED: usize = 8;
+    pub const LOG_EPOCH: usize = 9;
 }
 
 /// `deadletters`: one row per rejected reading or payload.
@@ -47,6 +49,7 @@ pub static DEAD_LETTERS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("raw", DataType::Utf8, false),
         Field::new("time", ts(), true),
         Field::new("seq", DataType::UInt64, true),
+        Field::new("log_epoch", DataType::UInt64, false),
     ]))
 });
 
@@ -60,4 +63,5 @@ pub mod dead_letters {
     pub const RAW: usize = 6;
     pub const TIME: usize = 7;
     pub const SEQ: usize = 8;
+    pub const LOG_EPOCH: usize = 9;
 }

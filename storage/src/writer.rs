@@ -107,6 +107,8 @@ const NO_PATIENT: u32 = u32::MAX;
 /// One buffered reading.
 #[derive(Clone, Copy)]
 struct Row {
+    /// The write-ahead log epoch of the row's publish (its dataflow time).
+    epoch: u64,
     time_ns: TimestampNs,
     received_ns: TimestampNs,
     value: f64,
@@ -121,7 +123,8 @@ struct Interval<S> {
     patients: Interner,
     devices: Interner,
     rows: Vec<Row>,
-    dead: Vec<DeadLetter>,
+    /// Dead letters, with the log epoch of their publish.
+    dead: Vec<(u64, DeadLetter)>,
     states: HashMap<DeviceId, S>,
 }
 
@@ -199,6 +202,7 @@ impl<S: Serialize> ShardWriter<S> {
         let p = patient.map_or(NO_PATIENT, |p| buf.patients.intern(p.as_str()));
         let d = buf.devices.intern(device.as_str());
         buf.rows.extend(readings.iter().map(|r| Row {
+            epoch,
             time_ns: r.time_ns,
             received_ns,
             value: r.value,
@@ -208,7 +212,7 @@ impl<S: Serialize> ShardWriter<S> {
             metric: r.metric,
             quality: r.quality.0,
         }));
-        buf.dead.extend(dead);
+        buf.dead.extend(dead.into_iter().map(|d| (epoch, d)));
         match buf.states.get_mut(device) {
             Some(s) => *s = state,
             None => {
@@ -347,12 +351,11 @@ impl<S: Serialize> ShardWriter<S> {
         }
 
         // Dead letters, by the hour of receipt.
-        buf.dead.sort_by_key(|d| d.received_ns);
-        for group in buf
-            .dead
-            .chunk_by(|a, b| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns))
-        {
-            let hour = layout::hour_of(group[0].received_ns);
+        buf.dead.sort_by_key(|(_, d)| d.received_ns);
+        for group in buf.dead.chunk_by(|(_, a), (_, b)| {
+            layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)
+        }) {
+            let hour = layout::hour_of(group[0].1.received_ns);
             let batch = dead_letters_batch(group)?;
             let dir = root
                 .join(DEAD_LETTERS_DIR)
@@ -500,22 +503,25 @@ fn readings_batch(
             TimestampNanosecondArray::from_iter_values(rows.iter().map(|r| r.received_ns))
                 .with_timezone("UTC"),
         ),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.epoch))),
     ];
     RecordBatch::try_new(schema::READINGS.clone(), columns)
         .map_err(|e| StorageError::Encode(e.to_string()))
 }
 
-fn dead_letters_batch(rows: &[DeadLetter]) -> Result<RecordBatch, StorageError> {
+fn dead_letters_batch(rows: &[(u64, DeadLetter)]) -> Result<RecordBatch, StorageError> {
     let strings = |f: &dyn Fn(&DeadLetter) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::new();
-        for d in rows {
+        for (_, d) in rows {
             b.append_option(f(d));
         }
         Arc::new(b.finish())
     };
+    let epochs = UInt64Array::from_iter_values(rows.iter().map(|(e, _)| *e));
+    let rows = || rows.iter().map(|(_, d)| d);
     let columns: Vec<ArrayRef> = vec![
         Arc::new(
-            TimestampNanosecondArray::from_iter_values(rows.iter().map(|d| d.received_ns))
+            TimestampNanosecondArray::from_iter_values(rows().map(|d| d.received_ns))
                 .with_timezone("UTC"),
         ),
         strings(&|d| Some(d.device.as_str())),
@@ -525,10 +531,10 @@ fn dead_letters_batch(rows: &[DeadLetter]) -> Result<RecordBatch, StorageError> 
         strings(&|d| d.metric.as_deref()),
         strings(&|d| Some(d.raw.as_str())),
         Arc::new(
-            TimestampNanosecondArray::from_iter(rows.iter().map(|d| d.time_ns))
-                .with_timezone("UTC"),
+            TimestampNanosecondArray::from_iter(rows().map(|d| d.time_ns)).with_timezone("UTC"),
         ),
-        Arc::new(UInt64Array::from_iter(rows.iter().map(|d| d.seq))),
+        Arc::new(UInt64Array::from_iter(rows().map(|d| d.seq))),
+        Arc::new(epochs),
     ];
     RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns)
         .map_err(|e| StorageError::Encode(e.to_string()))
