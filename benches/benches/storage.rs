@@ -1,7 +1,8 @@
 //! Writing readings to the store beside a baseline measured in the same run:
 //! the same rows written as one unsorted Parquet file with arrow's default
 //! writer (no sorting by patient, no partitioning, no fsync), which is the
-//! least any Parquet store pays.
+//! least any Parquet store pays. Beside them, what the audit trail adds:
+//! the ledger leaves and the batch's Merkle root of the same rows.
 //!
 //! `cargo bench -p wardflow-benches --bench storage`
 
@@ -14,6 +15,7 @@ use arrow::array::{
 use arrow::record_batch::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use parquet::arrow::ArrowWriter;
+use wardflow_ledger_bridge::canonical_tree;
 use wardflow_model::{DeviceId, Metric, PatientId, Quality, Reading, now_ns};
 use wardflow_storage::{Origin, ShardWriter, StoreConfig, schema};
 
@@ -51,6 +53,47 @@ fn data() -> Data {
     }
 }
 
+/// The rows as one `readings` record batch, unsorted.
+fn readings_batch(d: &Data) -> RecordBatch {
+    let n = ROWS;
+    let patient: Vec<&str> = (0..n)
+        .map(|i| d.ids[(i / PER_PUBLISH) % 50].1.as_str())
+        .collect();
+    let device: Vec<&str> = (0..n)
+        .map(|i| d.ids[(i / PER_PUBLISH) % 50].0.as_str())
+        .collect();
+    let epoch = (d.t0 / 1_000_000) as u64;
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(d.readings.iter().map(|r| r.time_ns))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from(patient)),
+        Arc::new(StringArray::from(device)),
+        Arc::new(StringArray::from_iter_values(
+            d.readings.iter().map(|r| r.metric.name()),
+        )),
+        Arc::new(Float64Array::from_iter_values(
+            d.readings.iter().map(|r| r.value),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            d.readings.iter().map(|r| r.metric.canonical_unit().ucum()),
+        )),
+        Arc::new(UInt64Array::from_iter(d.readings.iter().map(|r| r.seq))),
+        Arc::new(UInt8Array::from_iter_values(
+            d.readings.iter().map(|r| r.quality.0),
+        )),
+        Arc::new(
+            TimestampNanosecondArray::from_iter_values(d.readings.iter().map(|_| d.t0))
+                .with_timezone("UTC"),
+        ),
+        Arc::new(UInt64Array::from_iter_values(
+            d.readings.iter().map(|_| epoch),
+        )),
+    ];
+    RecordBatch::try_new(schema::READINGS.clone(), columns).unwrap()
+}
+
 fn write(c: &mut Criterion) {
     let d = data();
     let mut g = c.benchmark_group("store_100k_readings");
@@ -60,46 +103,32 @@ fn write(c: &mut Criterion) {
     g.bench_function("baseline: one unsorted Parquet file", |b| {
         let dir = tempfile::tempdir().unwrap();
         b.iter(|| {
-            let n = ROWS;
-            let patient: Vec<&str> = (0..n)
-                .map(|i| d.ids[(i / PER_PUBLISH) % 50].1.as_str())
-                .collect();
-            let device: Vec<&str> = (0..n)
-                .map(|i| d.ids[(i / PER_PUBLISH) % 50].0.as_str())
-                .collect();
-            let columns: Vec<ArrayRef> = vec![
-                Arc::new(
-                    TimestampNanosecondArray::from_iter_values(
-                        d.readings.iter().map(|r| r.time_ns),
-                    )
-                    .with_timezone("UTC"),
-                ),
-                Arc::new(StringArray::from(patient)),
-                Arc::new(StringArray::from(device)),
-                Arc::new(StringArray::from_iter_values(
-                    d.readings.iter().map(|r| r.metric.name()),
-                )),
-                Arc::new(Float64Array::from_iter_values(
-                    d.readings.iter().map(|r| r.value),
-                )),
-                Arc::new(StringArray::from_iter_values(
-                    d.readings.iter().map(|r| r.metric.canonical_unit().ucum()),
-                )),
-                Arc::new(UInt64Array::from_iter(d.readings.iter().map(|r| r.seq))),
-                Arc::new(UInt8Array::from_iter_values(
-                    d.readings.iter().map(|r| r.quality.0),
-                )),
-                Arc::new(
-                    TimestampNanosecondArray::from_iter_values(d.readings.iter().map(|_| d.t0))
-                        .with_timezone("UTC"),
-                ),
-            ];
-            let batch = RecordBatch::try_new(schema::READINGS.clone(), columns).unwrap();
+            let batch = readings_batch(&d);
             let file = std::fs::File::create(dir.path().join("baseline.parquet")).unwrap();
             let mut w = ArrowWriter::try_new(file, batch.schema(), None).unwrap();
             w.write(&batch).unwrap();
             black_box(w.close().unwrap());
         })
+    });
+
+    // What sealing stored rows into the audit trail adds per row: its leaf
+    // encoding and SHA-256 (docs/ledger.md), then the batch's tree over the
+    // sorted leaf hashes.
+    g.bench_function("ledger: leaf hashes of the rows", |b| {
+        let batch = readings_batch(&d);
+        let mut leaves = Vec::with_capacity(ROWS);
+        b.iter(|| {
+            leaves.clear();
+            wardflow_storage::leaves::reading_leaves(&batch, &mut leaves).unwrap();
+            black_box(leaves.len())
+        })
+    });
+    g.bench_function("ledger: sorted Merkle root of the leaf hashes", |b| {
+        let batch = readings_batch(&d);
+        let mut leaves = Vec::with_capacity(ROWS);
+        wardflow_storage::leaves::reading_leaves(&batch, &mut leaves).unwrap();
+        let hashes: Vec<_> = leaves.iter().map(|(_, h)| *h).collect();
+        b.iter(|| black_box(canonical_tree(hashes.clone()).root()))
     });
 
     g.bench_function("wardflow: ShardWriter append + flush", |b| {
