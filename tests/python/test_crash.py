@@ -86,13 +86,16 @@ class Publisher:
 
 class CrashTest(unittest.TestCase):
     def test_kill_9_mid_stream_loses_no_acknowledged_reading_and_stores_none_twice(self):
-        server = Server("--flush-interval-ms", "200")
+        # 1 MiB log segments, so the stream crosses segments, prepared
+        # ahead and fresh, and the kills land in them.
+        server = Server("--flush-interval-ms", "200", "--wal-segment-mb", "1")
         try:
             secret = server.add_device("crash-1", "p-crash")
             server.start()
             pub = Publisher(server, "crash-1", secret)
             next_index = 0
             acked_before_crash = set()
+            prepared = 0
             for crash in range(3):
                 pub.connect()
                 # Stream for a while, then kill the server while publishes are in flight.
@@ -101,6 +104,7 @@ class CrashTest(unittest.TestCase):
                     pub.send(next_index)
                     next_index += 1
                     time.sleep(0.0005)
+                prepared += server.metric("wardflow_wal_segments_prepared_total") or 0
                 # A burst, and the kill lands while it is in flight.
                 for _ in range(300):
                     pub.send(next_index)
@@ -137,6 +141,7 @@ class CrashTest(unittest.TestCase):
             self.assertEqual(missing_acked, [], "acknowledged before a crash but not stored")
             self.assertEqual(stored, set(range(expected)))
             replayed = server.metric("wardflow_wal_replayed_total")
+            self.assertGreater(prepared, 0, "the stream crossed into prepared log segments")
             duplicates = server.metric("wardflow_readings_duplicate_total")
             print(f"\ncrash test: {next_index} publishes, {len(acked_before_crash)} acknowledged before crashes, "
                   f"{len(resend)} resent; after the last restart {replayed:.0f} publishes replayed, "
