@@ -25,7 +25,13 @@ pub fn leaf_hash(data: &[u8]) -> Hash {
 
 /// The hash of an interior node: SHA-256(0x01 || left || right).
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    sha256(&[&[0x01], left, right])
+    let mut buf = [0x01; 65];
+    buf[1..33].copy_from_slice(left);
+    buf[33..].copy_from_slice(right);
+    ring::digest::digest(&SHA256, &buf)
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes")
 }
 
 /// The largest power of two smaller than `n` (n > 1): where RFC 6962 splits.
