@@ -124,10 +124,9 @@ mod tests {
         out
     }
 
-    fn read_back(
-        dir: &Path,
-        f: fn(&RecordBatch, &mut Vec<(u64, Hash)>) -> Result<(), StorageError>,
-    ) -> Vec<(u64, Hash)> {
+    type LeavesOf = fn(&RecordBatch, &mut Vec<(u64, Hash)>) -> Result<(), StorageError>;
+
+    fn read_back(dir: &Path, f: LeavesOf) -> Vec<(u64, Hash)> {
         let mut out = Vec::new();
         for path in parquet_files(dir) {
             let file = std::fs::File::open(path).unwrap();
