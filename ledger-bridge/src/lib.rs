@@ -7,8 +7,9 @@
 //! as a node, trees of any size are supported, and a proof is the audit path
 //! from a leaf to the root. On it: the canonical encoding of every kind of
 //! leaf ([`leaf`]), batches sealed over a process's leaves and chained by
-//! hash ([`batch`]), and the signed local anchor log of local mode
-//! ([`anchor`]). Anchoring batch hashes on a Substrate chain (subxt), the
+//! hash ([`batch`]), the signed local anchor log of local mode
+//! ([`anchor`]) and a process's ledger that seals and anchors leaves below
+//! a watermark ([`local`]). Anchoring batch hashes on a Substrate chain (subxt), the
 //! consent model and the sealing stage in the dataflow build on these and
 //! are not here yet; nothing in this crate talks to a chain or reads the
 //! store.
@@ -26,8 +27,10 @@
 pub mod anchor;
 pub mod batch;
 pub mod leaf;
+pub mod local;
 mod merkle;
 
 pub use anchor::{Anchor, AnchorError, AnchorLog, NodeKey};
 pub use batch::{BatchHeader, ChainError, SealedBatch, Sealer, canonical_tree, check_chain};
+pub use local::LocalLedger;
 pub use merkle::{Hash, MerkleTree, leaf_hash, node_hash, verify_inclusion};
