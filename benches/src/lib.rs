@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use wardflow_simulator::mqtt::{read_packet, read_packet_body};
 
 /// A port free at the time of asking.
 pub fn free_port() -> u16 {
@@ -275,40 +276,6 @@ pub async fn subscribe_and_count(
             }
         }
     }
-}
-
-/// Reads one MQTT packet: its first byte, and its body into `body`.
-pub async fn read_packet<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    body: &mut Vec<u8>,
-) -> std::io::Result<u8> {
-    use tokio::io::AsyncReadExt;
-    let first = r.read_u8().await?;
-    read_packet_body(r, body).await?;
-    Ok(first)
-}
-
-/// Reads the rest of an MQTT packet whose first byte has been read: the
-/// remaining length, then the body into `body`.
-pub async fn read_packet_body<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    body: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    use tokio::io::AsyncReadExt;
-    let mut len = 0usize;
-    for shift in (0..28).step_by(7) {
-        let b = r.read_u8().await?;
-        len |= ((b & 0x7f) as usize) << shift;
-        if b & 0x80 == 0 {
-            body.resize(len, 0);
-            r.read_exact(body).await?;
-            return Ok(());
-        }
-    }
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        "MQTT remaining length longer than 4 bytes",
-    ))
 }
 
 /// Who an MQTT connection authenticates as.

@@ -14,7 +14,8 @@
 //! the history independent of the hospital.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read as _, Write as _};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use ring::signature::{self, Ed25519KeyPair, KeyPair as _};
@@ -181,12 +182,18 @@ impl AnchorLog {
             .open(path)
             .map_err(io_err(path))?;
         // A torn last line (a crash mid-append) is cut, or the next line
-        // would continue it.
-        let mut text = Vec::new();
-        (&file).read_to_end(&mut text).map_err(io_err(path))?;
-        let complete = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if complete < text.len() {
-            file.set_len(complete as u64).map_err(io_err(path))?;
+        // would continue it. Lines are far shorter than the tail read here.
+        const TAIL: u64 = 8 << 10;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        let start = len.saturating_sub(TAIL);
+        let mut tail = vec![0; (len - start) as usize];
+        file.read_exact_at(&mut tail, start).map_err(io_err(path))?;
+        let complete = tail
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(start, |i| start + i as u64 + 1);
+        if complete < len {
+            file.set_len(complete).map_err(io_err(path))?;
             file.sync_all().map_err(io_err(path))?;
         }
         Ok(AnchorLog {
@@ -222,8 +229,8 @@ impl AnchorLog {
     /// chain. A torn last line (no line break: a crash mid-append, never
     /// reported as anchored) is skipped.
     pub fn read(path: &Path, expected_key: Option<&[u8; 32]>) -> Result<Vec<Anchor>, AnchorError> {
-        let f = match File::open(path) {
-            Ok(f) => f,
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(io_err(path)(e)),
         };
@@ -232,10 +239,6 @@ impl AnchorLog {
             line,
             what,
         };
-        let mut text = String::new();
-        BufReader::new(f)
-            .read_to_string(&mut text)
-            .map_err(io_err(path))?;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
         let lines: Vec<&str> = text[..complete].lines().collect();
         let mut out = Vec::with_capacity(lines.len());

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -71,9 +71,22 @@ pub fn encode_publish(out: &mut Vec<u8>, topic: &[u8], packet_id: Option<u16>, p
     out.extend_from_slice(payload);
 }
 
-/// Reads one packet: (first byte, body).
-async fn read_packet(r: &mut OwnedReadHalf, body: &mut Vec<u8>) -> Result<u8, MqttError> {
+/// Reads one MQTT packet: its first byte, and its body into `body`.
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut Vec<u8>,
+) -> Result<u8, MqttError> {
     let first = r.read_u8().await?;
+    read_packet_body(r, body).await?;
+    Ok(first)
+}
+
+/// Reads the rest of an MQTT packet whose first byte has been read: the
+/// remaining length, then the body into `body`.
+pub async fn read_packet_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut Vec<u8>,
+) -> Result<(), MqttError> {
     let mut len = 0usize;
     for shift in (0..28).step_by(7) {
         let b = r.read_u8().await?;
@@ -81,7 +94,7 @@ async fn read_packet(r: &mut OwnedReadHalf, body: &mut Vec<u8>) -> Result<u8, Mq
         if b & 0x80 == 0 {
             body.resize(len, 0);
             r.read_exact(body).await?;
-            return Ok(first);
+            return Ok(());
         }
     }
     Err(MqttError::Protocol("remaining length longer than 4 bytes"))
