@@ -278,6 +278,26 @@ pub async fn subscribe_and_count(
     }
 }
 
+/// The `wardflow` binary the benchmarks run by default: the one built
+/// beside them (`cargo build --release`).
+pub fn default_wardflow() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("wardflow")))
+        .unwrap_or_else(|| "wardflow".into())
+}
+
+/// Fails clearly when the `wardflow` binary to run is missing.
+pub fn require_wardflow(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        bail!(
+            "{} not found: run `cargo build --release` first or pass --wardflow",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Who an MQTT connection authenticates as.
 #[derive(Clone, Debug)]
 pub struct Login {

@@ -35,8 +35,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use wardflow_benches::{
-    Login, free_port, histogram_buckets, histogram_quantile, http_get, http_get_status, metric,
-    peak_rss_kib, rss_kib, subscribe_payloads,
+    Login, default_wardflow, free_port, histogram_buckets, histogram_quantile, http_get,
+    http_get_status, metric, peak_rss_kib, require_wardflow, rss_kib, subscribe_payloads,
 };
 use wardflow_simulator::mqtt;
 
@@ -66,53 +66,30 @@ when = { metric = "etco2", above = 100, exit = 90 }
 patients = ["probe-1", "probe-2", "probe-3", "probe-4"]
 "#;
 
+/// Alert latency, device publish to MQTT subscriber, idle and at 50 % and
+/// 90 % of the measured maximum ingest rate.
+#[derive(clap::Parser)]
 struct Options {
+    /// The wardflow binary to run.
+    #[arg(long, default_value_os_t = default_wardflow())]
     wardflow: PathBuf,
     /// Seconds of probing per level.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
     /// Seconds of the maximum-rate run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     max_duration: u64,
-    devices: usize,
+    /// Load devices.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    devices: u64,
     /// Nice value of the load generator during the levels.
+    #[arg(long, default_value_t = 19)]
     load_nice: i32,
 }
 
 fn options() -> anyhow::Result<Options> {
-    let mut args = std::env::args().skip(1);
-    let exe = std::env::current_exe()?;
-    let mut o = Options {
-        wardflow: exe.parent().context("exe dir")?.join("wardflow"),
-        duration: 60,
-        max_duration: 10,
-        devices: 50,
-        load_nice: 19,
-    };
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--wardflow" => o.wardflow = value()?.into(),
-            "--duration" => o.duration = value()?.parse().context("--duration")?,
-            "--max-duration" => o.max_duration = value()?.parse().context("--max-duration")?,
-            "--devices" => o.devices = value()?.parse().context("--devices")?,
-            "--load-nice" => o.load_nice = value()?.parse().context("--load-nice")?,
-            "-h" | "--help" => {
-                println!(
-                    "alert_latency [--duration SECONDS per level, default 60] [--max-duration SECONDS, default 10] [--devices N, default 50] [--load-nice N, default 19] [--wardflow PATH]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    if o.duration == 0 || o.max_duration == 0 || o.devices == 0 {
-        bail!("--duration, --max-duration and --devices must be above 0");
-    }
-    if !o.wardflow.exists() {
-        bail!(
-            "{} not found: run `cargo build --release` first or pass --wardflow",
-            o.wardflow.display()
-        );
-    }
+    let o = <Options as clap::Parser>::parse();
+    require_wardflow(&o.wardflow)?;
     Ok(o)
 }
 

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use wardflow_benches::{
-    Received, free_port, http_get, metric, peak_rss_kib, subscribe_and_count, wait_for_port,
+    Received, default_wardflow, free_port, http_get, metric, peak_rss_kib, require_wardflow,
+    subscribe_and_count, wait_for_port,
 };
 
 #[derive(Clone, Copy)]
@@ -58,61 +59,42 @@ const SCENARIOS: [Scenario; 4] = [
     },
 ];
 
+/// End-to-end ingest throughput and memory, Wardflow beside Mosquitto on
+/// the same simulator traffic.
+#[derive(clap::Parser)]
+#[command(after_help = "scenarios: binary-50-qos0, binary-50-qos1, senml-1-qos0, senml-1-qos1")]
 struct Options {
+    /// The wardflow binary to run.
+    #[arg(long, default_value_os_t = default_wardflow())]
     wardflow: PathBuf,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Runs per scenario and server.
+    #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 50)]
     devices: usize,
+    /// Scenarios to run, comma-separated [default: all].
+    #[arg(long = "scenario", value_delimiter = ',', value_parser = scenario)]
     scenarios: Vec<Scenario>,
 }
 
+fn scenario(name: &str) -> Result<Scenario, String> {
+    SCENARIOS
+        .iter()
+        .find(|s| s.name == name)
+        .copied()
+        .ok_or_else(|| format!("one of {}", SCENARIOS.map(|s| s.name).join(", ")))
+}
+
 fn options() -> anyhow::Result<Options> {
-    let mut args = std::env::args().skip(1);
-    let exe = std::env::current_exe()?;
-    let mut o = Options {
-        wardflow: exe.parent().context("exe dir")?.join("wardflow"),
-        duration: 10,
-        repeat: 3,
-        devices: 50,
-        scenarios: SCENARIOS.to_vec(),
-    };
-    while let Some(a) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
-        match a.as_str() {
-            "--wardflow" => o.wardflow = value()?.into(),
-            "--duration" => o.duration = value()?.parse()?,
-            "--repeat" => o.repeat = value()?.parse()?,
-            "--devices" => o.devices = value()?.parse()?,
-            "--scenario" => {
-                let names = value()?;
-                o.scenarios = SCENARIOS
-                    .iter()
-                    .copied()
-                    .filter(|s| names.split(',').any(|n| n == s.name))
-                    .collect();
-                if o.scenarios.is_empty() {
-                    bail!(
-                        "--scenario: one of {}",
-                        SCENARIOS.map(|s| s.name).join(", ")
-                    );
-                }
-            }
-            "-h" | "--help" => {
-                println!(
-                    "e2e [--duration SECONDS] [--repeat N] [--devices N] [--scenario a,b] [--wardflow PATH]\nscenarios: {}",
-                    SCENARIOS.map(|s| s.name).join(", ")
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
+    let mut o = <Options as clap::Parser>::parse();
+    if o.scenarios.is_empty() {
+        o.scenarios = SCENARIOS.to_vec();
     }
-    if !o.wardflow.exists() {
-        bail!(
-            "{} not found: run `cargo build --release` first or pass --wardflow",
-            o.wardflow.display()
-        );
-    }
+    require_wardflow(&o.wardflow)?;
     Ok(o)
 }
 
