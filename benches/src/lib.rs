@@ -217,6 +217,23 @@ fn connect_and_subscribe(
     (connect, subscribe)
 }
 
+/// A subscriber's TCP connection to the local server on `port`: a
+/// buffered reader of `buffer` bytes and the writer.
+async fn connect_subscriber(
+    port: u16,
+    buffer: usize,
+) -> anyhow::Result<(
+    tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    tokio::net::tcp::OwnedWriteHalf,
+)> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .context("subscriber connect")?;
+    stream.set_nodelay(true)?;
+    let (r, w) = stream.into_split();
+    Ok((tokio::io::BufReader::with_capacity(buffer, r), w))
+}
+
 /// Subscribes to `filter` on an MQTT 3.1.1 broker with `qos` and counts what
 /// arrives until `stop` is set, acknowledging QoS 1 deliveries.
 pub async fn subscribe_and_count(
@@ -227,13 +244,8 @@ pub async fn subscribe_and_count(
     start: Instant,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .context("subscriber connect")?;
-    stream.set_nodelay(true)?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::with_capacity(256 << 10, r);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = connect_subscriber(port, 256 << 10).await?;
     // Anonymous, keep-alive 600 s; SUBSCRIBE right behind CONNECT.
     let (mut p, subscribe) = connect_and_subscribe("bench-subscriber", None, 600, filter, qos);
     p.extend_from_slice(&subscribe);
@@ -321,13 +333,8 @@ pub async fn subscribe_payloads(
     ready: Arc<std::sync::atomic::AtomicBool>,
     mut on_message: impl FnMut(&str, &[u8]),
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .context("subscriber connect")?;
-    stream.set_nodelay(true)?;
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::with_capacity(64 << 10, r);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut r, mut w) = connect_subscriber(port, 64 << 10).await?;
     // Keep-alive 60 s; SUBSCRIBE once the CONNACK accepted the login.
     let (connect, subscribe) =
         connect_and_subscribe(&login.client_id, Some(login), 60, filter, qos);
