@@ -11,15 +11,27 @@
 //! process writes no batches.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::anchor::{Anchor, AnchorError, AnchorLog, NodeKey};
 use crate::batch::Sealer;
+use crate::index::LeafIndex;
 use crate::merkle::Hash;
+
+/// Process `process`'s anchor log in the ledger directory `dir`.
+pub fn anchor_log_path(dir: &Path, process: u32) -> PathBuf {
+    dir.join(format!("anchors-p{process}.jsonl"))
+}
+
+/// Process `process`'s leaf index in the ledger directory `dir`.
+pub fn leaf_index_path(dir: &Path, process: u32) -> PathBuf {
+    dir.join(format!("leaves-p{process}.idx"))
+}
 
 pub struct LocalLedger {
     key: NodeKey,
     log: AnchorLog,
+    index: LeafIndex,
     sealer: Sealer,
     interval_ms: u64,
     /// Where the last anchored batch ended: leaves before it are sealed.
@@ -29,23 +41,26 @@ pub struct LocalLedger {
 }
 
 impl LocalLedger {
-    /// Opens process `process`'s ledger: its anchor log at `log_path`
-    /// (checked in full), signed with the key at `key_path` (created if
-    /// missing).
+    /// Opens process `process`'s ledger in the directory `dir`: its anchor
+    /// log (checked in full) and leaf index, signed with the key at
+    /// `key_path` (created if missing).
     pub fn open(
         process: u32,
+        dir: &Path,
         key_path: &Path,
-        log_path: &Path,
         anchor_interval_ms: u64,
     ) -> Result<LocalLedger, AnchorError> {
         assert!(anchor_interval_ms > 0, "an anchor interval of zero");
         let key = NodeKey::load_or_create(key_path)?;
-        let anchors = AnchorLog::read(log_path, Some(&key.public_key()))?;
+        let log_path = anchor_log_path(dir, process);
+        let anchors = AnchorLog::read(&log_path, Some(&key.public_key()))?;
         let last = anchors.last().map(Anchor::header);
+        let next_batch = last.as_ref().map_or(0, |h| h.number + 1);
         Ok(LocalLedger {
             sealer: Sealer::new(process, last.as_ref()),
             sealed_to: last.as_ref().map(|h| h.to_ms),
-            log: AnchorLog::open(log_path)?,
+            log: AnchorLog::open(&log_path)?,
+            index: LeafIndex::open(&leaf_index_path(dir, process), next_batch)?,
             key,
             interval_ms: anchor_interval_ms,
             pending: BTreeMap::new(),
@@ -78,8 +93,18 @@ impl LocalLedger {
             let batch = self.sealer.seal(from, end, leaves);
             out.push(self.log.append(&self.key, &batch.header)?);
             self.sealed_to = Some(end);
+            if let Err(e) = self.index.append(batch.header.number, batch.tree.leaf_hashes()) {
+                // The batch is anchored; only naming its rows is lost.
+                tracing::warn!("leaf index: {e}");
+            }
         }
         Ok(out)
+    }
+
+    /// Where the last anchored batch ended: every leaf of an earlier epoch
+    /// is sealed. `None` before the first batch.
+    pub fn sealed_to(&self) -> Option<u64> {
+        self.sealed_to
     }
 
     /// Leaves waiting for the watermark.
@@ -103,11 +128,9 @@ mod tests {
     #[test]
     fn seals_whole_intervals_below_the_watermark_and_resumes_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (key, log) = (
-            dir.path().join("node.pk8"),
-            dir.path().join("anchors-p0.jsonl"),
-        );
-        let mut ledger = LocalLedger::open(0, &key, &log, 1000).unwrap();
+        let key = dir.path().join("node.pk8");
+        let log = anchor_log_path(dir.path(), 0);
+        let mut ledger = LocalLedger::open(0, dir.path(), &key, 1000).unwrap();
         ledger.add(10_100, leaves(10_100, 3));
         ledger.add(10_900, leaves(10_900, 2));
         ledger.add(13_500, leaves(13_500, 4)); // 11 000–13 000 hold nothing
@@ -130,7 +153,8 @@ mod tests {
         // A restart: the log replays from a checkpoint before 11 000, so
         // the sealed leaves come again and are dropped; the rest is sealed
         // again from the replay, the range covering the empty seconds.
-        let mut ledger = LocalLedger::open(0, &key, &log, 1000).unwrap();
+        let mut ledger = LocalLedger::open(0, dir.path(), &key, 1000).unwrap();
+        assert_eq!(ledger.sealed_to(), Some(11_000));
         assert_eq!(ledger.add(10_100, leaves(10_100, 3)), 3, "already sealed");
         assert_eq!(ledger.add(13_500, leaves(13_500, 4)), 0);
         let b = ledger.seal_until(20_000).unwrap();
@@ -140,17 +164,20 @@ mod tests {
         );
         let all = AnchorLog::read(&log, None).unwrap();
         assert_eq!(all.len(), 2, "one chain across the restart");
+        let index = LeafIndex::read(&leaf_index_path(dir.path(), 0), |_| true).unwrap();
+        let mut want: Vec<u64> = leaves(13_500, 4).iter().map(crate::index::prefix).collect();
+        want.sort();
+        assert_eq!(index[&1], want, "the index holds each batch's leaves in order");
     }
 
     #[test]
     fn a_log_signed_by_another_key_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("anchors-p0.jsonl");
-        let mut ledger = LocalLedger::open(0, &dir.path().join("a.pk8"), &log, 1000).unwrap();
+        let mut ledger = LocalLedger::open(0, dir.path(), &dir.path().join("a.pk8"), 1000).unwrap();
         ledger.add(0, leaves(0, 1));
         ledger.seal_until(1000).unwrap();
         drop(ledger);
-        let err = LocalLedger::open(0, &dir.path().join("b.pk8"), &log, 1000)
+        let err = LocalLedger::open(0, dir.path(), &dir.path().join("b.pk8"), 1000)
             .err()
             .expect("another key");
         assert!(err.to_string().contains("signed by another key"), "{err}");

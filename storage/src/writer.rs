@@ -157,6 +157,9 @@ pub struct FlushStats {
     pub files: usize,
     pub bytes: u64,
     pub micros: u64,
+    /// The audit-trail leaves of the rows written, with their `log_epoch`,
+    /// when the writer collects them ([`ShardWriter::collect_leaves`]).
+    pub leaves: Vec<(u64, wardflow_ledger_bridge::Hash)>,
 }
 
 /// Buffers and writes one worker's share of the store.
@@ -165,6 +168,7 @@ pub struct ShardWriter<S> {
     worker: usize,
     pending: BTreeMap<u64, Interval<S>>,
     props: WriterProperties,
+    leaves: bool,
 }
 
 impl<S: Serialize> ShardWriter<S> {
@@ -175,7 +179,16 @@ impl<S: Serialize> ShardWriter<S> {
             worker,
             pending: BTreeMap::new(),
             props: writer_properties(),
+            leaves: false,
         }
+    }
+
+    /// Makes every flush compute the audit-trail leaves of the rows it
+    /// writes, from the record batches as written ([`crate::leaves`]), and
+    /// return them in [`FlushStats::leaves`].
+    pub fn collect_leaves(mut self, on: bool) -> Self {
+        self.leaves = on;
+        self
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -255,6 +268,7 @@ impl<S: Serialize> ShardWriter<S> {
             worker: self.worker,
             pending: complete,
             props: self.props.clone(),
+            leaves: self.leaves,
         }
     }
 
@@ -335,9 +349,14 @@ impl<S: Serialize> ShardWriter<S> {
             let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
             // Arrow arrays are built a slice at a time, so a large interval
             // does not hold a second copy of itself while it is encoded.
-            let batches = group
-                .chunks(BATCH_ROWS)
-                .map(|rows| readings_batch(rows, &buf.patients, &buf.devices));
+            let leaves = &mut stats.leaves;
+            let batches = group.chunks(BATCH_ROWS).map(|rows| {
+                let batch = readings_batch(rows, &buf.patients, &buf.devices)?;
+                if self.leaves {
+                    crate::leaves::reading_leaves(&batch, leaves)?;
+                }
+                Ok(batch)
+            });
             stats.bytes += write_parquet_batches(
                 &dir,
                 &name,
@@ -357,6 +376,9 @@ impl<S: Serialize> ShardWriter<S> {
         }) {
             let hour = layout::hour_of(group[0].1.received_ns);
             let batch = dead_letters_batch(group)?;
+            if self.leaves {
+                crate::leaves::dead_letter_leaves(&batch, &mut stats.leaves)?;
+            }
             let dir = root
                 .join(DEAD_LETTERS_DIR)
                 .join(layout::partition_dir(hour));
