@@ -141,6 +141,15 @@ pub struct ServeArgs {
     /// How often the rule files are checked for changes, ms [rules.reload_ms, default 1000]
     #[arg(long, value_name = "MS")]
     pub rules_reload_ms: Option<u64>,
+    /// Keep the audit trail [ledger.enabled, default true]
+    #[arg(long, value_name = "BOOL")]
+    pub ledger: Option<bool>,
+    /// Length of an audit batch, ms [ledger.anchor_interval_ms, default 1000]
+    #[arg(long, value_name = "MS")]
+    pub anchor_interval: Option<u64>,
+    /// The node's signing key [ledger.key_file, default DATA_DIR/ledger/node.pk8]
+    #[arg(long, value_name = "FILE")]
+    pub ledger_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -175,6 +184,11 @@ impl ServeArgs {
             c.rules.dir = self.rules.clone();
         }
         set!(self.rules_reload_ms, c.rules.reload_ms);
+        set!(self.ledger, c.ledger.enabled);
+        set!(self.anchor_interval, c.ledger.anchor_interval_ms);
+        if self.ledger_key.is_some() {
+            c.ledger.key_file = self.ledger_key.clone();
+        }
     }
 }
 

@@ -23,6 +23,32 @@ pub struct Config {
     pub limits: LimitsSection,
     pub wal: WalSection,
     pub rules: RulesSection,
+    pub ledger: LedgerSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LedgerSection {
+    /// Keep the audit trail: every stored row becomes a leaf of a Merkle
+    /// batch, sealed and anchored every anchor interval (docs/ledger.md).
+    /// Turning it off leaves stored data unprovable; it exists to measure
+    /// what the trail costs.
+    pub enabled: bool,
+    /// Length of a batch, ms of dataflow time (the `--anchor-interval`).
+    pub anchor_interval_ms: u64,
+    /// The node's signing key; default `ledger/node.pk8` in the data
+    /// directory, created on first start.
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            anchor_interval_ms: 1000,
+            key_file: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +157,7 @@ impl Default for Config {
             limits: LimitsSection::default(),
             wal: WalSection::default(),
             rules: RulesSection::default(),
+            ledger: LedgerSection::default(),
         }
     }
 }
@@ -262,6 +289,9 @@ impl Config {
         if self.limits.memory_mb < 16 {
             return bad("limits.memory_mb must be at least 16".into());
         }
+        if self.ledger.anchor_interval_ms == 0 {
+            return bad("ledger.anchor_interval_ms must be at least 1".into());
+        }
         if self.mqtt.io_threads == 0 {
             return bad("mqtt.io_threads must be at least 1".into());
         }
@@ -269,6 +299,19 @@ impl Config {
             return bad("mqtt.max_inflight must be at least 1".into());
         }
         Ok(())
+    }
+
+    /// Where the ledger keeps its anchor logs and leaf indexes.
+    pub fn ledger_dir(&self) -> PathBuf {
+        self.data_dir.join("ledger")
+    }
+
+    /// The node's signing key file.
+    pub fn ledger_key_file(&self) -> PathBuf {
+        self.ledger
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.ledger_dir().join("node.pk8"))
     }
 
     /// Timely workers in this process.

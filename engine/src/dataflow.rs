@@ -52,6 +52,7 @@ use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 use crate::alerting::{AlertContext, AlertOut, AlertWorker};
+use crate::ledger::LedgerMsg;
 use crate::metrics::{EngineMetrics, Progress};
 
 /// One publish after validation: what Store writes and later stages
@@ -90,6 +91,9 @@ pub struct DataflowContext {
     pub alerts: Arc<AlertContext>,
     /// Clinicians' commands; worker 0 of the process takes them.
     pub commands: Mutex<Option<crossbeam_channel::Receiver<ClinicalCommand>>>,
+    /// Where flushes send the audit-trail leaves of what they wrote; none
+    /// when the ledger is off.
+    pub ledger: Option<Sender<LedgerMsg>>,
 }
 
 /// Runs one worker: recovery, the dataflow, and the input loop until the
@@ -259,7 +263,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
             let progress = ctx.progress.clone();
             move |initial, info| {
                 drop(initial);
-                let mut writer: ShardWriter<DeviceState> = ShardWriter::new(store_config, index);
+                let ledger = ctx.ledger.clone();
+                let mut writer: ShardWriter<DeviceState> =
+                    ShardWriter::new(store_config, index).collect_leaves(ledger.is_some());
                 let interval_ms = writer.config().interval_ms;
                 let activator = scope.activator_for(info.address.clone());
                 // Complete intervals are encoded and written on a thread of
@@ -275,6 +281,15 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                         lower_priority();
                         while let Ok(mut job) = job_rx.recv() {
                             let result = job.flush_before(None);
+                            // The leaves of what was written go to the ledger
+                            // before the flush is reported: the stored
+                            // frontier passes their epochs only after that.
+                            if let Some(ledger) = &ledger {
+                                let leaves = job.take_leaves();
+                                if !leaves.is_empty() && ledger.send(LedgerMsg::Leaves(leaves)).is_err() {
+                                    tracing::error!("the ledger thread stopped; these rows stay unsealed until a restart");
+                                }
+                            }
                             if done_tx.send((job, result)).is_err() {
                                 break;
                             }
@@ -524,7 +539,9 @@ fn publish_progress(
 ) {
     let first = |p: &ProbeHandle<u64>| p.with_frontier(|f| f.first().copied());
     if let Some(s) = first(stored) {
-        ctx.progress.stored_frontier.store(s, Ordering::Relaxed);
+        // Release: the ledger reads the frontier, then the leaves sent
+        // before it moved (engine::ledger).
+        ctx.progress.stored_frontier.store(s, Ordering::Release);
     }
     if let Some(p) = first(persisted) {
         ctx.progress.truncate_below.store(p, Ordering::Relaxed);

@@ -27,6 +27,12 @@ pub struct EngineMetrics {
     pub alert_log_errors: Counter,
     pub rules_loaded: Gauge,
     pub rules_reload_failures: Gauge,
+    pub ledger_leaves: Counter,
+    pub ledger_batches: Counter,
+    pub ledger_pending_leaves: Gauge,
+    pub ledger_sealed_to_ms: Gauge,
+    pub ledger_seal_seconds: Histogram,
+    pub ledger_errors: Counter,
 }
 
 impl Default for EngineMetrics {
@@ -48,6 +54,13 @@ impl Default for EngineMetrics {
             alert_log_errors: Counter::default(),
             rules_loaded: Gauge::default(),
             rules_reload_failures: Gauge::default(),
+            ledger_leaves: Counter::default(),
+            ledger_batches: Counter::default(),
+            ledger_pending_leaves: Gauge::default(),
+            ledger_sealed_to_ms: Gauge::default(),
+            // 100 µs .. ~3 s
+            ledger_seal_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 16)),
+            ledger_errors: Counter::default(),
         }
     }
 }
@@ -73,6 +86,36 @@ impl EngineMetrics {
             "rules_reload_failures",
             "Rule file changes refused (the previous rules kept running)",
             self.rules_reload_failures.clone(),
+        );
+        r.register(
+            "ledger_leaves",
+            "Audit-trail leaves received from storage flushes",
+            self.ledger_leaves.clone(),
+        );
+        r.register(
+            "ledger_batches",
+            "Audit batches sealed and anchored",
+            self.ledger_batches.clone(),
+        );
+        r.register(
+            "ledger_pending_leaves",
+            "Leaves waiting for their anchor interval to be stored in full",
+            self.ledger_pending_leaves.clone(),
+        );
+        r.register(
+            "ledger_sealed_to_ms",
+            "Every leaf of a dataflow epoch (ms since epoch) before this is sealed and anchored",
+            self.ledger_sealed_to_ms.clone(),
+        );
+        r.register(
+            "ledger_seal_seconds",
+            "Time to seal and anchor the batches of one pass",
+            self.ledger_seal_seconds.clone(),
+        );
+        r.register(
+            "ledger_errors",
+            "Failed anchor writes (retried)",
+            self.ledger_errors.clone(),
         );
         r.register(
             "readings_stored",
@@ -154,7 +197,7 @@ impl Progress {
     }
 
     pub fn stored_frontier(&self) -> u64 {
-        self.stored_frontier.load(Ordering::Relaxed)
+        self.stored_frontier.load(Ordering::Acquire)
     }
 }
 

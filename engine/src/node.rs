@@ -44,6 +44,7 @@ pub struct Node {
     timely: Option<timely::communication::WorkerGuards<()>>,
     housekeeping: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     alert_thread: Option<JoinHandle<()>>,
+    ledger: Option<crate::ledger::LedgerThread>,
 }
 
 struct NetThread {
@@ -129,6 +130,9 @@ impl Node {
             .memory_budget_bytes
             .set(budget.capacity() as i64);
 
+        // The ledger, so the log knows where sealed epochs end.
+        let ledger = crate::ledger::Ledger::open(config)?;
+
         // The dataflow.
         let workers = config.workers();
         metrics.engine.dataflow_workers.set(workers as i64);
@@ -165,6 +169,7 @@ impl Node {
             progress: progress.clone(),
             alerts,
             commands: Mutex::new(Some(command_rx)),
+            ledger: ledger.as_ref().map(|l| l.sender()),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -181,6 +186,17 @@ impl Node {
             .join(format!("p{}", config.dataflow.process));
         let mut wal_config = WalConfig::new(wal_dir);
         wal_config.segment_bytes = config.wal.segment_mb << 20;
+        // No new publish may fall into an epoch range already sealed.
+        wal_config.min_epoch = ledger.as_ref().map_or(0, |l| l.min_epoch());
+        let ledger = match ledger {
+            Some(l) => Some(l.start(
+                config,
+                checkpoint,
+                progress.clone(),
+                metrics.engine.clone(),
+            )?),
+            None => None,
+        };
         let wal = Wal::start(
             wal_config,
             checkpoint,
@@ -252,6 +268,7 @@ impl Node {
             timely: Some(guards),
             housekeeping: Some((stop, hk)),
             alert_thread: Some(alert_thread),
+            ledger,
         })
     }
 
@@ -270,12 +287,17 @@ impl Node {
         if let Some(wal) = self.wal.take() {
             wal.shutdown();
         }
+        let mut all_stored = true;
         if let Some(guards) = self.timely.take() {
             for r in guards.join() {
                 if let Err(e) = r {
                     tracing::error!("a dataflow worker failed: {e}");
+                    all_stored = false;
                 }
             }
+        }
+        if let Some(ledger) = self.ledger.take() {
+            ledger.finish(all_stored);
         }
         if let Some((stop, join)) = self.housekeeping.take() {
             stop.store(true, Ordering::Relaxed);

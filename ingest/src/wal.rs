@@ -100,6 +100,9 @@ pub struct WalConfig {
     pub idle_tick: Duration,
     /// Most payload bytes in one group commit.
     pub max_batch_bytes: usize,
+    /// New commits get epochs at or after this one (besides the replay
+    /// point and every logged epoch): the audit ledger's sealed ranges.
+    pub min_epoch: u64,
 }
 
 impl WalConfig {
@@ -109,6 +112,7 @@ impl WalConfig {
             segment_bytes: 64 << 20,
             idle_tick: Duration::from_millis(20),
             max_batch_bytes: 8 << 20,
+            min_epoch: 0,
         }
     }
 }
@@ -304,7 +308,8 @@ impl Wal {
             .map(|s| s.max_epoch)
             .max()
             .unwrap_or(0)
-            .max(replay_from);
+            .max(replay_from)
+            .max(config.min_epoch);
         let next_lsn = segments.last().map_or(0, |s| s.base_lsn + s.len);
         let shared = Arc::new(WalShared {
             failed: AtomicBool::new(false),

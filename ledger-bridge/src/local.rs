@@ -78,20 +78,56 @@ impl LocalLedger {
         0
     }
 
+    /// Adds leaves tagged with their epochs, as a flush produces them.
+    /// Returns how many were dropped as already sealed.
+    pub fn add_tagged(&mut self, leaves: impl IntoIterator<Item = (u64, Hash)>) -> usize {
+        let mut dropped = 0;
+        // Rows come in runs of one interval: one map lookup per run.
+        let mut run: Option<(u64, Vec<Hash>)> = None;
+        for (epoch, leaf) in leaves {
+            if self.sealed_to.is_some_and(|to| epoch < to) {
+                dropped += 1;
+                continue;
+            }
+            let start = epoch - epoch % self.interval_ms;
+            match &mut run {
+                Some((s, v)) if *s == start => v.push(leaf),
+                _ => {
+                    if let Some((s, v)) = run.replace((start, vec![leaf])) {
+                        self.pending.entry(s).or_default().extend(v);
+                    }
+                }
+            }
+        }
+        if let Some((s, v)) = run {
+            self.pending.entry(s).or_default().extend(v);
+        }
+        dropped
+    }
+
     /// Seals and anchors every whole anchor interval below `watermark_ms`
     /// that holds leaves (the epochs before it are final: stored and not to
-    /// be replayed). Returns the anchors written.
+    /// be replayed). Returns the anchors written. On an error, what was not
+    /// anchored stays pending for the next call.
     pub fn seal_until(&mut self, watermark_ms: u64) -> Result<Vec<Anchor>, AnchorError> {
         let mut out = Vec::new();
         while let Some((&start, _)) = self.pending.first_key_value() {
-            let end = start + self.interval_ms;
+            let end = start.saturating_add(self.interval_ms);
             if end > watermark_ms {
                 break;
             }
             let leaves = self.pending.remove(&start).expect("the first key");
             let from = self.sealed_to.unwrap_or(start);
+            let before = self.sealer.clone();
             let batch = self.sealer.seal(from, end, leaves);
-            out.push(self.log.append(&self.key, &batch.header)?);
+            match self.log.append(&self.key, &batch.header) {
+                Ok(anchor) => out.push(anchor),
+                Err(e) => {
+                    self.sealer = before;
+                    self.pending.insert(start, batch.tree.into_leaf_hashes());
+                    return Err(e);
+                }
+            }
             self.sealed_to = Some(end);
             if let Err(e) = self.index.append(batch.header.number, batch.tree.leaf_hashes()) {
                 // The batch is anchored; only naming its rows is lost.
@@ -156,7 +192,9 @@ mod tests {
         let mut ledger = LocalLedger::open(0, dir.path(), &key, 1000).unwrap();
         assert_eq!(ledger.sealed_to(), Some(11_000));
         assert_eq!(ledger.add(10_100, leaves(10_100, 3)), 3, "already sealed");
-        assert_eq!(ledger.add(13_500, leaves(13_500, 4)), 0);
+        let replay = leaves(10_900, 2).into_iter().map(|h| (10_900, h));
+        let replay = replay.chain(leaves(13_500, 4).into_iter().map(|h| (13_500, h)));
+        assert_eq!(ledger.add_tagged(replay), 2, "already sealed");
         let b = ledger.seal_until(20_000).unwrap();
         assert_eq!(
             (b[0].batch, b[0].from_ms, b[0].to_ms, b[0].leaves),

@@ -72,6 +72,11 @@ impl MerkleTree {
         &self.leaves
     }
 
+    /// The leaf hashes, giving up the tree.
+    pub fn into_leaf_hashes(self) -> Vec<Hash> {
+        self.leaves
+    }
+
     pub fn is_empty(&self) -> bool {
         self.leaves.is_empty()
     }

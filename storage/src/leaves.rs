@@ -292,7 +292,8 @@ mod tests {
             [dead],
             1,
         );
-        let mut at_flush = writer.flush_before(None).unwrap().leaves;
+        writer.flush_before(None).unwrap();
+        let mut at_flush = writer.take_leaves();
         at_flush.sort();
 
         let mut buf = Vec::new();

@@ -157,9 +157,6 @@ pub struct FlushStats {
     pub files: usize,
     pub bytes: u64,
     pub micros: u64,
-    /// The audit-trail leaves of the rows written, with their `log_epoch`,
-    /// when the writer collects them ([`ShardWriter::collect_leaves`]).
-    pub leaves: Vec<(u64, wardflow_ledger_bridge::Hash)>,
 }
 
 /// Buffers and writes one worker's share of the store.
@@ -168,7 +165,8 @@ pub struct ShardWriter<S> {
     worker: usize,
     pending: BTreeMap<u64, Interval<S>>,
     props: WriterProperties,
-    leaves: bool,
+    /// The leaves of rows written, when collected.
+    leaves: Option<Vec<(u64, wardflow_ledger_bridge::Hash)>>,
 }
 
 impl<S: Serialize> ShardWriter<S> {
@@ -179,16 +177,22 @@ impl<S: Serialize> ShardWriter<S> {
             worker,
             pending: BTreeMap::new(),
             props: writer_properties(),
-            leaves: false,
+            leaves: None,
         }
     }
 
     /// Makes every flush compute the audit-trail leaves of the rows it
-    /// writes, from the record batches as written ([`crate::leaves`]), and
-    /// return them in [`FlushStats::leaves`].
+    /// writes, from the record batches as written ([`crate::leaves`]), to
+    /// be taken with [`ShardWriter::take_leaves`].
     pub fn collect_leaves(mut self, on: bool) -> Self {
-        self.leaves = on;
+        self.leaves = on.then(Vec::new);
         self
+    }
+
+    /// The leaves of the rows written since the last call, with their
+    /// `log_epoch`: of every file completed, even when a later one failed.
+    pub fn take_leaves(&mut self) -> Vec<(u64, wardflow_ledger_bridge::Hash)> {
+        self.leaves.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn config(&self) -> &StoreConfig {
@@ -268,7 +272,7 @@ impl<S: Serialize> ShardWriter<S> {
             worker: self.worker,
             pending: complete,
             props: self.props.clone(),
-            leaves: self.leaves,
+            leaves: self.leaves.as_ref().map(|_| Vec::new()),
         }
     }
 
@@ -311,7 +315,7 @@ impl<S: Serialize> ShardWriter<S> {
     }
 
     fn write_interval(
-        &self,
+        &mut self,
         start: u64,
         buf: &mut Interval<S>,
         stats: &mut FlushStats,
@@ -323,6 +327,10 @@ impl<S: Serialize> ShardWriter<S> {
             worker: self.worker,
         };
         let root = &self.config.root;
+
+        // The rows' leaves count once every file of the interval is in
+        // place: a failed interval is written again, whole.
+        let mut leaves = self.leaves.as_ref().map(|_| Vec::new());
 
         // Readings, one file per hour partition.
         let rank = buf.patients.ranks();
@@ -349,11 +357,10 @@ impl<S: Serialize> ShardWriter<S> {
             let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
             // Arrow arrays are built a slice at a time, so a large interval
             // does not hold a second copy of itself while it is encoded.
-            let leaves = &mut stats.leaves;
             let batches = group.chunks(BATCH_ROWS).map(|rows| {
                 let batch = readings_batch(rows, &buf.patients, &buf.devices)?;
-                if self.leaves {
-                    crate::leaves::reading_leaves(&batch, leaves)?;
+                if let Some(out) = leaves.as_mut() {
+                    crate::leaves::reading_leaves(&batch, out)?;
                 }
                 Ok(batch)
             });
@@ -376,8 +383,8 @@ impl<S: Serialize> ShardWriter<S> {
         }) {
             let hour = layout::hour_of(group[0].1.received_ns);
             let batch = dead_letters_batch(group)?;
-            if self.leaves {
-                crate::leaves::dead_letter_leaves(&batch, &mut stats.leaves)?;
+            if let Some(out) = leaves.as_mut() {
+                crate::leaves::dead_letter_leaves(&batch, out)?;
             }
             let dir = root
                 .join(DEAD_LETTERS_DIR)
@@ -403,6 +410,9 @@ impl<S: Serialize> ShardWriter<S> {
                 .map_err(StorageError::io(&path))?;
             stats.files += 1;
             dirs.push(dir);
+        }
+        if let (Some(all), Some(mine)) = (self.leaves.as_mut(), leaves) {
+            all.extend(mine);
         }
         Ok(())
     }

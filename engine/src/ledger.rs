@@ -1,0 +1,194 @@
+//! The sealing stage: the process's ledger thread.
+//!
+//! Flush threads send the leaves of every row they wrote (computed from
+//! the record batches as written), tagged with the row's dataflow epoch.
+//! The ledger thread seals each whole anchor interval once the stored
+//! frontier passes it (every worker's rows of it are then written), and
+//! anchors the batch. The frontier is read after the leaves: the flush that
+//! sent them happened before the frontier moved past their epoch, so every
+//! leaf below a frontier the thread has read is already in its channel.
+//!
+//! After a restart, the leaves between the last sealed batch and the
+//! storage checkpoint are read back from the files (the log replays only
+//! from the checkpoint), and the log's new epochs start at or after the
+//! last batch's end, so no leaf falls into a sealed range.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use wardflow_ledger_bridge::{Hash, LocalLedger};
+
+use crate::config::Config;
+use crate::metrics::{EngineMetrics, Progress};
+
+/// What the ledger thread receives.
+pub enum LedgerMsg {
+    /// Leaves of rows written, with their epochs.
+    Leaves(Vec<(u64, Hash)>),
+    /// The dataflow finished and flushed everything: seal what is left.
+    Finish,
+}
+
+/// The process's ledger, before its thread starts.
+pub struct Ledger {
+    ledger: LocalLedger,
+    tx: Sender<LedgerMsg>,
+    rx: Receiver<LedgerMsg>,
+}
+
+/// Leaves in flight to the ledger thread, in messages (one per flush):
+/// when sealing falls behind, flushes wait, and ingest slows through the
+/// memory budget rather than leaves piling up.
+const CHANNEL: usize = 16;
+
+impl Ledger {
+    /// Opens this process's ledger, if the configuration keeps one.
+    pub fn open(config: &Config) -> anyhow::Result<Option<Ledger>> {
+        if !config.ledger.enabled {
+            return Ok(None);
+        }
+        let ledger = LocalLedger::open(
+            config.dataflow.process as u32,
+            &config.ledger_dir(),
+            &config.ledger_key_file(),
+            config.ledger.anchor_interval_ms,
+        )
+        .context("opening the ledger")?;
+        let (tx, rx) = crossbeam_channel::bounded(CHANNEL);
+        Ok(Some(Ledger { ledger, tx, rx }))
+    }
+
+    /// Where flushes send their leaves.
+    pub fn sender(&self) -> Sender<LedgerMsg> {
+        self.tx.clone()
+    }
+
+    /// The epoch the write-ahead log's new commits must not fall below.
+    pub fn min_epoch(&self) -> u64 {
+        self.ledger.sealed_to().unwrap_or(0)
+    }
+
+    /// Reads back the leaves of rows stored between the last sealed batch
+    /// and `checkpoint` (the log replays the rest), then starts sealing.
+    pub fn start(
+        mut self,
+        config: &Config,
+        checkpoint: u64,
+        progress: Arc<Progress>,
+        metrics: Arc<EngineMetrics>,
+    ) -> anyhow::Result<LedgerThread> {
+        if let Some(from) = self.ledger.sealed_to()
+            && from < checkpoint
+        {
+            let started = Instant::now();
+            let mut leaves = Vec::new();
+            wardflow_storage::leaves::stored_leaves(
+                &config.data_dir,
+                config.dataflow.process,
+                from..checkpoint,
+                config.storage.flush_interval_ms,
+                &mut leaves,
+            )
+            .context("reading back the leaves of rows stored but not yet sealed")?;
+            tracing::info!(
+                leaves = leaves.len(),
+                from,
+                to = checkpoint,
+                ms = started.elapsed().as_millis() as u64,
+                "ledger: leaves read back from the store"
+            );
+            self.ledger.add_tagged(leaves);
+        }
+        let Ledger { ledger, tx, rx } = self;
+        let tx_finish = tx.clone();
+        drop(tx);
+        let join = std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || run(ledger, rx, progress, metrics))?;
+        Ok(LedgerThread {
+            tx: tx_finish,
+            join,
+        })
+    }
+}
+
+/// The running ledger thread.
+pub struct LedgerThread {
+    tx: Sender<LedgerMsg>,
+    join: JoinHandle<()>,
+}
+
+impl LedgerThread {
+    /// Ends the thread. After a clean finish of the dataflow (`all_stored`),
+    /// every pending leaf is sealed; otherwise only what lies below the
+    /// stored frontier, and the rest after a restart.
+    pub fn finish(self, all_stored: bool) {
+        if all_stored {
+            let _ = self.tx.send(LedgerMsg::Finish);
+        }
+        drop(self.tx);
+        let _ = self.join.join();
+    }
+}
+
+fn run(
+    mut ledger: LocalLedger,
+    rx: Receiver<LedgerMsg>,
+    progress: Arc<Progress>,
+    metrics: Arc<EngineMetrics>,
+) {
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        let msg = rx.recv_timeout(Duration::from_millis(100));
+        // The frontier first, then everything already sent.
+        let frontier = progress.stored_frontier();
+        let mut finish = false;
+        let mut take = |m: LedgerMsg, ledger: &mut LocalLedger| match m {
+            LedgerMsg::Leaves(l) => {
+                metrics.ledger_leaves.inc_by(l.len() as u64);
+                ledger.add_tagged(l);
+            }
+            LedgerMsg::Finish => finish = true,
+        };
+        match msg {
+            Ok(m) => take(m, &mut ledger),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while let Ok(m) = rx.try_recv() {
+            take(m, &mut ledger);
+        }
+        let watermark = if finish { u64::MAX } else { frontier };
+        if retry_at.is_none_or(|t| Instant::now() >= t) || finish {
+            retry_at = None;
+            let started = Instant::now();
+            match ledger.seal_until(watermark) {
+                Ok(anchors) => {
+                    if !anchors.is_empty() {
+                        metrics
+                            .ledger_seal_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    metrics.ledger_batches.inc_by(anchors.len() as u64);
+                    if let Some(to) = ledger.sealed_to() {
+                        metrics.ledger_sealed_to_ms.set(to as i64);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("ledger: anchoring failed, retrying in 1 s: {e}");
+                    metrics.ledger_errors.inc();
+                    retry_at = Some(Instant::now() + Duration::from_secs(1));
+                }
+            }
+        }
+        metrics
+            .ledger_pending_leaves
+            .set(ledger.pending_leaves() as i64);
+        if finish {
+            break;
+        }
+    }
+}
