@@ -77,6 +77,8 @@ pub enum Command {
     /// Check alert rule files
     #[command(subcommand)]
     Rules(crate::clinical_cli::RulesCommand),
+    /// Check stored data against the anchored audit batches
+    Verify(crate::verify::VerifyArgs),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -358,6 +360,8 @@ pub fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).context("--log")?)
         .with_writer(std::io::stderr)
+        // Colour for a terminal only: log files and pipes get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match &cli.command {
         Command::Serve(args) => serve(effective_config(&cli, args)?),
@@ -376,6 +380,9 @@ pub fn main() -> anyhow::Result<()> {
         Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),
         Command::Alerts(cmd) => crate::clinical_cli::alerts(&data_dir(&cli)?, cmd),
         Command::Rules(cmd) => crate::clinical_cli::rules(cmd),
+        Command::Verify(args) => {
+            crate::verify::run(&effective_config(&cli, &ServeArgs::default())?, args)
+        }
     }
 }
 

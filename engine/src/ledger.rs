@@ -80,9 +80,11 @@ impl Ledger {
         progress: Arc<Progress>,
         metrics: Arc<EngineMetrics>,
     ) -> anyhow::Result<LedgerThread> {
-        if let Some(from) = self.ledger.sealed_to()
-            && from < checkpoint
-        {
+        let from = self
+            .ledger
+            .resume_point(checkpoint)
+            .context("recording where the ledger begins")?;
+        if from < checkpoint {
             let started = Instant::now();
             let mut leaves = Vec::new();
             wardflow_storage::leaves::stored_leaves(

@@ -31,3 +31,4 @@ mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod output;
+mod verify;

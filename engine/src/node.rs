@@ -189,12 +189,9 @@ impl Node {
         // No new publish may fall into an epoch range already sealed.
         wal_config.min_epoch = ledger.as_ref().map_or(0, |l| l.min_epoch());
         let ledger = match ledger {
-            Some(l) => Some(l.start(
-                config,
-                checkpoint,
-                progress.clone(),
-                metrics.engine.clone(),
-            )?),
+            Some(l) => {
+                Some(l.start(config, checkpoint, progress.clone(), metrics.engine.clone())?)
+            }
             None => None,
         };
         let wal = Wal::start(

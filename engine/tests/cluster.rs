@@ -113,6 +113,19 @@ fn two_processes_store_every_reading() {
         }
     }
     assert_eq!(writers.into_iter().collect::<Vec<_>>(), ["p0", "p1"]);
+
+    // Each process sealed what it stored, under the one node key they share.
+    let out = wardflow(&dir, &["verify", "-q"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in 0..2 {
+        assert!(text.contains(&format!("process {p}: ")), "{text}");
+    }
+    assert!(!text.contains("not sealed"), "{text}");
 }
 
 /// An alert decided on one process reaches a clinician connected to the

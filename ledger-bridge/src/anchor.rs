@@ -79,12 +79,21 @@ impl NodeKey {
                     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
                 }
                 write_private(path, doc.as_ref())?;
-                doc.as_ref().to_vec()
+                // Whichever process created it first: read what is there.
+                std::fs::read(path).map_err(io_err(path))?
             }
             Err(e) => return Err(io_err(path)(e)),
         };
         let pair = Ed25519KeyPair::from_pkcs8(&doc).map_err(|e| bad(e.to_string()))?;
         Ok(NodeKey { pair })
+    }
+
+    /// Loads the key at `path`; `None` if there is none.
+    pub fn load(path: &Path) -> Result<Option<NodeKey>, AnchorError> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        Self::load_or_create(path).map(Some)
     }
 
     pub fn public_key(&self) -> [u8; 32] {
@@ -105,16 +114,30 @@ impl NodeKey {
     }
 }
 
+/// Creates `path` with `bytes`, readable by its owner only, unless it
+/// exists: then it is left alone. Another process sharing the data
+/// directory may be creating it at the same moment; the file appears
+/// whole (written under a temporary name, then linked into place) or not
+/// at all, and the first one wins.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        match std::fs::hard_link(&tmp, path) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+            _ => Ok(()),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result.map_err(io_err(path))
 }
 
 /// One anchored batch.

@@ -38,6 +38,9 @@ pub struct LocalLedger {
     sealed_to: Option<u64>,
     /// Leaves waiting for the watermark, by anchor interval start.
     pending: BTreeMap<u64, Vec<Hash>>,
+    /// The epoch from which the ledger covers the store (`start-p{process}`).
+    start_path: PathBuf,
+    start: Option<u64>,
 }
 
 impl LocalLedger {
@@ -56,7 +59,24 @@ impl LocalLedger {
         let anchors = AnchorLog::read(&log_path, Some(&key.public_key()))?;
         let last = anchors.last().map(Anchor::header);
         let next_batch = last.as_ref().map_or(0, |h| h.number + 1);
+        let start_path = dir.join(format!("start-p{process}"));
+        let start = match std::fs::read_to_string(&start_path) {
+            Ok(t) => Some(t.trim().parse().map_err(|_| AnchorError::Bad {
+                path: start_path.clone(),
+                line: 1,
+                what: format!("not an epoch: {t:?}"),
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(AnchorError::Io {
+                    path: start_path,
+                    source: e,
+                });
+            }
+        };
         Ok(LocalLedger {
+            start_path,
+            start,
             sealer: Sealer::new(process, last.as_ref()),
             sealed_to: last.as_ref().map(|h| h.to_ms),
             log: AnchorLog::open(&log_path)?,
@@ -65,6 +85,39 @@ impl LocalLedger {
             interval_ms: anchor_interval_ms,
             pending: BTreeMap::new(),
         })
+    }
+
+    /// Where the store's unsealed rows begin: the end of the last batch,
+    /// or, before the first, the epoch the ledger began at. On its very
+    /// first start the ledger begins at `checkpoint` (the point the
+    /// write-ahead log replays from, so every later row reaches it) and
+    /// records that durably.
+    pub fn resume_point(&mut self, checkpoint: u64) -> Result<u64, AnchorError> {
+        if let Some(to) = self.sealed_to {
+            return Ok(to);
+        }
+        if let Some(s) = self.start {
+            return Ok(s);
+        }
+        let io = |source| AnchorError::Io {
+            path: self.start_path.clone(),
+            source,
+        };
+        let tmp = self.start_path.with_extension("tmp");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            writeln!(f, "{checkpoint}").map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.start_path).map_err(io)?;
+        if let Some(dir) = self.start_path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        self.start = Some(checkpoint);
+        Ok(checkpoint)
     }
 
     /// Adds leaves of dataflow epoch `epoch_ms`. Leaves of epochs already
@@ -129,7 +182,10 @@ impl LocalLedger {
                 }
             }
             self.sealed_to = Some(end);
-            if let Err(e) = self.index.append(batch.header.number, batch.tree.leaf_hashes()) {
+            if let Err(e) = self
+                .index
+                .append(batch.header.number, batch.tree.leaf_hashes())
+            {
                 // The batch is anchored; only naming its rows is lost.
                 tracing::warn!("leaf index: {e}");
             }
@@ -205,7 +261,10 @@ mod tests {
         let index = LeafIndex::read(&leaf_index_path(dir.path(), 0), |_| true).unwrap();
         let mut want: Vec<u64> = leaves(13_500, 4).iter().map(crate::index::prefix).collect();
         want.sort();
-        assert_eq!(index[&1], want, "the index holds each batch's leaves in order");
+        assert_eq!(
+            index[&1], want,
+            "the index holds each batch's leaves in order"
+        );
     }
 
     #[test]

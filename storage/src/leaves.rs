@@ -38,7 +38,11 @@ impl Table {
 
     /// Appends `(log_epoch, leaf hash)` for every row of one of this
     /// table's batches.
-    pub fn leaves(self, batch: &RecordBatch, out: &mut Vec<(u64, Hash)>) -> Result<(), StorageError> {
+    pub fn leaves(
+        self,
+        batch: &RecordBatch,
+        out: &mut Vec<(u64, Hash)>,
+    ) -> Result<(), StorageError> {
         match self {
             Table::Readings => reading_leaves(batch, out),
             Table::DeadLetters => dead_letter_leaves(batch, out),
@@ -86,6 +90,91 @@ pub fn for_each_batch(
         .map_err(|e| corrupt(e.to_string()))?;
     for batch in reader {
         f(&batch.map_err(|e| corrupt(e.to_string()))?)?;
+    }
+    Ok(())
+}
+
+/// One stored row, as a verifier meets it.
+pub struct StoredRow<'a> {
+    pub table: Table,
+    pub path: &'a Path,
+    pub batch: &'a RecordBatch,
+    /// The row's index in `batch`.
+    pub row: usize,
+    pub epoch: u64,
+    pub leaf: Hash,
+}
+
+impl StoredRow<'_> {
+    /// The row's columns as `name=value` pairs, for a report.
+    pub fn describe(&self) -> String {
+        use arrow::util::display::{ArrayFormatter, FormatOptions};
+        let options = FormatOptions::default().with_null("null");
+        let schema = self.batch.schema();
+        let mut out = Vec::with_capacity(schema.fields().len());
+        for (field, column) in schema.fields().iter().zip(self.batch.columns()) {
+            let value = ArrayFormatter::try_new(column.as_ref(), &options)
+                .map(|f| f.value(self.row).to_string())
+                .unwrap_or_else(|_| "?".into());
+            out.push(format!("{}={value}", field.name()));
+        }
+        out.join(" ")
+    }
+
+    /// A column's value as a string, if the column is a string column.
+    pub fn string(&self, name: &str) -> Option<&str> {
+        let i = self.batch.schema().index_of(name).ok()?;
+        let a = self
+            .batch
+            .column(i)
+            .as_any()
+            .downcast_ref::<StringArray>()?;
+        opt_str(a, self.row)
+    }
+
+    /// A timestamp column's value, ns.
+    pub fn time_ns(&self, name: &str) -> Option<i64> {
+        let i = self.batch.schema().index_of(name).ok()?;
+        let a = self
+            .batch
+            .column(i)
+            .as_any()
+            .downcast_ref::<TimestampNanosecondArray>()?;
+        a.is_valid(self.row).then(|| a.value(self.row))
+    }
+}
+
+/// Calls `f` with every row `process` stored in `tables` with a
+/// `log_epoch` in `epochs`, with its leaf.
+pub fn scan_rows(
+    root: &Path,
+    process: usize,
+    tables: &[Table],
+    epochs: Range<u64>,
+    interval_ms: u64,
+    mut f: impl FnMut(&StoredRow<'_>),
+) -> Result<(), StorageError> {
+    let mut leaves = Vec::new();
+    for &table in tables {
+        for path in files_for_epochs(root, table, process, &epochs, interval_ms)? {
+            for_each_batch(&path, |batch| {
+                leaves.clear();
+                table.leaves(batch, &mut leaves)?;
+                for (row, &(epoch, leaf)) in leaves.iter().enumerate() {
+                    if epochs.contains(&epoch) {
+                        f(&StoredRow {
+                            table,
+                            path: &path,
+                            batch,
+                            row,
+                            epoch,
+                            leaf,
+                        });
+                    }
+                }
+                Ok(())
+            })?;
+        }
     }
     Ok(())
 }

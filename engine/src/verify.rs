@@ -1,0 +1,335 @@
+//! `wardflow verify`: recomputes the audit-trail leaves from the store,
+//! checks them against the anchored batch roots, and the anchors against
+//! the anchor log's signatures and chain (docs/ledger.md).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::Args;
+use wardflow_ledger_bridge::{
+    Anchor, AnchorLog, Hash, LeafIndex, NodeKey, Verdict, anchor_log_path, check_batch,
+    leaf_index_path, prove,
+};
+use wardflow_storage::leaves::{Table, scan_rows};
+
+use crate::config::Config;
+use crate::output::{format_time, parse_time};
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Only the batches holding this patient's readings (with --from/--to,
+    /// those of that time); each of the readings' inclusion proofs is checked
+    #[arg(long)]
+    pub patient: Option<String>,
+    /// Readings measured from this time (RFC 3339, a date, now, or -15m / -2h / -1d)
+    #[arg(long, allow_hyphen_values = true)]
+    pub from: Option<String>,
+    /// Readings measured before this time
+    #[arg(long, allow_hyphen_values = true)]
+    pub to: Option<String>,
+    /// Only this batch
+    #[arg(long, conflicts_with = "patient")]
+    pub batch: Option<u64>,
+    /// Only this process's batches [default: every process with an anchor log]
+    #[arg(long)]
+    pub process: Option<u32>,
+    /// Print problems and the summary only, not every verified batch
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// How many epochs of batches are recomputed in one pass over the files.
+const WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// Runs the check; an error if anything did not verify.
+pub fn run(config: &Config, args: &VerifyArgs) -> anyhow::Result<()> {
+    let dir = config.ledger_dir();
+    let key = NodeKey::load(&config.ledger_key_file())
+        .context("reading the node key")?
+        .map(|k| k.public_key());
+    let processes = match args.process {
+        Some(p) => vec![p],
+        None => anchored_processes(&dir)?,
+    };
+    if processes.is_empty() {
+        anyhow::bail!("{}: no anchor log; nothing was sealed yet", dir.display());
+    }
+    let mut failures = 0usize;
+    for process in processes {
+        failures += verify_process(config, args, process, key.as_ref())?;
+    }
+    if failures > 0 {
+        anyhow::bail!("verification failed: {failures} problem(s)");
+    }
+    Ok(())
+}
+
+fn anchored_processes(dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| dir.display().to_string()),
+    };
+    for e in entries {
+        let name = e?.file_name();
+        if let Some(p) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("anchors-p"))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse().ok())
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The problems found in one process's batches.
+fn verify_process(
+    config: &Config,
+    args: &VerifyArgs,
+    process: u32,
+    key: Option<&[u8; 32]>,
+) -> anyhow::Result<usize> {
+    let dir = config.ledger_dir();
+    let log = anchor_log_path(&dir, process);
+    let anchors = match AnchorLog::read(&log, key) {
+        Ok(a) => a,
+        Err(e) => {
+            println!("process {process}: the anchor log does not verify: {e}");
+            return Ok(1);
+        }
+    };
+    let (Some(first), Some(last)) = (anchors.first(), anchors.last()) else {
+        println!("process {process}: no batches sealed yet");
+        return Ok(0);
+    };
+    println!(
+        "process {process}: {} batches in the local anchor log, signatures and chain verify{}",
+        anchors.len(),
+        if key.is_some() {
+            ", signed by this node's key"
+        } else {
+            " (no node key here to compare the signer with)"
+        }
+    );
+    let root = &config.data_dir;
+    let interval = config.storage.flush_interval_ms;
+    let (p, all) = (process as usize, &Table::ALL[..]);
+
+    // Which batches, and for a patient, which of their leaves to prove.
+    let mut patient_leaves: BTreeMap<u64, Vec<Hash>> = BTreeMap::new();
+    let selected: Vec<&Anchor> = if let Some(n) = args.batch {
+        let a: Vec<&Anchor> = anchors.iter().filter(|a| a.batch == n).collect();
+        if a.is_empty() {
+            println!(
+                "process {process}: no batch {n} (batches 0 to {} are sealed)",
+                last.batch
+            );
+            return Ok(1);
+        }
+        a
+    } else if let Some(patient) = &args.patient {
+        let from = args
+            .from
+            .as_deref()
+            .map(|s| parse_time("--from", s))
+            .transpose()?;
+        let to = args
+            .to
+            .as_deref()
+            .map(|s| parse_time("--to", s))
+            .transpose()?;
+        let mut unsealed = 0u64;
+        scan_rows(root, p, &[Table::Readings], 0..u64::MAX, interval, |r| {
+            let t = r.time_ns("time").unwrap_or(i64::MIN);
+            if r.string("patient_id") == Some(patient.as_str())
+                && from.is_none_or(|f| t >= f)
+                && to.is_none_or(|e| t < e)
+            {
+                match batch_of(&anchors, r.epoch) {
+                    Some(i) => patient_leaves.entry(i as u64).or_default().push(r.leaf),
+                    None => unsealed += 1,
+                }
+            }
+        })?;
+        if unsealed > 0 {
+            println!(
+                "process {process}: {unsealed} of {patient}'s readings are not sealed yet (stored after the last batch, or before the ledger began)"
+            );
+        }
+        patient_leaves
+            .keys()
+            .map(|&i| &anchors[i as usize])
+            .collect()
+    } else {
+        anchors.iter().collect()
+    };
+    let wanted: HashSet<u64> = selected.iter().map(|a| a.batch).collect();
+    let index = LeafIndex::read(&leaf_index_path(&dir, process), |b| wanted.contains(&b))?;
+
+    let mut problems = 0;
+    let mut verified = 0;
+    let mut proven = 0u64;
+    for window in windows(&selected) {
+        let range = window[0].from_ms..window[window.len() - 1].to_ms;
+        let mut leaves: Vec<Vec<Hash>> = vec![Vec::new(); window.len()];
+        scan_rows(root, p, all, range.clone(), interval, |r| {
+            let i = window.partition_point(|a| a.to_ms <= r.epoch);
+            if i < window.len() && window[i].from_ms <= r.epoch {
+                leaves[i].push(r.leaf);
+            }
+        })?;
+        for (anchor, recomputed) in window.iter().zip(leaves) {
+            let span = format!(
+                "{} .. {}",
+                format_time(anchor.from_ms as i64 * 1_000_000),
+                format_time(anchor.to_ms as i64 * 1_000_000)
+            );
+            match check_batch(
+                &anchor.header(),
+                recomputed,
+                index.get(&anchor.batch).map(Vec::as_slice),
+            ) {
+                Verdict::Verified(tree) => {
+                    verified += 1;
+                    if let Some(mine) = patient_leaves.get(&anchor.batch) {
+                        for leaf in mine {
+                            if prove(&tree, leaf, &anchor.root) {
+                                proven += 1;
+                            } else {
+                                problems += 1;
+                                println!("batch {}: an inclusion proof failed", anchor.batch);
+                            }
+                        }
+                    }
+                    if !args.quiet {
+                        println!(
+                            "batch {} [{span}) {} leaves: verified",
+                            anchor.batch, anchor.leaves
+                        );
+                    }
+                }
+                Verdict::Mismatch(m) => {
+                    problems += 1;
+                    println!(
+                        "batch {} [{span}): DOES NOT VERIFY: {} leaves sealed, {} recomputed from the store",
+                        anchor.batch, anchor.leaves, m.recomputed
+                    );
+                    match m.missing {
+                        None => println!(
+                            "  the leaf index does not hold this batch: which rows differ is unknown"
+                        ),
+                        Some(missing) => {
+                            report_unsealed(root, p, interval, anchor, &m.unsealed)?;
+                            if missing > 0 {
+                                println!(
+                                    "  {missing} sealed row(s) are no longer in the store (deleted, or altered as above)"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    if args.batch.is_none() && args.patient.is_none() {
+        let mut before = 0u64;
+        let mut after = 0u64;
+        scan_rows(root, p, all, 0..first.from_ms, interval, |_| before += 1)?;
+        scan_rows(root, p, all, last.to_ms..u64::MAX, interval, |_| after += 1)?;
+        if before > 0 {
+            println!(
+                "process {process}: {before} stored rows predate the first batch (stored before the ledger began): not covered"
+            );
+        }
+        if after > 0 {
+            println!(
+                "process {process}: {after} stored rows are newer than the last batch (not sealed yet)"
+            );
+        }
+    }
+    if let Some(patient) = &args.patient {
+        println!(
+            "process {process}: {proven} of {patient}'s readings proven included in anchored batches"
+        );
+    }
+    println!(
+        "process {process}: {verified} of {} batches verified, {problems} problem(s)",
+        selected.len()
+    );
+    Ok(problems)
+}
+
+/// The index of the batch whose epoch range holds `epoch`.
+fn batch_of(anchors: &[Anchor], epoch: u64) -> Option<usize> {
+    let i = anchors.partition_point(|a| a.to_ms <= epoch);
+    (i < anchors.len() && anchors[i].from_ms <= epoch).then_some(i)
+}
+
+/// Runs of consecutive batches spanning at most [`WINDOW_MS`] of epochs,
+/// each recomputed in one pass over its files.
+fn windows<'a>(selected: &[&'a Anchor]) -> Vec<Vec<&'a Anchor>> {
+    let mut out: Vec<Vec<&Anchor>> = Vec::new();
+    for &a in selected {
+        match out.last_mut() {
+            Some(w)
+                if w[w.len() - 1].to_ms == a.from_ms
+                    && a.to_ms.saturating_sub(w[0].from_ms) <= WINDOW_MS =>
+            {
+                w.push(a)
+            }
+            _ => out.push(vec![a]),
+        }
+    }
+    out
+}
+
+/// Names the first stored row whose leaf was never sealed in `anchor`.
+fn report_unsealed(
+    root: &Path,
+    process: usize,
+    interval: u64,
+    anchor: &Anchor,
+    unsealed: &[Hash],
+) -> anyhow::Result<()> {
+    if unsealed.is_empty() {
+        return Ok(());
+    }
+    // In the batch's canonical order, so "the first" is well defined.
+    let wanted: std::collections::HashMap<Hash, usize> =
+        unsealed.iter().enumerate().map(|(i, h)| (*h, i)).collect();
+    let mut found = Vec::new();
+    let range: Range<u64> = anchor.from_ms..anchor.to_ms;
+    scan_rows(root, process, &Table::ALL, range, interval, |r| {
+        if let Some(&pos) = wanted.get(&r.leaf) {
+            let table = match r.table {
+                Table::Readings => "reading",
+                Table::DeadLetters => "dead letter",
+            };
+            found.push((
+                pos,
+                format!(
+                    "{table} in {} row {}: {}",
+                    r.path.strip_prefix(root).unwrap_or(r.path).display(),
+                    r.row,
+                    r.describe()
+                ),
+            ));
+        }
+    })?;
+    found.sort();
+    println!(
+        "  {} stored row(s) do not match what was sealed; the first:",
+        unsealed.len()
+    );
+    if let Some((_, first)) = found.first() {
+        println!("  {first}");
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The audit trail end to end: readings published over MQTT are sealed
+//! into anchored batches, `wardflow verify` checks them against the store,
+//! names an altered reading, and notices deleted rows and batches.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Publishes `n` seconds of three simulated monitors over MQTT (QoS 1).
+fn simulate(dir: &Path, server: &Server, seconds: u32) {
+    let target = format!("mqtt://127.0.0.1:{}", server.mqtt_port);
+    let duration = format!("{seconds}s");
+    wardflow_ok(
+        dir,
+        &[
+            "simulate",
+            "--target",
+            &target,
+            "--devices",
+            "3",
+            "--rate",
+            "35",
+            "--duration",
+            &duration,
+            "--payload",
+            "senml",
+            "--batch",
+            "7",
+            "--qos",
+            "1",
+            "--register",
+        ],
+    );
+}
+
+/// `wardflow verify ARGS`: (success, stdout).
+fn verify(dir: &Path, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["verify"];
+    all.extend_from_slice(args);
+    let out = wardflow(dir, &all);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), format!("{stdout}{stderr}"))
+}
+
+fn parquet_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(parquet_files(&p));
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Changes one reading's value in place with pyarrow, as someone with
+/// access to the files would; returns the row's device and new value.
+fn alter_one_value(file: &Path) -> String {
+    let script = r#"
+import sys, pyarrow as pa, pyarrow.parquet as pq
+path = sys.argv[1]
+t = pq.read_table(path)
+values = t.column("value").to_pylist()
+values[0] = values[0] + 40.0
+i = t.schema.get_field_index("value")
+t = t.set_column(i, t.schema.field(i), pa.array(values, pa.float64()))
+pq.write_table(t, path)
+print(t.column("device_id")[0].as_py(), values[0])
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(file)
+        .output()
+        .expect("python3 with pyarrow (pip install pyarrow)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn verify_names_an_altered_reading_and_detects_deleted_rows_and_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut server = Server::start(&dir, &["--anchor-interval", "500"]);
+    simulate(&dir, &server, 3);
+    server.stop();
+
+    let (ok, out) = verify(&dir, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("signatures and chain verify"), "{out}");
+    assert!(out.contains("0 problem(s)"), "{out}");
+    assert!(
+        !out.contains("not sealed") && !out.contains("predate"),
+        "a clean stop seals every stored row:\n{out}"
+    );
+    let batches = out.lines().filter(|l| l.ends_with(": verified")).count();
+    assert!(batches >= 4, "3 s at 500 ms per batch:\n{out}");
+
+    // A patient's readings, each with its inclusion proof.
+    let (ok, out) = verify(&dir, &["--patient", "sim-patient-0001", "-q"]);
+    assert!(ok, "{out}");
+    let proven: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.split(": ")
+                .nth(1)?
+                .strip_suffix(" of sim-patient-0001's readings proven included in anchored batches")
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a proof count:\n{out}"));
+    let stored = query(&dir, "sim-patient-0001").len() as u64;
+    assert_eq!(
+        proven, stored,
+        "every stored reading of the patient is proven"
+    );
+
+    // One value changed in place: the batch fails and the reading is named.
+    let files = parquet_files(&dir.join("readings"));
+    let (device, value) = alter_one_value(&files[0])
+        .split_once(' ')
+        .map(|(d, v)| (d.to_string(), v.to_string()))
+        .unwrap();
+    let (ok, out) = verify(&dir, &[]);
+    assert!(!ok, "an altered value must fail verification:\n{out}");
+    assert!(out.contains("DOES NOT VERIFY"), "{out}");
+    let named = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("reading in readings/"))
+        .unwrap_or_else(|| panic!("the altered reading is named:\n{out}"));
+    assert!(
+        named.contains(&format!("device_id={device}")) && named.contains(&format!("value={value}")),
+        "{named}"
+    );
+    assert!(
+        out.contains("1 problem(s)"),
+        "only the altered batch:\n{out}"
+    );
+
+    // Rows deleted: a whole file of the store.
+    std::fs::remove_file(&files[files.len() - 1]).unwrap();
+    let (ok, out) = verify(&dir, &[]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("no longer in the store"), "{out}");
+
+    // A whole batch deleted from the anchor log breaks the chain.
+    let log = dir.join("ledger").join("anchors-p0.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let kept: Vec<&str> = text
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, l)| l)
+        .collect();
+    std::fs::write(&log, kept.join("\n") + "\n").unwrap();
+    let (ok, out) = verify(&dir, &[]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("does not verify") && out.contains("batch 2 is missing"),
+        "{out}"
+    );
+}
+
+/// How many leaves the server read back from the store on start.
+fn read_back(server: &Server) -> u64 {
+    server
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("leaves read back from the store"))
+        .filter_map(|l| {
+            l.split("leaves=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+#[test]
+fn a_crash_loses_no_leaf_and_seals_none_twice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // Rows are stored and checkpointed every 100 ms but sealed once a
+    // minute, so a crash leaves stored rows unsealed.
+    let args = ["--anchor-interval", "60000", "--flush-interval-ms", "100"];
+    let mut server = Server::start(&dir, &args);
+    simulate(&dir, &server, 2);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.kill9();
+    server.restart();
+    assert!(
+        read_back(&server) > 0,
+        "the stored, unsealed rows are read back:\n{}",
+        server.log_text()
+    );
+    simulate(&dir, &server, 2);
+    server.kill9();
+    server.restart();
+    server.stop();
+
+    let (ok, out) = verify(&dir, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("0 problem(s)"), "{out}");
+    assert!(
+        !out.contains("not sealed") && !out.contains("predate"),
+        "every stored row is sealed:\n{out}"
+    );
+    // Every stored row is in exactly one batch.
+    let sealed: u64 = std::fs::read_to_string(dir.join("ledger").join("anchors-p0.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["leaves"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    let stored: u64 = (0..3)
+        .map(|i| query(&dir, &format!("sim-patient-{i:04}")).len() as u64)
+        .sum::<u64>()
+        + dead_letters(&dir).len() as u64;
+    assert!(stored >= 2 * 3 * 50, "both runs were stored: {stored}");
+    assert_eq!(sealed, stored);
+}
