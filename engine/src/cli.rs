@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// The node's signing key [ledger.key_file, default DATA_DIR/ledger/node.pk8]
     #[arg(long, value_name = "FILE")]
     pub ledger_key: Option<PathBuf>,
+    /// Anchor batches on this Substrate chain (ws://host:port) [ledger.url; default: local mode]
+    #[arg(long, value_name = "URL")]
+    pub chain: Option<String>,
 }
 
 impl ServeArgs {
@@ -190,6 +193,9 @@ impl ServeArgs {
         set!(self.anchor_interval, c.ledger.anchor_interval_ms);
         if self.ledger_key.is_some() {
             c.ledger.key_file = self.ledger_key.clone();
+        }
+        if self.chain.is_some() {
+            c.ledger.url = self.chain.clone();
         }
     }
 }

@@ -39,6 +39,17 @@ pub struct LedgerSection {
     /// The node's signing key; default `ledger/node.pk8` in the data
     /// directory, created on first start.
     pub key_file: Option<PathBuf>,
+    /// A Substrate chain's WebSocket RPC endpoint (`ws://host:9944`):
+    /// batch hashes are anchored there with `system.remark_with_event`.
+    /// Without it the ledger runs in local mode (docs/ledger.md).
+    pub url: Option<String>,
+    /// The node's chain account: a file holding its secret URI; default
+    /// `ledger/chain.suri`, a new random key created on first start. The
+    /// environment variable WARDFLOW_LEDGER_SURI (e.g. `//Alice` on a
+    /// development chain) takes precedence. The account pays the fees.
+    pub account_file: Option<PathBuf>,
+    /// How long one anchoring extrinsic may take to be finalized, s.
+    pub finality_timeout_s: u64,
 }
 
 impl Default for LedgerSection {
@@ -47,6 +58,9 @@ impl Default for LedgerSection {
             enabled: true,
             anchor_interval_ms: 1000,
             key_file: None,
+            url: None,
+            account_file: None,
+            finality_timeout_s: 60,
         }
     }
 }
@@ -312,6 +326,22 @@ impl Config {
             .key_file
             .clone()
             .unwrap_or_else(|| self.ledger_dir().join("node.pk8"))
+    }
+
+    /// The node's chain account secret URI: WARDFLOW_LEDGER_SURI, or the
+    /// account file (created if missing).
+    pub fn ledger_suri(&self) -> anyhow::Result<String> {
+        if let Ok(s) = std::env::var("WARDFLOW_LEDGER_SURI")
+            && !s.trim().is_empty()
+        {
+            return Ok(s.trim().to_string());
+        }
+        let path = self
+            .ledger
+            .account_file
+            .clone()
+            .unwrap_or_else(|| self.ledger_dir().join("chain.suri"));
+        Ok(wardflow_ledger_bridge::chain::load_or_create_suri(&path)?)
     }
 
     /// Timely workers in this process.

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use wardflow_ledger_bridge::{Hash, LocalLedger};
+use wardflow_ledger_bridge::chain::{self, ChainAnchorer, ChainConfig, ChainStatus};
+use wardflow_ledger_bridge::{AnchorLog, Hash, LocalLedger, anchor_log_path};
 
 use crate::config::Config;
 use crate::metrics::{EngineMetrics, Progress};
@@ -37,6 +38,8 @@ pub struct Ledger {
     ledger: LocalLedger,
     tx: Sender<LedgerMsg>,
     rx: Receiver<LedgerMsg>,
+    /// With a chain configured: how to reach it, and what is not on it yet.
+    chain: Option<(ChainConfig, Vec<wardflow_ledger_bridge::Anchor>)>,
 }
 
 /// Leaves in flight to the ledger thread, in messages (one per flush):
@@ -58,7 +61,39 @@ impl Ledger {
         )
         .context("opening the ledger")?;
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL);
-        Ok(Some(Ledger { ledger, tx, rx }))
+        let chain = match &config.ledger.url {
+            None => None,
+            Some(url) => {
+                let suri = config.ledger_suri()?;
+                let signer = chain::load_signer(&suri)
+                    .map_err(|e| anyhow::anyhow!("the ledger's chain account: {e}"))?;
+                let process = config.dataflow.process as u32;
+                let dir = config.ledger_dir();
+                let anchors = AnchorLog::read(&anchor_log_path(&dir, process), None)?;
+                let receipts = chain::read_receipts(&chain::receipt_log_path(&dir, process))?;
+                let backlog = chain::backlog(&anchors, &receipts);
+                tracing::info!(
+                    %url,
+                    account = %chain::hex(&signer.public_key().0),
+                    backlog = backlog.len(),
+                    "ledger: anchoring on a chain"
+                );
+                Some((
+                    ChainConfig {
+                        url: url.clone(),
+                        signer,
+                        timeout: Duration::from_secs(config.ledger.finality_timeout_s.max(1)),
+                    },
+                    backlog,
+                ))
+            }
+        };
+        Ok(Some(Ledger {
+            ledger,
+            tx,
+            rx,
+            chain,
+        }))
     }
 
     /// Where flushes send their leaves.
@@ -104,15 +139,31 @@ impl Ledger {
             );
             self.ledger.add_tagged(leaves);
         }
-        let Ledger { ledger, tx, rx } = self;
+        let Ledger {
+            ledger,
+            tx,
+            rx,
+            chain,
+        } = self;
+        let anchorer = match chain {
+            Some((c, backlog)) => Some(ChainAnchorer::start(
+                c,
+                config.dataflow.process as u32,
+                &config.ledger_dir(),
+                backlog,
+            )?),
+            None => None,
+        };
+        let chain_status = anchorer.as_ref().map(|a| a.status.clone());
         let tx_finish = tx.clone();
         drop(tx);
         let join = std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || run(ledger, rx, progress, metrics))?;
+            .spawn(move || run(ledger, anchorer, rx, progress, metrics))?;
         Ok(LedgerThread {
             tx: tx_finish,
             join,
+            chain_status,
         })
     }
 }
@@ -121,9 +172,15 @@ impl Ledger {
 pub struct LedgerThread {
     tx: Sender<LedgerMsg>,
     join: JoinHandle<()>,
+    chain_status: Option<Arc<ChainStatus>>,
 }
 
 impl LedgerThread {
+    /// The chain anchorer's progress, when anchoring on a chain.
+    pub fn chain_status(&self) -> Option<Arc<ChainStatus>> {
+        self.chain_status.clone()
+    }
+
     /// Ends the thread. After a clean finish of the dataflow (`all_stored`),
     /// every pending leaf is sealed; otherwise only what lies below the
     /// stored frontier, and the rest after a restart.
@@ -138,6 +195,7 @@ impl LedgerThread {
 
 fn run(
     mut ledger: LocalLedger,
+    anchorer: Option<ChainAnchorer>,
     rx: Receiver<LedgerMsg>,
     progress: Arc<Progress>,
     metrics: Arc<EngineMetrics>,
@@ -169,6 +227,11 @@ fn run(
             let started = Instant::now();
             match ledger.seal_until(watermark) {
                 Ok(anchors) => {
+                    if let Some(a) = &anchorer {
+                        for anchor in &anchors {
+                            a.submit(anchor.clone());
+                        }
+                    }
                     if !anchors.is_empty() {
                         metrics
                             .ledger_seal_seconds
@@ -192,5 +255,8 @@ fn run(
         if finish {
             break;
         }
+    }
+    if let Some(a) = anchorer {
+        a.stop();
     }
 }

@@ -33,6 +33,12 @@ pub struct EngineMetrics {
     pub ledger_sealed_to_ms: Gauge,
     pub ledger_seal_seconds: Histogram,
     pub ledger_errors: Counter,
+    pub ledger_chain_pending_batches: Gauge,
+    pub ledger_chain_anchored_batches: Gauge,
+    pub ledger_chain_extrinsics: Gauge,
+    pub ledger_chain_errors: Gauge,
+    pub ledger_chain_last_block: Gauge,
+    pub ledger_chain_connected: Gauge,
 }
 
 impl Default for EngineMetrics {
@@ -61,6 +67,12 @@ impl Default for EngineMetrics {
             // 100 µs .. ~3 s
             ledger_seal_seconds: Histogram::new(exponential_buckets(100e-6, 2.0, 16)),
             ledger_errors: Counter::default(),
+            ledger_chain_pending_batches: Gauge::default(),
+            ledger_chain_anchored_batches: Gauge::default(),
+            ledger_chain_extrinsics: Gauge::default(),
+            ledger_chain_errors: Gauge::default(),
+            ledger_chain_last_block: Gauge::default(),
+            ledger_chain_connected: Gauge::default(),
         }
     }
 }
@@ -117,6 +129,40 @@ impl EngineMetrics {
             "Failed anchor writes (retried)",
             self.ledger_errors.clone(),
         );
+        for (name, help, g) in [
+            (
+                "ledger_chain_pending_batches",
+                "Sealed batches not yet anchored on the chain (queued in the anchor log)",
+                &self.ledger_chain_pending_batches,
+            ),
+            (
+                "ledger_chain_anchored_batches",
+                "Batches anchored on the chain since start",
+                &self.ledger_chain_anchored_batches,
+            ),
+            (
+                "ledger_chain_extrinsics",
+                "Anchoring extrinsics finalized since start",
+                &self.ledger_chain_extrinsics,
+            ),
+            (
+                "ledger_chain_errors",
+                "Failed chain connections or submissions since start (retried)",
+                &self.ledger_chain_errors,
+            ),
+            (
+                "ledger_chain_last_block",
+                "Number of the block that holds the latest anchor",
+                &self.ledger_chain_last_block,
+            ),
+            (
+                "ledger_chain_connected",
+                "1 while the anchorer holds a connection to the chain",
+                &self.ledger_chain_connected,
+            ),
+        ] {
+            r.register(name, help, g.clone());
+        }
         r.register(
             "readings_stored",
             "Readings written to the store",

@@ -220,6 +220,7 @@ impl Node {
             wal: wal.handle.control(),
             budget: budget.clone(),
             rules: rules.clone(),
+            chain: ledger.as_ref().and_then(|l| l.chain_status()),
         });
         let api = Arc::new(crate::api::Api {
             census: census.clone(),
@@ -322,6 +323,7 @@ struct Health {
     wal: WalControl,
     budget: Arc<MemoryBudget>,
     rules: Arc<RuleBook>,
+    chain: Option<Arc<wardflow_ledger_bridge::chain::ChainStatus>>,
 }
 
 /// Updates the gauges that are sampled rather than counted.
@@ -347,6 +349,16 @@ impl Health {
             .set(self.rules.snapshot().0.rules.len() as i64);
         e.rules_reload_failures
             .set(self.rules.reload_failures.load(Ordering::Relaxed) as i64);
+        if let Some(c) = &self.chain {
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+            e.ledger_chain_pending_batches.set(get(&c.pending_batches));
+            e.ledger_chain_anchored_batches.set(get(&c.anchored_batches));
+            e.ledger_chain_extrinsics.set(get(&c.extrinsics));
+            e.ledger_chain_errors.set(get(&c.errors));
+            e.ledger_chain_last_block.set(get(&c.last_block));
+            e.ledger_chain_connected
+                .set(c.connected.load(Ordering::Relaxed) as i64);
+        }
     }
 
     fn report(&self) -> (bool, serde_json::Value) {

@@ -38,6 +38,9 @@ pub struct VerifyArgs {
     /// Print problems and the summary only, not every verified batch
     #[arg(long, short)]
     pub quiet: bool,
+    /// Check the chain anchors on this endpoint [default: ledger.url]
+    #[arg(long, value_name = "URL")]
+    pub chain: Option<String>,
 }
 
 /// How many epochs of batches are recomputed in one pass over the files.
@@ -259,9 +262,88 @@ fn verify_process(
             "process {process}: {proven} of {patient}'s readings proven included in anchored batches"
         );
     }
+    problems += check_chain(config, args, process, &selected)?;
     println!(
         "process {process}: {verified} of {} batches verified, {problems} problem(s)",
         selected.len()
+    );
+    Ok(problems)
+}
+
+/// Checks the selected batches' chain receipts against the chain: each
+/// batch's remark must be in the recorded block and extrinsic, signed by
+/// the node's account. Returns the problems found.
+fn check_chain(
+    config: &Config,
+    args: &VerifyArgs,
+    process: u32,
+    selected: &[&Anchor],
+) -> anyhow::Result<usize> {
+    use wardflow_ledger_bridge::chain::{self, OnChain};
+    let receipts = chain::read_receipts(&chain::receipt_log_path(&config.ledger_dir(), process))?;
+    let url = args.chain.clone().or_else(|| config.ledger.url.clone());
+    let Some(url) = url else {
+        if !receipts.is_empty() {
+            println!(
+                "process {process}: {} chain receipts not checked: give the chain with --chain URL or ledger.url",
+                receipts.len()
+            );
+        }
+        return Ok(0);
+    };
+    // The first receipt of each batch counts (anchoring is at least once).
+    let mut by_receipt: BTreeMap<usize, Vec<&Anchor>> = BTreeMap::new();
+    let mut unanchored = 0;
+    for a in selected {
+        match receipts.iter().position(|r| r.covers(a.batch)) {
+            Some(i) => by_receipt.entry(i).or_default().push(a),
+            None => unanchored += 1,
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut problems, mut on_chain) = (0, 0);
+    rt.block_on(async {
+        let api = match chain::connect(&url).await {
+            Ok(api) => api,
+            Err(e) => {
+                println!("process {process}: cannot check the chain anchors: {e}");
+                problems += 1;
+                return;
+            }
+        };
+        for (i, anchors) in &by_receipt {
+            let r = &receipts[*i];
+            match chain::check_receipt(&api, r, anchors).await {
+                OnChain::Verified => {
+                    on_chain += anchors.len();
+                    if !args.quiet {
+                        println!(
+                            "batches {}..={} on chain: block #{} {} extrinsic {}",
+                            anchors[0].batch,
+                            anchors[anchors.len() - 1].batch,
+                            r.block_number,
+                            r.block_hash,
+                            r.extrinsic_index
+                        );
+                    }
+                }
+                OnChain::Missing(why) => {
+                    problems += 1;
+                    println!("process {process}: NOT ON CHAIN: {why}");
+                }
+            }
+        }
+    });
+    println!(
+        "process {process}: {on_chain} of {} batches verified on the chain at {url}{}",
+        selected.len(),
+        if unanchored > 0 {
+            format!(", {unanchored} not anchored there yet (queued)")
+        } else {
+            String::new()
+        }
     );
     Ok(problems)
 }

@@ -119,7 +119,7 @@ impl NodeKey {
 /// directory may be creating it at the same moment; the file appears
 /// whole (written under a temporary name, then linked into place) or not
 /// at all, and the first one wins.
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), AnchorError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);

@@ -26,6 +26,7 @@
 
 pub mod anchor;
 pub mod batch;
+pub mod chain;
 pub mod index;
 pub mod leaf;
 pub mod local;

@@ -11,6 +11,14 @@
 //! Wardflow's store (`wardflow_readings_stored_total`), each counted from the
 //! simulator's start to the last delivery. It prints medians and the ratio
 //! Wardflow / Mosquitto, with each server's peak resident memory.
+//!
+//! With `--baseline no-ledger` the baseline is Wardflow itself with its
+//! audit trail off (`--ledger false`), so the ratio is what sealing every
+//! stored row into anchored Merkle batches costs:
+//!
+//! ```text
+//! cargo run --release -p wardflow-benches --bin e2e -- --baseline no-ledger --duration 10 --repeat 3
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,6 +87,17 @@ struct Options {
     /// Scenarios to run, comma-separated [default: all].
     #[arg(long = "scenario", value_delimiter = ',', value_parser = scenario)]
     scenarios: Vec<Scenario>,
+    /// What Wardflow is compared with.
+    #[arg(long, value_enum, default_value_t = Baseline::Mosquitto)]
+    baseline: Baseline,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Baseline {
+    /// Mosquitto delivering the same traffic to one subscriber.
+    Mosquitto,
+    /// Wardflow with its audit ledger off.
+    NoLedger,
 }
 
 fn scenario(name: &str) -> Result<Scenario, String> {
@@ -103,6 +122,8 @@ struct Outcome {
     per_s: f64,
     peak_rss_mib: f64,
     sent: u64,
+    /// Audit batches sealed (Wardflow with its ledger on).
+    batches: u64,
 }
 
 fn simulate(o: &Options, s: Scenario, port: u16, data: &Path, creds: &Path) -> Command {
@@ -229,11 +250,16 @@ fn run_mosquitto(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome
         per_s: readings as f64 / span.as_secs_f64().max(1e-9),
         peak_rss_mib: peak as f64 / 1024.0,
         sent,
+        batches: 0,
     })
 }
 
-fn run_wardflow(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome> {
-    let data = dir.join("wardflow-data");
+fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::Result<Outcome> {
+    let data = dir.join(if ledger {
+        "wardflow-data"
+    } else {
+        "wardflow-data-no-ledger"
+    });
     let (mqtt, http) = (free_port(), free_port());
     let server = Command::new(&o.wardflow)
         .args(["--log", "warn", "--data-dir"])
@@ -244,6 +270,8 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome>
             &format!("127.0.0.1:{mqtt}"),
             "--http",
             &format!("127.0.0.1:{http}"),
+            "--ledger",
+            if ledger { "true" } else { "false" },
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -305,6 +333,9 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome>
     }
     let sent = sent_of(out.as_ref().expect("simulator finished"))?;
     let peak = peak_rss_kib(pid).unwrap_or(0);
+    let batches = http_get(http, "/metrics")
+        .and_then(|m| metric(&m, "wardflow_ledger_batches_total"))
+        .unwrap_or(0.0) as u64;
     stop(server);
     let readings = last.0 - base;
     Ok(Outcome {
@@ -312,6 +343,7 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome>
         per_s: readings as f64 / last.1.as_secs_f64().max(1e-9),
         peak_rss_mib: peak as f64 / 1024.0,
         sent,
+        batches,
     })
 }
 
@@ -322,8 +354,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let o = options()?;
+    let base_name = match o.baseline {
+        Baseline::Mosquitto => "mosquitto",
+        Baseline::NoLedger => "no-ledger",
+    };
     println!(
-        "# wardflow e2e: {} devices, {} s per run, {} repeats, Mosquitto then Wardflow each time\n",
+        "# wardflow e2e: {} devices, {} s per run, {} repeats, {base_name} then Wardflow each time\n",
         o.devices, o.duration, o.repeat
     );
     let mut summary = Vec::new();
@@ -332,10 +368,13 @@ fn main() -> anyhow::Result<()> {
             (vec![], vec![], vec![], vec![], vec![]);
         for r in 0..o.repeat {
             let dir = tempfile::tempdir()?;
-            let m = run_mosquitto(&o, *s, dir.path())?;
-            let w = run_wardflow(&o, *s, dir.path())?;
+            let m = match o.baseline {
+                Baseline::Mosquitto => run_mosquitto(&o, *s, dir.path())?,
+                Baseline::NoLedger => run_wardflow(&o, *s, dir.path(), false)?,
+            };
+            let w = run_wardflow(&o, *s, dir.path(), true)?;
             println!(
-                "{:<16} run {}: mosquitto {:>11.0} readings/s delivered ({} of {} sent, peak {:.0} MiB) | wardflow {:>11.0} readings/s stored ({} of {} sent, peak {:.0} MiB) | ratio {:.2}",
+                "{:<16} run {}: {base_name} {:>11.0} readings/s ({} of {} sent, peak {:.0} MiB) | wardflow {:>11.0} readings/s stored ({} of {} sent, peak {:.0} MiB, {} audit batches) | ratio {:.2}",
                 s.name,
                 r + 1,
                 m.per_s,
@@ -346,6 +385,7 @@ fn main() -> anyhow::Result<()> {
                 w.readings,
                 w.sent,
                 w.peak_rss_mib,
+                w.batches,
                 w.per_s / m.per_s
             );
             m_rates.push(m.per_s);
@@ -365,7 +405,7 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     println!(
-        "\n| scenario | Mosquitto readings/s | Wardflow readings/s stored | Wardflow messages/s | ratio (median of pairs) | peak RSS Mosquitto | peak RSS Wardflow |"
+        "\n| scenario | {base_name} readings/s | Wardflow readings/s stored | Wardflow messages/s | ratio (median of pairs) | peak RSS {base_name} | peak RSS Wardflow |"
     );
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (name, batch, m, w, ratio, mr, wr) in summary {

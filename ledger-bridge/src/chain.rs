@@ -1,0 +1,603 @@
+//! Anchoring batch hashes on a Substrate chain, with subxt.
+//!
+//! Each batch becomes one `system.remark_with_event` whose remark is the
+//! versioned payload
+//!
+//! ```text
+//! "WFA1" || process u32 || batch u64 || from_ms u64 || to_ms u64 ||
+//! leaves u64 || root (32) || prev (32)          (integers big-endian)
+//! ```
+//!
+//! from which anyone recomputes the batch hash (docs/ledger.md), so the
+//! chain holds the root, the batch's range and its link to the batch
+//! before. The chain's `System.Remarked` event records the signer and the
+//! remark's hash (BLAKE2b-256, the runtime's hasher), which is what
+//! verification checks. When the anchorer is behind, it packs up to
+//! [`MAX_PER_EXTRINSIC`] remarks into one `utility.batch_all`; it waits for
+//! each extrinsic to be finalized before sending the next, so there is at
+//! most one in flight and one per block at any ingest rate.
+//!
+//! The signed local anchor log is the durable queue: a batch is on it
+//! before it is submitted, and the receipt log (`chain-p{process}.jsonl`:
+//! block hash, number and extrinsic index per range of batches, fsynced)
+//! says which are anchored. After a restart or a chain outage, what has no
+//! receipt is submitted again, in order. Anchoring is at least once: an
+//! extrinsic finalized while its watcher lost the connection is sent again,
+//! and the first receipt of a batch is the one verification uses.
+//!
+//! Nonces come from the chain (`system_accountNextIndex`) for each
+//! extrinsic, which is right because only this anchorer signs with the
+//! node's account.
+
+use std::collections::VecDeque;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use serde::{Deserialize, Serialize};
+use subxt::dynamic::{self, Value};
+use subxt::{OnlineClient, PolkadotConfig};
+use subxt_signer::SecretUri;
+use subxt_signer::sr25519::Keypair;
+
+use crate::anchor::{Anchor, AnchorError};
+
+/// The most remarks in one `utility.batch_all`.
+pub const MAX_PER_EXTRINSIC: usize = 256;
+
+/// The chain payload of one anchored batch.
+pub fn remark_payload(a: &Anchor) -> Vec<u8> {
+    let mut p = Vec::with_capacity(4 + 4 + 8 * 4 + 64);
+    p.extend_from_slice(b"WFA1");
+    p.extend_from_slice(&a.process.to_be_bytes());
+    p.extend_from_slice(&a.batch.to_be_bytes());
+    p.extend_from_slice(&a.from_ms.to_be_bytes());
+    p.extend_from_slice(&a.to_ms.to_be_bytes());
+    p.extend_from_slice(&a.leaves.to_be_bytes());
+    p.extend_from_slice(&a.root);
+    p.extend_from_slice(&a.prev);
+    p
+}
+
+/// Where a run of batches was anchored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub process: u32,
+    pub first_batch: u64,
+    pub last_batch: u64,
+    /// `0x`-prefixed hex, as the chain's RPC writes hashes.
+    pub block_hash: String,
+    pub block_number: u64,
+    pub extrinsic_index: u32,
+    /// The signing account (sr25519 public key, hex).
+    pub account: String,
+}
+
+impl Receipt {
+    pub fn covers(&self, batch: u64) -> bool {
+        (self.first_batch..=self.last_batch).contains(&batch)
+    }
+}
+
+/// Process `process`'s receipt log in the ledger directory `dir`.
+pub fn receipt_log_path(dir: &Path, process: u32) -> PathBuf {
+    dir.join(format!("chain-p{process}.jsonl"))
+}
+
+/// Reads a receipt log; a torn last line is skipped.
+pub fn read_receipts(path: &Path) -> Result<Vec<Receipt>, AnchorError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(AnchorError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..complete]
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| AnchorError::Bad {
+                path: path.to_path_buf(),
+                line: i + 1,
+                what: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn append_receipt(path: &Path, r: &Receipt) -> std::io::Result<()> {
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    f.write_all(&line)?;
+    f.sync_data()
+}
+
+/// The node's chain account: a secret URI (`//Alice` for a development
+/// chain, a mnemonic, or a `0x` seed).
+pub fn load_signer(suri: &str) -> Result<Keypair, String> {
+    let uri = SecretUri::from_str(suri).map_err(|e| format!("not a secret URI: {e}"))?;
+    Keypair::from_uri(&uri).map_err(|e| format!("not a usable sr25519 key: {e}"))
+}
+
+/// Reads the node's secret URI from `path`, creating a new random seed
+/// there (owner-only) if there is none.
+pub fn load_or_create_suri(path: &Path) -> Result<String, AnchorError> {
+    let io = |source| AnchorError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(s) => return Ok(s.trim().to_string()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        Err(_) => {}
+    }
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(|_| {
+        AnchorError::Key {
+            path: path.to_path_buf(),
+            what: "no randomness for a new key".into(),
+        }
+    })?;
+    let suri = format!("0x{}", hex(&seed));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    crate::anchor::write_private(path, format!("{suri}\n").as_bytes())?;
+    Ok(std::fs::read_to_string(path).map_err(io)?.trim().to_string())
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What the anchorer reports (read by the engine's metrics).
+#[derive(Debug, Default)]
+pub struct ChainStatus {
+    pub pending_batches: AtomicU64,
+    pub anchored_batches: AtomicU64,
+    pub extrinsics: AtomicU64,
+    pub errors: AtomicU64,
+    pub last_block: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// What the anchorer needs.
+#[derive(Clone)]
+pub struct ChainConfig {
+    pub url: String,
+    pub signer: Keypair,
+    /// How long one extrinsic may take from submission to finality.
+    pub timeout: Duration,
+}
+
+/// Submits anchored batches to the chain on a thread of its own.
+pub struct ChainAnchorer {
+    tx: Option<Sender<Anchor>>,
+    join: Option<JoinHandle<()>>,
+    pub status: Arc<ChainStatus>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ChainAnchorer {
+    /// Starts anchoring `backlog` (batches of the anchor log without a
+    /// receipt, in order), then whatever [`ChainAnchorer::submit`] adds.
+    pub fn start(
+        config: ChainConfig,
+        process: u32,
+        ledger_dir: &Path,
+        backlog: Vec<Anchor>,
+    ) -> std::io::Result<ChainAnchorer> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let status = Arc::new(ChainStatus::default());
+        status
+            .pending_batches
+            .store(backlog.len() as u64, Ordering::Relaxed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut worker = Worker {
+            config,
+            receipts: receipt_log_path(ledger_dir, process),
+            queue: backlog.into(),
+            rx,
+            status: status.clone(),
+            stop: stop.clone(),
+            process,
+        };
+        let join = std::thread::Builder::new()
+            .name(format!("chain-p{process}"))
+            .spawn(move || worker.run())?;
+        Ok(ChainAnchorer {
+            tx: Some(tx),
+            join: Some(join),
+            status,
+            stop,
+        })
+    }
+
+    /// Queues a batch just anchored locally.
+    pub fn submit(&self, a: Anchor) {
+        self.status.pending_batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(a);
+        }
+    }
+
+    /// Stops. An extrinsic in flight is given a few seconds to settle;
+    /// whatever has no receipt is anchored after the next start.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
+        if let Some(j) = self.join.take() {
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while !j.is_finished() && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if j.is_finished() {
+                let _ = j.join();
+            } else {
+                tracing::warn!("ledger: left an anchoring extrinsic unsettled at shutdown; it is sent again on the next start");
+            }
+        }
+    }
+}
+
+/// The batches of `anchors` that no receipt covers.
+pub fn backlog(anchors: &[Anchor], receipts: &[Receipt]) -> Vec<Anchor> {
+    let done = receipts.iter().map(|r| r.last_batch).max();
+    anchors
+        .iter()
+        .filter(|a| done.is_none_or(|d| a.batch > d))
+        .cloned()
+        .collect()
+}
+
+struct Worker {
+    config: ChainConfig,
+    receipts: PathBuf,
+    queue: VecDeque<Anchor>,
+    rx: Receiver<Anchor>,
+    status: Arc<ChainStatus>,
+    stop: Arc<AtomicBool>,
+    process: u32,
+}
+
+impl Worker {
+    fn run(&mut self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("chain anchoring cannot start: {e}");
+                return;
+            }
+        };
+        let mut client: Option<OnlineClient<PolkadotConfig>> = None;
+        let mut backoff = Duration::from_millis(500);
+        let mut closed = false;
+        loop {
+            // Take what arrived; wait a little when there is nothing to do.
+            if self.queue.is_empty() && !closed {
+                match self.rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(a) => self.queue.push_back(a),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => closed = true,
+                }
+            }
+            while let Ok(a) = self.rx.try_recv() {
+                self.queue.push_back(a);
+            }
+            if self.stop.load(Ordering::Relaxed) || (closed && self.queue.is_empty()) {
+                return;
+            }
+            if self.queue.is_empty() {
+                continue;
+            }
+            let api = match &client {
+                Some(c) => c.clone(),
+                None => {
+                    match rt.block_on(connect(&self.config.url)) {
+                        Ok(c) => {
+                            tracing::info!(url = %self.config.url, "ledger: connected to the chain");
+                            self.status.connected.store(true, Ordering::Relaxed);
+                            backoff = Duration::from_millis(500);
+                            client = Some(c.clone());
+                            c
+                        }
+                        Err(e) => {
+                            self.fail(&mut backoff, e);
+                            continue;
+                        }
+                    }
+                }
+            };
+            let n = self.queue.len().min(MAX_PER_EXTRINSIC);
+            let batch: Vec<Anchor> = self.queue.iter().take(n).cloned().collect();
+            let submitted = rt.block_on(async {
+                tokio::time::timeout(self.config.timeout, submit(&api, &self.config.signer, &batch))
+                    .await
+            });
+            match submitted {
+                Ok(Ok((block_hash, block_number, extrinsic_index))) => {
+                    let receipt = Receipt {
+                        process: self.process,
+                        first_batch: batch[0].batch,
+                        last_batch: batch[n - 1].batch,
+                        block_hash,
+                        block_number,
+                        extrinsic_index,
+                        account: hex(&self.config.signer.public_key().0),
+                    };
+                    if let Err(e) = append_receipt(&self.receipts, &receipt) {
+                        // Anchored, but not recorded: it is sent again.
+                        self.fail(&mut backoff, format!("{}: {e}", self.receipts.display()));
+                        continue;
+                    }
+                    self.queue.drain(..n);
+                    let s = &self.status;
+                    s.pending_batches.fetch_sub(n as u64, Ordering::Relaxed);
+                    s.anchored_batches.fetch_add(n as u64, Ordering::Relaxed);
+                    s.extrinsics.fetch_add(1, Ordering::Relaxed);
+                    s.last_block.store(block_number, Ordering::Relaxed);
+                    tracing::debug!(
+                        batches = n,
+                        block_number,
+                        extrinsic_index,
+                        "ledger: anchored on the chain"
+                    );
+                }
+                Ok(Err(e)) => {
+                    client = None;
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.fail(&mut backoff, e);
+                }
+                Err(_) => {
+                    client = None;
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.fail(&mut backoff, "no finality within the timeout".into());
+                }
+            }
+        }
+    }
+
+    fn fail(&self, backoff: &mut Duration, why: String) {
+        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            url = %self.config.url,
+            pending = self.queue.len(),
+            "ledger: chain anchoring failed, retrying in {:?} (batches stay queued in the anchor log): {why}",
+            *backoff
+        );
+        // Sleep in slices, so a stop is not held up.
+        let end = std::time::Instant::now() + *backoff;
+        while std::time::Instant::now() < end && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Submits one extrinsic anchoring `batch` and follows it to finality;
+/// returns (block hash, block number, extrinsic index).
+async fn submit(
+    api: &OnlineClient<PolkadotConfig>,
+    signer: &Keypair,
+    batch: &[Anchor],
+) -> Result<(String, u64, u32), String> {
+    let at = api
+        .at_current_block()
+        .await
+        .map_err(|e| format!("reading the chain head: {e}"))?;
+    let remark = |a: &Anchor| Value::from_bytes(remark_payload(a));
+    let progress = if batch.len() == 1 {
+        let call = dynamic::tx("System", "remark_with_event", (remark(&batch[0]),));
+        at.transactions()
+            .sign_and_submit_then_watch_default(&call, signer)
+            .await
+    } else {
+        let calls: Vec<Value> = batch
+            .iter()
+            .map(|a| {
+                Value::unnamed_variant(
+                    "System",
+                    [Value::named_variant(
+                        "remark_with_event",
+                        [("remark", remark(a))],
+                    )],
+                )
+            })
+            .collect();
+        let call = dynamic::tx("Utility", "batch_all", (calls,));
+        at.transactions()
+            .sign_and_submit_then_watch_default(&call, signer)
+            .await
+    }
+    .map_err(|e| format!("submitting: {e}"))?;
+    let in_block = progress
+        .wait_for_finalized()
+        .await
+        .map_err(|e| format!("following to finality: {e}"))?;
+    let events = in_block
+        .wait_for_success()
+        .await
+        .map_err(|e| format!("the extrinsic failed: {e}"))?;
+    let remarked = events
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.pallet_name() == "System" && e.event_name() == "Remarked")
+        .count();
+    if remarked != batch.len() {
+        return Err(format!(
+            "{remarked} System.Remarked events for {} batches",
+            batch.len()
+        ));
+    }
+    let hash = in_block.block_hash();
+    let number = api
+        .at_block(hash)
+        .await
+        .map_err(|e| format!("reading the block: {e}"))?
+        .block_number();
+    Ok((
+        format!("0x{}", hex(hash.as_ref())),
+        number,
+        events.extrinsic_index() as u32,
+    ))
+}
+
+/// A connection to the chain.
+pub type ChainClient = OnlineClient<PolkadotConfig>;
+
+/// Connects to the chain's WebSocket RPC endpoint (`ws://` or `wss://`).
+pub async fn connect(url: &str) -> Result<ChainClient, String> {
+    let connecting = async {
+        if url.starts_with("wss://") {
+            ChainClient::from_url(url).await
+        } else {
+            ChainClient::from_insecure_url(url).await
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("cannot connect to {url}: {e}")),
+        Err(_) => Err(format!("connecting to {url} timed out")),
+    }
+}
+
+/// The outcome of checking one receipt's batches on the chain.
+#[derive(Debug)]
+pub enum OnChain {
+    /// Every batch's remark is in the block's extrinsic, signed by the
+    /// receipt's account.
+    Verified,
+    Missing(String),
+}
+
+/// Checks that the block of `receipt` holds, at its extrinsic, a
+/// `System.Remarked` event from the receipt's account for the payload of
+/// every batch in `anchors` (the receipt's range).
+pub async fn check_receipt(
+    api: &ChainClient,
+    receipt: &Receipt,
+    anchors: &[&Anchor],
+) -> OnChain {
+    let Some(hash) = parse_hash(&receipt.block_hash) else {
+        return OnChain::Missing(format!("not a block hash: {}", receipt.block_hash));
+    };
+    let at = match api.at_block(hash).await {
+        Ok(at) => at,
+        Err(e) => return OnChain::Missing(format!("block {}: {e}", receipt.block_hash)),
+    };
+    if at.block_number() != receipt.block_number {
+        return OnChain::Missing(format!(
+            "block {} is number {}, not {}",
+            receipt.block_hash,
+            at.block_number(),
+            receipt.block_number
+        ));
+    }
+    let events = match at.events().fetch().await {
+        Ok(e) => e,
+        Err(e) => return OnChain::Missing(format!("events of block {}: {e}", receipt.block_hash)),
+    };
+    let phase = subxt::events::Phase::ApplyExtrinsic(receipt.extrinsic_index);
+    let mut remarks: Vec<[u8; 64]> = events
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked")
+        .filter_map(|e| e.field_bytes().try_into().ok())
+        .collect();
+    remarks.sort();
+    for a in anchors {
+        let digest = blake2_256(&remark_payload(a));
+        let mut want = [0u8; 64];
+        if let Some(acc) = parse_hash(&format!("0x{}", receipt.account)) {
+            want[..32].copy_from_slice(acc.as_ref());
+        }
+        want[32..].copy_from_slice(&digest);
+        if remarks.binary_search(&want).is_err() {
+            return OnChain::Missing(format!(
+                "batch {}: no remark of it by {} in block #{} extrinsic {}",
+                a.batch, receipt.account, receipt.block_number, receipt.extrinsic_index
+            ));
+        }
+    }
+    OnChain::Verified
+}
+
+fn parse_hash(s: &str) -> Option<subxt::utils::H256> {
+    let h = s.strip_prefix("0x")?;
+    if h.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(subxt::utils::H256(out))
+}
+
+/// BLAKE2b-256, the hash `System.Remarked` reports (the runtime's
+/// `Hashing`, as in every Substrate chain built on `BlakeTwo256`).
+pub fn blake2_256(data: &[u8]) -> [u8; 32] {
+    use blake2::Digest as _;
+    blake2::Blake2b::<blake2::digest::consts::U32>::digest(data).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blake2_256_matches_the_reference_vector() {
+        // BLAKE2b-256 of the empty string (RFC 7693 parameters, 32-byte digest).
+        assert_eq!(
+            hex(&blake2_256(b"")),
+            "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8"
+        );
+    }
+
+    #[test]
+    fn the_backlog_is_what_no_receipt_covers() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::NodeKey::load_or_create(&dir.path().join("k")).unwrap();
+        let mut log = crate::AnchorLog::open(&dir.path().join("a.jsonl")).unwrap();
+        let mut sealer = crate::Sealer::new(0, None);
+        let anchors: Vec<Anchor> = (0..5)
+            .map(|i| {
+                let b = sealer.seal(i * 10, i * 10 + 10, vec![crate::leaf_hash(&[i as u8])]);
+                log.append(&key, &b.header).unwrap()
+            })
+            .collect();
+        let r = Receipt {
+            process: 0,
+            first_batch: 0,
+            last_batch: 2,
+            block_hash: format!("0x{}", "ab".repeat(32)),
+            block_number: 7,
+            extrinsic_index: 1,
+            account: "00".repeat(32),
+        };
+        let path = dir.path().join("chain-p0.jsonl");
+        append_receipt(&path, &r).unwrap();
+        let read = read_receipts(&path).unwrap();
+        assert_eq!(read, vec![r]);
+        let rest: Vec<u64> = backlog(&anchors, &read).iter().map(|a| a.batch).collect();
+        assert_eq!(rest, vec![3, 4]);
+        assert_eq!(remark_payload(&anchors[3]).len(), 4 + 4 + 32 + 64);
+        assert!(remark_payload(&anchors[3]).starts_with(b"WFA1"));
+    }
+}
