@@ -462,13 +462,25 @@ async fn submit(
 pub type ChainClient = OnlineClient<PolkadotConfig>;
 
 /// Connects to the chain's WebSocket RPC endpoint (`ws://` or `wss://`).
+///
+/// Through the legacy RPC methods (`author_submitAndWatchExtrinsic`,
+/// `chain_*`, `state_*`), which every Substrate node serves; subxt's
+/// default picks the newer `chainHead`/`transactionWatch` methods when a
+/// node lists them, and not every node that lists them serves them all.
 pub async fn connect(url: &str) -> Result<ChainClient, String> {
+    use subxt::backend::LegacyBackend;
+    use subxt::rpcs::RpcClient;
     let connecting = async {
-        if url.starts_with("wss://") {
-            ChainClient::from_url(url).await
+        let rpc = if url.starts_with("wss://") {
+            RpcClient::from_url(url).await
         } else {
-            ChainClient::from_insecure_url(url).await
+            RpcClient::from_insecure_url(url).await
         }
+        .map_err(|e| e.to_string())?;
+        let backend = LegacyBackend::<PolkadotConfig>::builder().build(rpc);
+        ChainClient::from_backend(Arc::new(backend))
+            .await
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(10), connecting).await {
         Ok(Ok(c)) => Ok(c),

@@ -14,6 +14,8 @@ if [ ! -f penpal-dev-raw.json ]; then
   # 3. plain -> raw genesis using the runtime's GenesisBuilder API ("development" preset: Alice..Ferdie funded, sudo=Alice)
   node mkraw.mjs penpal-plain.json penpal-dev-raw.json development
 fi
+# --prepare: install and build the genesis only (tests start the chain themselves)
+[ "${1:-}" = "--prepare" ] && { echo "chain prepared in $(pwd)"; exit 0; }
 # 4. run
 node node_modules/.bin/chopsticks --genesis penpal-dev-raw.json --port "$PORT" --build-block-mode Instant > chopsticks.log 2>&1 &
 echo $! > chopsticks.pid
