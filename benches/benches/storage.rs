@@ -4,6 +4,10 @@
 //! least any Parquet store pays. Beside them, what the audit trail adds:
 //! the ledger leaves and the batch's Merkle root of the same rows.
 //!
+//! A second group times inclusion proofs in a batch of the same 100k
+//! leaves: building the tree's levels once, then producing and checking
+//! one leaf's proof (RFC 6962 audit path, RFC 9162 §2.1.3.2 check).
+//!
 //! `cargo bench -p wardflow-benches --bench storage`
 
 use std::hint::black_box;
@@ -15,7 +19,7 @@ use arrow::array::{
 use arrow::record_batch::RecordBatch;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use parquet::arrow::ArrowWriter;
-use wardflow_ledger_bridge::canonical_tree;
+use wardflow_ledger_bridge::{ProvingTree, canonical_tree, verify_inclusion};
 use wardflow_model::{DeviceId, Metric, PatientId, Quality, Reading, now_ns};
 use wardflow_storage::{Origin, ShardWriter, StoreConfig, schema};
 
@@ -162,5 +166,41 @@ fn write(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, write);
+fn proofs(c: &mut Criterion) {
+    let d = data();
+    let batch = readings_batch(&d);
+    let mut leaves = Vec::with_capacity(ROWS);
+    wardflow_storage::leaves::reading_leaves(&batch, &mut leaves).unwrap();
+    let sorted = canonical_tree(leaves.iter().map(|(_, h)| *h).collect()).into_leaf_hashes();
+    let tree = ProvingTree::new(sorted.clone());
+    let root = tree.root();
+    let mut g = c.benchmark_group("proofs_in_a_100k_leaf_batch");
+    g.bench_function("build the tree's levels (once per batch)", |b| {
+        b.iter(|| black_box(ProvingTree::new(sorted.clone()).root()))
+    });
+    let mut i = 0usize;
+    g.bench_function("produce one leaf's inclusion proof", |b| {
+        b.iter(|| {
+            i = (i + 7919) % ROWS;
+            black_box(tree.inclusion_proof(i))
+        })
+    });
+    let proofs: Vec<_> = (0..1024)
+        .map(|k| {
+            let i = k * (ROWS / 1024);
+            (i, tree.inclusion_proof(i).unwrap())
+        })
+        .collect();
+    let mut k = 0usize;
+    g.bench_function("verify one leaf's inclusion proof", |b| {
+        b.iter(|| {
+            k = (k + 1) % proofs.len();
+            let (i, p) = &proofs[k];
+            assert!(verify_inclusion(&sorted[*i], *i, ROWS, p, &root));
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, write, proofs);
 criterion_main!(benches);

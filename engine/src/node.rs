@@ -352,7 +352,8 @@ impl Health {
         if let Some(c) = &self.chain {
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
             e.ledger_chain_pending_batches.set(get(&c.pending_batches));
-            e.ledger_chain_anchored_batches.set(get(&c.anchored_batches));
+            e.ledger_chain_anchored_batches
+                .set(get(&c.anchored_batches));
             e.ledger_chain_extrinsics.set(get(&c.extrinsics));
             e.ledger_chain_errors.set(get(&c.errors));
             e.ledger_chain_last_block.set(get(&c.last_block));

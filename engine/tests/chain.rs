@@ -217,7 +217,10 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
         assert_eq!(r["first_batch"].as_u64().unwrap(), next, "{receipts:?}");
         next = r["last_batch"].as_u64().unwrap() + 1;
         let b = r["block_number"].as_u64().unwrap();
-        assert!(b > block, "one anchoring extrinsic per block, in order: {receipts:?}");
+        assert!(
+            b > block,
+            "one anchoring extrinsic per block, in order: {receipts:?}"
+        );
         block = b;
     }
     assert_eq!(next as usize, sealed);
@@ -229,7 +232,10 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     // A batch whose remark is not where its receipt says is reported.
     let path = dir.join("ledger").join("chain-p0.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();
-    let mut lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     lines[0]["extrinsic_index"] = Value::from(lines[0]["extrinsic_index"].as_u64().unwrap() + 1);
     let forged: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&path, forged.join("\n") + "\n").unwrap();

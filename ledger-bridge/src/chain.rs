@@ -155,7 +155,10 @@ pub fn load_or_create_suri(path: &Path) -> Result<String, AnchorError> {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     crate::anchor::write_private(path, format!("{suri}\n").as_bytes())?;
-    Ok(std::fs::read_to_string(path).map_err(io)?.trim().to_string())
+    Ok(std::fs::read_to_string(path)
+        .map_err(io)?
+        .trim()
+        .to_string())
 }
 
 /// Lower-case hex.
@@ -247,7 +250,9 @@ impl ChainAnchorer {
             if j.is_finished() {
                 let _ = j.join();
             } else {
-                tracing::warn!("ledger: left an anchoring extrinsic unsettled at shutdown; it is sent again on the next start");
+                tracing::warn!(
+                    "ledger: left an anchoring extrinsic unsettled at shutdown; it is sent again on the next start"
+                );
             }
         }
     }
@@ -308,27 +313,28 @@ impl Worker {
             }
             let api = match &client {
                 Some(c) => c.clone(),
-                None => {
-                    match rt.block_on(connect(&self.config.url)) {
-                        Ok(c) => {
-                            tracing::info!(url = %self.config.url, "ledger: connected to the chain");
-                            self.status.connected.store(true, Ordering::Relaxed);
-                            backoff = Duration::from_millis(500);
-                            client = Some(c.clone());
-                            c
-                        }
-                        Err(e) => {
-                            self.fail(&mut backoff, e);
-                            continue;
-                        }
+                None => match rt.block_on(connect(&self.config.url)) {
+                    Ok(c) => {
+                        tracing::info!(url = %self.config.url, "ledger: connected to the chain");
+                        self.status.connected.store(true, Ordering::Relaxed);
+                        backoff = Duration::from_millis(500);
+                        client = Some(c.clone());
+                        c
                     }
-                }
+                    Err(e) => {
+                        self.fail(&mut backoff, e);
+                        continue;
+                    }
+                },
             };
             let n = self.queue.len().min(MAX_PER_EXTRINSIC);
             let batch: Vec<Anchor> = self.queue.iter().take(n).cloned().collect();
             let submitted = rt.block_on(async {
-                tokio::time::timeout(self.config.timeout, submit(&api, &self.config.signer, &batch))
-                    .await
+                tokio::time::timeout(
+                    self.config.timeout,
+                    submit(&api, &self.config.signer, &batch),
+                )
+                .await
             });
             match submitted {
                 Ok(Ok((block_hash, block_number, extrinsic_index))) => {
@@ -501,11 +507,7 @@ pub enum OnChain {
 /// Checks that the block of `receipt` holds, at its extrinsic, a
 /// `System.Remarked` event from the receipt's account for the payload of
 /// every batch in `anchors` (the receipt's range).
-pub async fn check_receipt(
-    api: &ChainClient,
-    receipt: &Receipt,
-    anchors: &[&Anchor],
-) -> OnChain {
+pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anchor]) -> OnChain {
     let Some(hash) = parse_hash(&receipt.block_hash) else {
         return OnChain::Missing(format!("not a block hash: {}", receipt.block_hash));
     };
@@ -529,7 +531,9 @@ pub async fn check_receipt(
     let mut remarks: Vec<[u8; 64]> = events
         .iter()
         .filter_map(Result::ok)
-        .filter(|e| e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked")
+        .filter(|e| {
+            e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked"
+        })
         .filter_map(|e| e.field_bytes().try_into().ok())
         .collect();
     remarks.sort();

@@ -37,5 +37,5 @@ pub use anchor::{Anchor, AnchorError, AnchorLog, NodeKey};
 pub use batch::{BatchHeader, ChainError, SealedBatch, Sealer, canonical_tree, check_chain};
 pub use index::LeafIndex;
 pub use local::{LocalLedger, anchor_log_path, leaf_index_path};
-pub use merkle::{Hash, MerkleTree, leaf_hash, node_hash, verify_inclusion};
+pub use merkle::{Hash, MerkleTree, ProvingTree, leaf_hash, node_hash, verify_inclusion};
 pub use verify::{Mismatch, Verdict, check_batch, prove};

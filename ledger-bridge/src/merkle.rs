@@ -100,6 +100,74 @@ impl MerkleTree {
     }
 }
 
+/// A tree with every level kept, for many inclusion proofs: built in one
+/// pass (n − 1 node hashes), then each proof is O(log n) lookups.
+///
+/// RFC 6962's tree splits at the largest power of two below n; built from
+/// the leaves up, that is pairing nodes left to right and carrying an odd
+/// last node up a level unchanged, and its audit path is, level by level,
+/// the node's sibling where it has one.
+#[derive(Debug, Clone)]
+pub struct ProvingTree {
+    levels: Vec<Vec<Hash>>,
+}
+
+impl ProvingTree {
+    pub fn new(leaves: Vec<Hash>) -> Self {
+        let mut levels = vec![leaves];
+        while levels.last().is_some_and(|l| l.len() > 1) {
+            let below = levels.last().expect("a level");
+            let up = below
+                .chunks(2)
+                .map(|p| match p {
+                    [l, r] => node_hash(l, r),
+                    [one] => *one,
+                    _ => unreachable!("chunks of two"),
+                })
+                .collect();
+            levels.push(up);
+        }
+        Self { levels }
+    }
+
+    pub fn len(&self) -> usize {
+        self.levels[0].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.levels[0].is_empty()
+    }
+
+    /// The leaf hashes, in tree order.
+    pub fn leaf_hashes(&self) -> &[Hash] {
+        &self.levels[0]
+    }
+
+    /// The root, as [`MerkleTree::root`].
+    pub fn root(&self) -> Hash {
+        match self.levels.last().and_then(|l| l.first()) {
+            Some(r) if !self.is_empty() => *r,
+            _ => sha256(&[]),
+        }
+    }
+
+    /// The audit path of leaf `index`, as [`MerkleTree::inclusion_proof`].
+    pub fn inclusion_proof(&self, index: usize) -> Option<Vec<Hash>> {
+        if index >= self.len() {
+            return None;
+        }
+        let mut path = Vec::with_capacity(self.levels.len());
+        let mut i = index;
+        for level in &self.levels[..self.levels.len() - 1] {
+            if let Some(sibling) = level.get(i ^ 1) {
+                path.push(*sibling);
+            }
+            i >>= 1;
+        }
+        Some(path)
+    }
+}
+
 fn mth(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         1 => leaves[0],
@@ -163,6 +231,36 @@ pub fn verify_inclusion(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proving_tree_has_the_same_root_and_proofs_as_the_recursive_definition() {
+        for n in 1..=40u32 {
+            let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+            let tree = MerkleTree::from_leaf_hashes(leaves.clone());
+            let proving = ProvingTree::new(leaves.clone());
+            assert_eq!(proving.root(), tree.root(), "n = {n}");
+            for i in 0..n as usize {
+                let proof = proving.inclusion_proof(i).unwrap();
+                assert_eq!(
+                    Some(&proof),
+                    tree.inclusion_proof(i).as_ref(),
+                    "n = {n}, i = {i}"
+                );
+                assert!(verify_inclusion(
+                    &leaves[i],
+                    i,
+                    n as usize,
+                    &proof,
+                    &tree.root()
+                ));
+            }
+            assert!(proving.inclusion_proof(n as usize).is_none());
+        }
+        assert_eq!(
+            ProvingTree::new(Vec::new()).root(),
+            MerkleTree::default().root()
+        );
+    }
 
     fn hex(h: &Hash) -> String {
         h.iter().map(|b| format!("{b:02x}")).collect()

@@ -7,14 +7,14 @@
 
 use crate::batch::{BatchHeader, canonical_tree};
 use crate::index::prefix;
-use crate::merkle::{Hash, MerkleTree, verify_inclusion};
+use crate::merkle::{Hash, ProvingTree, verify_inclusion};
 
 /// The outcome for one batch.
 #[derive(Debug)]
 pub enum Verdict {
     /// The recomputed leaves hash to the anchored root; the tree is kept
     /// for inclusion proofs.
-    Verified(MerkleTree),
+    Verified(ProvingTree),
     Mismatch(Mismatch),
 }
 
@@ -33,7 +33,7 @@ pub struct Mismatch {
 /// Checks `recomputed` (the batch's leaves from storage, in any order)
 /// against `header`, using the batch's record in the leaf index, if any.
 pub fn check_batch(header: &BatchHeader, recomputed: Vec<Hash>, index: Option<&[u64]>) -> Verdict {
-    let tree = canonical_tree(recomputed);
+    let tree = ProvingTree::new(canonical_tree(recomputed).into_leaf_hashes());
     if tree.len() as u64 == header.leaves && tree.root() == header.root {
         return Verdict::Verified(tree);
     }
@@ -74,7 +74,7 @@ pub fn check_batch(header: &BatchHeader, recomputed: Vec<Hash>, index: Option<&[
 
 /// Produces and checks the inclusion proof of `leaf` in a verified batch's
 /// tree: whether it is in the batch whose root is `root`.
-pub fn prove(tree: &MerkleTree, leaf: &Hash, root: &Hash) -> bool {
+pub fn prove(tree: &ProvingTree, leaf: &Hash, root: &Hash) -> bool {
     let Ok(index) = tree.leaf_hashes().binary_search(leaf) else {
         return false;
     };
