@@ -155,6 +155,12 @@ pub struct ServeArgs {
     /// Anchor batches on this Substrate chain (ws://host:port) [ledger.url; default: local mode]
     #[arg(long, value_name = "URL")]
     pub chain: Option<String>,
+    /// File with the node's chain account secret URI [ledger.account_file, default DATA_DIR/ledger/chain.suri; WARDFLOW_LEDGER_SURI wins]
+    #[arg(long, value_name = "FILE")]
+    pub ledger_account: Option<PathBuf>,
+    /// Seconds an anchoring extrinsic may take to be finalized [ledger.finality_timeout_s, default 60]
+    #[arg(long, value_name = "S")]
+    pub chain_finality_timeout_s: Option<u64>,
 }
 
 impl ServeArgs {
@@ -197,6 +203,10 @@ impl ServeArgs {
         if self.chain.is_some() {
             c.ledger.url = self.chain.clone();
         }
+        if self.ledger_account.is_some() {
+            c.ledger.account_file = self.ledger_account.clone();
+        }
+        set!(self.chain_finality_timeout_s, c.ledger.finality_timeout_s);
     }
 }
 
