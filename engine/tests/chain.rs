@@ -92,30 +92,18 @@ impl Drop for Chain {
 /// Publishes `seconds` of three monitors at QoS 1; returns the simulator's
 /// JSON report.
 fn simulate(dir: &Path, server: &Server, seconds: u32) -> Value {
-    let target = format!("mqtt://127.0.0.1:{}", server.mqtt_port);
-    let out = wardflow_ok(
+    let out = simulate_small(
         dir,
-        &[
-            "simulate",
-            "--target",
-            &target,
-            "--devices",
-            "3",
-            "--rate",
-            "35",
-            "--duration",
-            &format!("{seconds}s"),
-            "--payload",
-            "senml",
-            "--batch",
-            "7",
-            "--qos",
-            "1",
-            "--register",
-            "--json",
-        ],
+        server.mqtt_port,
+        seconds,
+        &["--payload", "senml", "--batch", "7", "--qos", "1", "--json"],
     );
-    serde_json::from_str(&out).unwrap()
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn chain_metric(server: &Server, name: &str) -> f64 {

@@ -82,29 +82,12 @@ fn simulate_reports_json_and_query_prints_every_format() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
     let server = Server::start(&dir, &[]);
-    let target = format!("mqtt://127.0.0.1:{}", server.mqtt_port);
     for (qos, payload) in [("1", "senml"), ("0", "binary")] {
-        let out = wardflow(
+        let out = simulate_small(
             &dir,
-            &[
-                "simulate",
-                "--target",
-                &target,
-                "--devices",
-                "3",
-                "--rate",
-                "35",
-                "--duration",
-                "2s",
-                "--payload",
-                payload,
-                "--batch",
-                "7",
-                "--qos",
-                qos,
-                "--register",
-                "--json",
-            ],
+            server.mqtt_port,
+            2,
+            &["--payload", payload, "--batch", "7", "--qos", qos, "--json"],
         );
         assert!(
             out.status.success(),

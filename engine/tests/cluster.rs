@@ -103,7 +103,7 @@ fn two_processes_store_every_reading() {
     );
     // The exchange by patient crossed processes: both wrote readings files.
     let mut writers = std::collections::BTreeSet::new();
-    for entry in walk(&dir.join("readings")) {
+    for entry in files_under(&dir.join("readings")) {
         let name = entry.file_name().unwrap().to_string_lossy().to_string();
         if let Some(p) = name
             .split('-')
@@ -319,19 +319,4 @@ fn start_cluster(tmp: &std::path::Path, dir: &std::path::Path) -> (Server, Serve
     p0.wait_healthy();
     p1.wait_healthy();
     (p0, p1)
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -9,30 +9,18 @@ use std::process::Command;
 
 use common::*;
 
-/// Publishes `n` seconds of three simulated monitors over MQTT (QoS 1).
+/// Publishes `seconds` of three simulated monitors over MQTT (QoS 1).
 fn simulate(dir: &Path, server: &Server, seconds: u32) {
-    let target = format!("mqtt://127.0.0.1:{}", server.mqtt_port);
-    let duration = format!("{seconds}s");
-    wardflow_ok(
+    let out = simulate_small(
         dir,
-        &[
-            "simulate",
-            "--target",
-            &target,
-            "--devices",
-            "3",
-            "--rate",
-            "35",
-            "--duration",
-            &duration,
-            "--payload",
-            "senml",
-            "--batch",
-            "7",
-            "--qos",
-            "1",
-            "--register",
-        ],
+        server.mqtt_port,
+        seconds,
+        &["--payload", "senml", "--batch", "7", "--qos", "1"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -47,17 +35,10 @@ fn verify(dir: &Path, args: &[&str]) -> (bool, String) {
 }
 
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(parquet_files(&p));
-        } else if p.extension().is_some_and(|x| x == "parquet") {
-            out.push(p);
-        }
-    }
-    out.sort();
-    out
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect()
 }
 
 /// Changes one reading's value in place with pyarrow, as someone with

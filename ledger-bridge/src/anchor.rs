@@ -51,7 +51,7 @@ pub enum AnchorError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AnchorError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AnchorError + '_ {
     move |source| AnchorError::Io {
         path: path.to_path_buf(),
         source,

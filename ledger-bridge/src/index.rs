@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::anchor::AnchorError;
+use crate::anchor::{AnchorError, io_err};
 use crate::merkle::Hash;
 
 const MAGIC: &[u8; 4] = b"WFX1";
@@ -27,13 +27,6 @@ const MAGIC: &[u8; 4] = b"WFX1";
 /// The eight leading bytes of a leaf hash, as kept in the index.
 pub fn prefix(h: &Hash) -> u64 {
     u64::from_be_bytes(h[..8].try_into().expect("8 bytes"))
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AnchorError + '_ {
-    move |source| AnchorError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// The index file, open for appending.

@@ -87,6 +87,43 @@ pub fn dead_letters(dir: &Path) -> Vec<Value> {
         .clone()
 }
 
+/// Every file below `dir`, sorted.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `wardflow simulate` of three devices at 35 readings/s each for
+/// `seconds` against `mqtt_port`, registering them, with `extra` flags
+/// (`--payload`, `--qos`, `--json`, ...).
+pub fn simulate_small(dir: &Path, mqtt_port: u16, seconds: u32, extra: &[&str]) -> Output {
+    let target = format!("mqtt://127.0.0.1:{mqtt_port}");
+    let duration = format!("{seconds}s");
+    let mut args = vec![
+        "simulate",
+        "--target",
+        &target,
+        "--devices",
+        "3",
+        "--rate",
+        "35",
+        "--duration",
+        &duration,
+        "--register",
+    ];
+    args.extend_from_slice(extra);
+    wardflow(dir, &args)
+}
+
 /// Polls `f` until it returns `Some` or the timeout passes.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + timeout;
