@@ -239,20 +239,14 @@ mod tests {
             let tree = MerkleTree::from_leaf_hashes(leaves.clone());
             let proving = ProvingTree::new(leaves.clone());
             assert_eq!(proving.root(), tree.root(), "n = {n}");
-            for i in 0..n as usize {
+            for (i, leaf) in leaves.iter().enumerate() {
                 let proof = proving.inclusion_proof(i).unwrap();
                 assert_eq!(
                     Some(&proof),
                     tree.inclusion_proof(i).as_ref(),
                     "n = {n}, i = {i}"
                 );
-                assert!(verify_inclusion(
-                    &leaves[i],
-                    i,
-                    n as usize,
-                    &proof,
-                    &tree.root()
-                ));
+                assert!(verify_inclusion(leaf, i, n as usize, &proof, &tree.root()));
             }
             assert!(proving.inclusion_proof(n as usize).is_none());
         }
