@@ -558,6 +558,7 @@ pub fn spawn_alert_thread(
     hub: Arc<AlertHub>,
     path: PathBuf,
     metrics: Arc<crate::metrics::EngineMetrics>,
+    ledger: Option<crossbeam_channel::Sender<crate::ledger::LedgerEvent>>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -567,10 +568,13 @@ pub fn spawn_alert_thread(
         .append(true)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    // Where the next line starts, for the audit trail's record of it.
+    let mut end = file.metadata()?.len();
     Ok(std::thread::Builder::new()
         .name("alerts".into())
         .spawn(move || {
             let mut buf = Vec::new();
+            let mut lines: Vec<(u64, usize)> = Vec::new();
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
                 while let Some(AlertOut { alert: a, log }) = next {
@@ -581,6 +585,7 @@ pub fn spawn_alert_thread(
                             .alert_transitions
                             .get_or_create(&[("event", event_name(a.event))])
                             .inc();
+                        lines.push((buf.len() as u64, json.len()));
                         buf.extend_from_slice(&json);
                         buf.push(b'\n');
                     }
@@ -590,11 +595,28 @@ pub fn spawn_alert_thread(
                     continue;
                 }
                 let written = file.write_all(&buf).and_then(|()| file.sync_data());
-                if let Err(e) = written {
-                    tracing::error!("alert log {}: {e}", path.display());
-                    metrics.alert_log_errors.inc();
+                match written {
+                    Ok(()) => {
+                        if let Some(ledger) = &ledger {
+                            let logged = lines
+                                .iter()
+                                .map(|&(at, len)| {
+                                    (end + at, buf[at as usize..at as usize + len].to_vec())
+                                })
+                                .collect();
+                            let _ = ledger.send(crate::ledger::LedgerEvent::AlertLines(logged));
+                        }
+                        end += buf.len() as u64;
+                    }
+                    Err(e) => {
+                        tracing::error!("alert log {}: {e}", path.display());
+                        metrics.alert_log_errors.inc();
+                        // Where the file ends now, whatever part was written.
+                        end = file.metadata().map_or(end, |m| m.len());
+                    }
                 }
                 buf.clear();
+                lines.clear();
             }
         })?)
 }

@@ -20,10 +20,21 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use wardflow_ledger_bridge::chain::{self, ChainAnchorer, ChainConfig, ChainStatus};
+use wardflow_ledger_bridge::events::{
+    AlertLogReader, EventLog, EventRecord, event_log_path, read_events,
+};
 use wardflow_ledger_bridge::{AnchorLog, Hash, LocalLedger, anchor_log_path};
 
 use crate::config::Config;
 use crate::metrics::{EngineMetrics, Progress};
+
+/// Leaves that do not come from the store, on a channel of their own
+/// (the alert thread must never wait for the ledger).
+pub enum LedgerEvent {
+    /// Lines just appended to the process's alert log: (byte offset,
+    /// line without its break).
+    AlertLines(Vec<(u64, Vec<u8>)>),
+}
 
 /// What the ledger thread receives.
 pub enum LedgerMsg {
@@ -40,6 +51,9 @@ pub struct Ledger {
     rx: Receiver<LedgerMsg>,
     /// With a chain configured: how to reach it, and what is not on it yet.
     chain: Option<(ChainConfig, Vec<wardflow_ledger_bridge::Anchor>)>,
+    events: EventLog,
+    event_tx: Sender<LedgerEvent>,
+    event_rx: Receiver<LedgerEvent>,
 }
 
 /// Leaves in flight to the ledger thread, in messages (one per flush):
@@ -88,12 +102,25 @@ impl Ledger {
                 ))
             }
         };
+        let events = EventLog::open(&event_log_path(
+            &config.ledger_dir(),
+            config.dataflow.process as u32,
+        ))?;
+        let (event_tx, event_rx) = crossbeam_channel::unbounded();
         Ok(Some(Ledger {
             ledger,
             tx,
             rx,
             chain,
+            events,
+            event_tx,
+            event_rx,
         }))
+    }
+
+    /// Where the alert thread reports the lines it logged.
+    pub fn event_sender(&self) -> Sender<LedgerEvent> {
+        self.event_tx.clone()
     }
 
     /// Where flushes send their leaves.
@@ -139,12 +166,29 @@ impl Ledger {
             );
             self.ledger.add_tagged(leaves);
         }
+        // Events recorded but not sealed before the stop.
+        let process = config.dataflow.process as u32;
+        let mut alert_log = AlertLogReader::open(&crate::alerting::log_path(
+            &config.data_dir,
+            config.dataflow.process,
+        ));
+        let unsealed: Vec<(u64, Hash)> =
+            read_events(&event_log_path(&config.ledger_dir(), process))?
+                .iter()
+                .filter(|r| r.epoch() >= from)
+                .map(|r| (r.epoch(), r.leaf(&mut alert_log)))
+                .collect();
+        self.ledger.add_tagged(unsealed);
         let Ledger {
             ledger,
             tx,
             rx,
             chain,
+            events,
+            event_tx,
+            event_rx,
         } = self;
+        drop(event_tx);
         let anchorer = match chain {
             Some((c, backlog)) => Some(ChainAnchorer::start(
                 c,
@@ -159,7 +203,19 @@ impl Ledger {
         drop(tx);
         let join = std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || run(ledger, anchorer, rx, progress, metrics))?;
+            .spawn(move || {
+                run(
+                    ledger,
+                    Events {
+                        log: events,
+                        rx: event_rx,
+                    },
+                    anchorer,
+                    rx,
+                    progress,
+                    metrics,
+                )
+            })?;
         Ok(LedgerThread {
             tx: tx_finish,
             join,
@@ -193,8 +249,48 @@ impl LedgerThread {
     }
 }
 
+/// The event log and what feeds it.
+struct Events {
+    log: EventLog,
+    rx: Receiver<LedgerEvent>,
+}
+
+impl Events {
+    /// Gives each event an epoch still open, records it, and adds its leaf.
+    fn take(&mut self, ledger: &mut LocalLedger, frontier: u64) -> Result<(), String> {
+        let epoch = frontier.max(ledger.open_from());
+        let mut records = Vec::new();
+        let mut leaves = Vec::new();
+        let mut buf = Vec::new();
+        while let Ok(e) = self.rx.try_recv() {
+            match e {
+                LedgerEvent::AlertLines(lines) => {
+                    for (offset, line) in lines {
+                        buf.clear();
+                        wardflow_ledger_bridge::leaf::AlertTransitionLeaf { log_line: &line }
+                            .encode(&mut buf);
+                        leaves.push((epoch, wardflow_ledger_bridge::leaf_hash(&buf)));
+                        records.push(EventRecord::Alert {
+                            epoch,
+                            offset,
+                            len: line.len() as u32,
+                        });
+                    }
+                }
+            }
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.log.append(&records).map_err(|e| e.to_string())?;
+        ledger.add_tagged(leaves);
+        Ok(())
+    }
+}
+
 fn run(
     mut ledger: LocalLedger,
+    mut events: Events,
     anchorer: Option<ChainAnchorer>,
     rx: Receiver<LedgerMsg>,
     progress: Arc<Progress>,
@@ -221,11 +317,20 @@ fn run(
         while let Ok(m) = rx.try_recv() {
             take(m, &mut ledger);
         }
+        if let Err(e) = events.take(&mut ledger, frontier) {
+            tracing::error!("ledger: recording alert transitions failed: {e}");
+            metrics.ledger_errors.inc();
+        }
         let watermark = if finish { u64::MAX } else { frontier };
         if retry_at.is_none_or(|t| Instant::now() >= t) || finish {
             retry_at = None;
             let started = Instant::now();
-            match ledger.seal_until(watermark) {
+            // The event log is durable before any batch holding it is anchored.
+            let sealed = events
+                .log
+                .sync()
+                .and_then(|()| ledger.seal_until(watermark));
+            match sealed {
                 Ok(anchors) => {
                     if let Some(a) = &anchorer {
                         for anchor in &anchors {

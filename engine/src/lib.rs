@@ -27,7 +27,7 @@ mod clinical_cli;
 pub mod config;
 pub mod dataflow;
 mod demo;
-mod ledger;
+pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod output;

@@ -130,9 +130,6 @@ impl Node {
             .memory_budget_bytes
             .set(budget.capacity() as i64);
 
-        // The ledger, so the log knows where sealed epochs end.
-        let ledger = crate::ledger::Ledger::open(config)?;
-
         // The dataflow.
         let workers = config.workers();
         metrics.engine.dataflow_workers.set(workers as i64);
@@ -141,12 +138,16 @@ impl Node {
         let hub = AlertHub::new();
         let restored = alerting::latest(alerting::read_log(&data_dir)?);
         alerting::publish_restored(&hub, &restored);
+        // The ledger: the log must know where sealed epochs end, and the
+        // alert thread reports the transitions it logs to it.
+        let ledger = crate::ledger::Ledger::open(config)?;
         let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
         let alert_thread = alerting::spawn_alert_thread(
             alert_rx,
             hub.clone(),
             alerting::log_path(&data_dir, config.dataflow.process),
             metrics.engine.clone(),
+            ledger.as_ref().map(|l| l.event_sender()),
         )?;
         let alerts = Arc::new(AlertContext {
             rules: rules.clone(),
@@ -294,16 +295,16 @@ impl Node {
                 }
             }
         }
+        // The workers are gone, so the alert channel is closed: the alert
+        // thread writes what is left and ends, then the ledger seals it.
+        if let Some(join) = self.alert_thread.take() {
+            let _ = join.join();
+        }
         if let Some(ledger) = self.ledger.take() {
             ledger.finish(all_stored);
         }
         if let Some((stop, join)) = self.housekeeping.take() {
             stop.store(true, Ordering::Relaxed);
-            let _ = join.join();
-        }
-        // The workers are gone, so the channel is closed: the thread
-        // writes what is left and ends.
-        if let Some(join) = self.alert_thread.take() {
             let _ = join.join();
         }
         Ok(())

@@ -174,6 +174,8 @@ fn verify_process(
     };
     let wanted: HashSet<u64> = selected.iter().map(|a| a.batch).collect();
     let index = LeafIndex::read(&leaf_index_path(&dir, process), |b| wanted.contains(&b))?;
+    // Alert transitions and accesses, from the ledger's event log.
+    let events = event_leaves(config, process)?;
 
     let mut problems = 0;
     let mut verified = 0;
@@ -181,12 +183,18 @@ fn verify_process(
     for window in windows(&selected) {
         let range = window[0].from_ms..window[window.len() - 1].to_ms;
         let mut leaves: Vec<Vec<Hash>> = vec![Vec::new(); window.len()];
-        scan_rows(root, p, all, range.clone(), interval, |r| {
-            let i = window.partition_point(|a| a.to_ms <= r.epoch);
-            if i < window.len() && window[i].from_ms <= r.epoch {
-                leaves[i].push(r.leaf);
+        let mut place = |epoch: u64, leaf: Hash| {
+            let i = window.partition_point(|a| a.to_ms <= epoch);
+            if i < window.len() && window[i].from_ms <= epoch {
+                leaves[i].push(leaf);
             }
+        };
+        scan_rows(root, p, all, range.clone(), interval, |r| {
+            place(r.epoch, r.leaf)
         })?;
+        for e in &events {
+            place(e.epoch, e.leaf);
+        }
         for (anchor, recomputed) in window.iter().zip(leaves) {
             let span = format!(
                 "{} .. {}",
@@ -228,7 +236,7 @@ fn verify_process(
                             "  the leaf index does not hold this batch: which rows differ is unknown"
                         ),
                         Some(missing) => {
-                            report_unsealed(root, p, interval, anchor, &m.unsealed)?;
+                            report_unsealed(root, p, interval, anchor, &m.unsealed, &events)?;
                             if missing > 0 {
                                 println!(
                                     "  {missing} sealed row(s) are no longer in the store (deleted, or altered as above)"
@@ -246,6 +254,7 @@ fn verify_process(
         let mut after = 0u64;
         scan_rows(root, p, all, 0..first.from_ms, interval, |_| before += 1)?;
         scan_rows(root, p, all, last.to_ms..u64::MAX, interval, |_| after += 1)?;
+        after += events.iter().filter(|e| e.epoch >= last.to_ms).count() as u64;
         if before > 0 {
             println!(
                 "process {process}: {before} stored rows predate the first batch (stored before the ledger began): not covered"
@@ -373,12 +382,57 @@ fn windows<'a>(selected: &[&'a Anchor]) -> Vec<Vec<&'a Anchor>> {
 }
 
 /// Names the first stored row whose leaf was never sealed in `anchor`.
+/// A leaf of the ledger's event log, recomputed.
+struct EventLeaf {
+    epoch: u64,
+    leaf: Hash,
+    what: String,
+}
+
+fn event_leaves(config: &Config, process: u32) -> anyhow::Result<Vec<EventLeaf>> {
+    use wardflow_ledger_bridge::events::{
+        AlertLogReader, EventRecord, event_log_path, read_events,
+    };
+    let alert_log = crate::alerting::log_path(&config.data_dir, process as usize);
+    let mut reader = AlertLogReader::open(&alert_log);
+    let shown = alert_log
+        .strip_prefix(&config.data_dir)
+        .unwrap_or(&alert_log)
+        .display()
+        .to_string();
+    Ok(read_events(&event_log_path(&config.ledger_dir(), process))?
+        .into_iter()
+        .map(|r| {
+            let leaf = r.leaf(&mut reader);
+            let what = match &r {
+                EventRecord::Alert { offset, len, .. } => format!(
+                    "alert transition in {shown} at byte {offset}: {}",
+                    String::from_utf8_lossy(&reader.line(*offset, *len))
+                ),
+                EventRecord::Access {
+                    patient,
+                    actor,
+                    action,
+                    purpose,
+                    ..
+                } => format!("access to {patient} by {actor}: {action} for {purpose}"),
+            };
+            EventLeaf {
+                epoch: r.epoch(),
+                leaf,
+                what,
+            }
+        })
+        .collect())
+}
+
 fn report_unsealed(
     root: &Path,
     process: usize,
     interval: u64,
     anchor: &Anchor,
     unsealed: &[Hash],
+    events: &[EventLeaf],
 ) -> anyhow::Result<()> {
     if unsealed.is_empty() {
         return Ok(());
@@ -405,6 +459,11 @@ fn report_unsealed(
             ));
         }
     })?;
+    for e in events {
+        if let Some(&pos) = wanted.get(&e.leaf) {
+            found.push((pos, e.what.clone()));
+        }
+    }
     found.sort();
     println!(
         "  {} stored row(s) do not match what was sealed; the first:",

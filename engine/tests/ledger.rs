@@ -214,3 +214,74 @@ fn a_crash_loses_no_leaf_and_seals_none_twice() {
     assert!(stored >= 2 * 3 * 50, "both runs were stored: {stored}");
     assert_eq!(sealed, stored);
 }
+
+#[test]
+fn alert_transitions_are_sealed_and_an_altered_alert_log_line_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    // An unbound device raises a technical alert.
+    let out = wardflow_ok(&dir, &["devices", "add", "loose-1"]);
+    let secret = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    let mut server = Server::start(&dir, &["--anchor-interval", "500"]);
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pack = format!(r#"[{{"bn":"urn:dev:loose-1:","bt":{now_s},"n":"hr","u":"/min","v":70}}]"#);
+    let published = mosquitto_pub(
+        server.mqtt_port,
+        &[
+            "-i",
+            "loose-1",
+            "-u",
+            "loose-1",
+            "-P",
+            &secret,
+            "-q",
+            "1",
+            "-t",
+            "wardflow/v1/devices/loose-1/readings",
+            "-m",
+            &pack,
+        ],
+    );
+    assert!(published.status.success(), "{published:?}");
+    let alert_log = dir.join("alerts").join("p0.jsonl");
+    let logged = wait_for(std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&alert_log)
+            .ok()
+            .filter(|t| !t.is_empty())
+    });
+    assert!(
+        logged.is_some(),
+        "no alert was raised:\n{}",
+        server.log_text()
+    );
+    server.stop();
+
+    let (ok, out) = verify(&dir, &["-q"]);
+    assert!(ok, "{out}");
+    let events = std::fs::read_to_string(dir.join("ledger").join("events-p0.jsonl")).unwrap();
+    let lines = std::fs::read_to_string(&alert_log).unwrap().lines().count();
+    assert_eq!(
+        events.matches("\"kind\":\"alert\"").count(),
+        lines,
+        "every logged transition is a leaf:\n{events}"
+    );
+
+    // One character of the logged transition changed: named.
+    let text = std::fs::read_to_string(&alert_log).unwrap();
+    let altered = text.replacen("\"loose-1\"", "\"loose-9\"", 1);
+    assert_ne!(altered, text, "the alert names its device:\n{text}");
+    std::fs::write(&alert_log, altered).unwrap();
+    let (ok, out) = verify(&dir, &["-q"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("alert transition in alerts/p0.jsonl at byte 0") && out.contains("loose-9"),
+        "{out}"
+    );
+}

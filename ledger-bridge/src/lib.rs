@@ -27,6 +27,7 @@
 pub mod anchor;
 pub mod batch;
 pub mod chain;
+pub mod events;
 pub mod index;
 pub mod leaf;
 pub mod local;

@@ -199,6 +199,12 @@ impl LocalLedger {
         self.sealed_to
     }
 
+    /// The first epoch a new leaf may take: nothing before it is open
+    /// (the end of the last batch, or where the ledger began).
+    pub fn open_from(&self) -> u64 {
+        self.sealed_to.or(self.start).unwrap_or(0)
+    }
+
     /// Leaves waiting for the watermark.
     pub fn pending_leaves(&self) -> usize {
         self.pending.values().map(Vec::len).sum()
