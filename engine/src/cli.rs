@@ -79,6 +79,8 @@ pub enum Command {
     Rules(crate::clinical_cli::RulesCommand),
     /// Check stored data against the anchored audit batches
     Verify(crate::verify::VerifyArgs),
+    /// Every access to a patient's data, with its proof status
+    Audit(crate::verify::AuditArgs),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -329,6 +331,12 @@ pub struct QueryArgs {
     pub limit: Option<usize>,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// Who is reading, for the patient's access log [default: cli:$USER]
+    #[arg(long = "as", value_name = "ACTOR")]
+    pub actor: Option<String>,
+    /// Why: treatment, research:<study>, emergency, ...
+    #[arg(long, default_value = "treatment")]
+    pub purpose: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -398,6 +406,9 @@ pub fn main() -> anyhow::Result<()> {
         Command::Rules(cmd) => crate::clinical_cli::rules(cmd),
         Command::Verify(args) => {
             crate::verify::run(&effective_config(&cli, &ServeArgs::default())?, args)
+        }
+        Command::Audit(args) => {
+            crate::verify::audit(&effective_config(&cli, &ServeArgs::default())?, args)
         }
     }
 }
@@ -553,6 +564,36 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
         let skip = rows.len().saturating_sub(limit);
         rows.drain(..skip);
     }
+    // No read of a patient's data without its record in the audit trail.
+    let actor = args.actor.clone().unwrap_or_else(|| {
+        format!(
+            "cli:{}",
+            std::env::var("USER").unwrap_or_else(|_| "unknown".into())
+        )
+    });
+    let mut detail = vec![format!("{} readings", rows.len())];
+    if let Some(m) = &args.metric {
+        detail.push(format!("metric={m}"));
+    }
+    for (k, v) in [
+        ("from", &args.from),
+        ("to", &args.to),
+        ("device", &args.device),
+    ] {
+        if let Some(v) = v {
+            detail.push(format!("{k}={v}"));
+        }
+    }
+    wardflow_ledger_bridge::events::AccessRequest::new(
+        wardflow_model::now_ns(),
+        &args.patient,
+        &actor,
+        "query",
+        &args.purpose,
+        &detail.join(" "),
+    )
+    .submit(&data_dir.join("ledger"))
+    .context("recording the access in the audit trail")?;
     let text = Rows {
         header: vec![
             "time", "patient", "device", "metric", "value", "unit", "seq", "quality",

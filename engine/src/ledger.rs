@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use wardflow_ledger_bridge::chain::{self, ChainAnchorer, ChainConfig, ChainStatus};
 use wardflow_ledger_bridge::events::{
-    AlertLogReader, EventLog, EventRecord, event_log_path, read_events,
+    AlertLogReader, EventLog, EventRecord, RequestTail, event_log_path, read_events,
 };
 use wardflow_ledger_bridge::{AnchorLog, Hash, LocalLedger, anchor_log_path};
 
@@ -172,13 +172,26 @@ impl Ledger {
             &config.data_dir,
             config.dataflow.process,
         ));
-        let unsealed: Vec<(u64, Hash)> =
-            read_events(&event_log_path(&config.ledger_dir(), process))?
-                .iter()
-                .filter(|r| r.epoch() >= from)
-                .map(|r| (r.epoch(), r.leaf(&mut alert_log)))
-                .collect();
+        let recorded = read_events(&event_log_path(&config.ledger_dir(), process))?;
+        let unsealed: Vec<(u64, Hash)> = recorded
+            .iter()
+            .filter(|r| r.epoch() >= from)
+            .map(|r| (r.epoch(), r.leaf(&mut alert_log)))
+            .collect();
         self.ledger.add_tagged(unsealed);
+        // Process 0 records the access requests of tools outside the engine.
+        let requests = (process == 0).then(|| {
+            let ids = recorded
+                .iter()
+                .filter_map(|r| match r {
+                    EventRecord::Access { request, .. } if !request.is_empty() => {
+                        Some(request.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            (RequestTail::new(&config.ledger_dir()), ids)
+        });
         let Ledger {
             ledger,
             tx,
@@ -209,6 +222,7 @@ impl Ledger {
                     Events {
                         log: events,
                         rx: event_rx,
+                        requests,
                     },
                     anchorer,
                     rx,
@@ -253,6 +267,8 @@ impl LedgerThread {
 struct Events {
     log: EventLog,
     rx: Receiver<LedgerEvent>,
+    /// The access requests file and the requests already recorded.
+    requests: Option<(RequestTail, std::collections::HashSet<String>)>,
 }
 
 impl Events {
@@ -276,6 +292,15 @@ impl Events {
                             len: line.len() as u32,
                         });
                     }
+                }
+            }
+        }
+        if let Some((tail, seen)) = &mut self.requests {
+            for r in tail.poll() {
+                if seen.insert(r.id.clone()) {
+                    let record = r.record(epoch);
+                    leaves.push((epoch, record.leaf(&mut AlertLogReader::none())));
+                    records.push(record);
                 }
             }
         }
@@ -318,7 +343,7 @@ fn run(
             take(m, &mut ledger);
         }
         if let Err(e) = events.take(&mut ledger, frontier) {
-            tracing::error!("ledger: recording alert transitions failed: {e}");
+            tracing::error!("ledger: recording alert transitions and accesses failed: {e}");
             metrics.ledger_errors.inc();
         }
         let watermark = if finish { u64::MAX } else { frontier };

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
 
+use std::io::Write as _;
+
 use anyhow::Context as _;
 use clap::Args;
 use wardflow_ledger_bridge::{
@@ -181,20 +183,7 @@ fn verify_process(
     let mut verified = 0;
     let mut proven = 0u64;
     for window in windows(&selected) {
-        let range = window[0].from_ms..window[window.len() - 1].to_ms;
-        let mut leaves: Vec<Vec<Hash>> = vec![Vec::new(); window.len()];
-        let mut place = |epoch: u64, leaf: Hash| {
-            let i = window.partition_point(|a| a.to_ms <= epoch);
-            if i < window.len() && window[i].from_ms <= epoch {
-                leaves[i].push(leaf);
-            }
-        };
-        scan_rows(root, p, all, range.clone(), interval, |r| {
-            place(r.epoch, r.leaf)
-        })?;
-        for e in &events {
-            place(e.epoch, e.leaf);
-        }
+        let leaves = recompute(root, p, interval, &window, &events)?;
         for (anchor, recomputed) in window.iter().zip(leaves) {
             let span = format!(
                 "{} .. {}",
@@ -382,11 +371,38 @@ fn windows<'a>(selected: &[&'a Anchor]) -> Vec<Vec<&'a Anchor>> {
 }
 
 /// Names the first stored row whose leaf was never sealed in `anchor`.
+/// The leaves of a run of consecutive batches, recomputed from the store
+/// and the event log, by batch.
+fn recompute(
+    root: &Path,
+    process: usize,
+    interval: u64,
+    window: &[&Anchor],
+    events: &[EventLeaf],
+) -> anyhow::Result<Vec<Vec<Hash>>> {
+    let range = window[0].from_ms..window[window.len() - 1].to_ms;
+    let mut leaves: Vec<Vec<Hash>> = vec![Vec::new(); window.len()];
+    let mut place = |epoch: u64, leaf: Hash| {
+        let i = window.partition_point(|a| a.to_ms <= epoch);
+        if i < window.len() && window[i].from_ms <= epoch {
+            leaves[i].push(leaf);
+        }
+    };
+    scan_rows(root, process, &Table::ALL, range, interval, |r| {
+        place(r.epoch, r.leaf)
+    })?;
+    for e in events {
+        place(e.epoch, e.leaf);
+    }
+    Ok(leaves)
+}
+
 /// A leaf of the ledger's event log, recomputed.
 struct EventLeaf {
     epoch: u64,
     leaf: Hash,
     what: String,
+    record: wardflow_ledger_bridge::events::EventRecord,
 }
 
 fn event_leaves(config: &Config, process: u32) -> anyhow::Result<Vec<EventLeaf>> {
@@ -421,6 +437,7 @@ fn event_leaves(config: &Config, process: u32) -> anyhow::Result<Vec<EventLeaf>>
                 epoch: r.epoch(),
                 leaf,
                 what,
+                record: r,
             }
         })
         .collect())
@@ -471,6 +488,184 @@ fn report_unsealed(
     );
     if let Some((_, first)) = found.first() {
         println!("  {first}");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    /// The patient whose data was accessed
+    #[arg(long)]
+    pub patient: String,
+    #[arg(long, value_enum, default_value_t = crate::output::Format::Table)]
+    pub format: crate::output::Format,
+}
+
+/// One access in `wardflow audit`.
+#[derive(serde::Serialize)]
+struct AuditRow {
+    at: String,
+    actor: String,
+    action: String,
+    purpose: String,
+    detail: String,
+    proof: String,
+}
+
+/// `wardflow audit --patient P`: every recorded access to the patient's
+/// data, with its proof status: proven included in an anchored batch that
+/// verifies against the store, in a batch that does not verify, recorded
+/// but not sealed yet, or requested but not yet recorded by the engine.
+pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
+    use wardflow_ledger_bridge::chain;
+    use wardflow_ledger_bridge::events::EventRecord;
+    let dir = config.ledger_dir();
+    let key = NodeKey::load(&config.ledger_key_file())
+        .context("reading the node key")?
+        .map(|k| k.public_key());
+    let mut processes = anchored_processes(&dir)?;
+    if !processes.contains(&0) {
+        processes.insert(0, 0);
+    }
+    let mut rows: Vec<(i64, AuditRow)> = Vec::new();
+    let mut recorded = HashSet::new();
+    for process in processes {
+        let anchors = AnchorLog::read(&anchor_log_path(&dir, process), key.as_ref())
+            .with_context(|| format!("process {process}: the anchor log does not verify"))?;
+        let receipts = chain::read_receipts(&chain::receipt_log_path(&dir, process))?;
+        let events = event_leaves(config, process)?;
+        let mut by_batch: BTreeMap<Option<usize>, Vec<&EventLeaf>> = BTreeMap::new();
+        for e in &events {
+            if let EventRecord::Access {
+                patient, request, ..
+            } = &e.record
+            {
+                recorded.insert(request.clone());
+                if *patient == args.patient {
+                    by_batch
+                        .entry(batch_of(&anchors, e.epoch))
+                        .or_default()
+                        .push(e);
+                }
+            }
+        }
+        for (batch, mine) in by_batch {
+            let proofs: Vec<String> = match batch {
+                None => vec!["recorded, not sealed yet".into(); mine.len()],
+                Some(i) => {
+                    let a = &anchors[i];
+                    let leaves = recompute(
+                        &config.data_dir,
+                        process as usize,
+                        config.storage.flush_interval_ms,
+                        &[a],
+                        &events,
+                    )?
+                    .pop()
+                    .unwrap_or_default();
+                    let on_chain = receipts
+                        .iter()
+                        .find(|r| r.covers(a.batch))
+                        .map(|r| format!(", anchored on chain in block #{}", r.block_number))
+                        .unwrap_or_default();
+                    match check_batch(&a.header(), leaves, None) {
+                        Verdict::Verified(tree) => mine
+                            .iter()
+                            .map(|e| {
+                                if prove(&tree, &e.leaf, &a.root) {
+                                    format!(
+                                        "proven in batch {} of process {process}{on_chain}",
+                                        a.batch
+                                    )
+                                } else {
+                                    format!("NOT in batch {} of process {process}", a.batch)
+                                }
+                            })
+                            .collect(),
+                        Verdict::Mismatch(_) => vec![
+                            format!(
+                                "batch {} of process {process} DOES NOT VERIFY (see wardflow verify)",
+                                a.batch
+                            );
+                            mine.len()
+                        ],
+                    }
+                }
+            };
+            for (e, proof) in mine.into_iter().zip(proofs) {
+                if let EventRecord::Access {
+                    at_ns,
+                    actor,
+                    action,
+                    purpose,
+                    detail,
+                    ..
+                } = &e.record
+                {
+                    rows.push((
+                        *at_ns,
+                        AuditRow {
+                            at: format_time(*at_ns),
+                            actor: actor.clone(),
+                            action: action.clone(),
+                            purpose: purpose.clone(),
+                            detail: detail.clone(),
+                            proof,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    // Requests the engine has not recorded yet.
+    let mut tail = wardflow_ledger_bridge::events::RequestTail::new(&dir);
+    for r in tail.poll() {
+        if r.patient == args.patient && !recorded.contains(&r.id) {
+            rows.push((
+                r.at_ns,
+                AuditRow {
+                    at: format_time(r.at_ns),
+                    actor: r.actor,
+                    action: r.action,
+                    purpose: r.purpose,
+                    detail: r.detail,
+                    proof: "requested, not recorded yet (the engine records it when it runs)"
+                        .into(),
+                },
+            ));
+        }
+    }
+    rows.sort_by_key(|(t, _)| *t);
+    let rows: Vec<AuditRow> = rows.into_iter().map(|(_, r)| r).collect();
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        crate::output::Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+        f => {
+            let table = crate::output::Rows {
+                header: vec!["time", "actor", "action", "purpose", "detail", "proof"],
+                rows: rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.at.clone(),
+                            r.actor.clone(),
+                            r.action.clone(),
+                            r.purpose.clone(),
+                            r.detail.clone(),
+                            r.proof.clone(),
+                        ]
+                    })
+                    .collect(),
+            };
+            if f == crate::output::Format::Csv {
+                table.write_csv(&mut out)?;
+            } else {
+                table.write_table(&mut out)?;
+            }
+        }
     }
     Ok(())
 }

@@ -285,3 +285,86 @@ fn alert_transitions_are_sealed_and_an_altered_alert_log_line_is_named() {
         "{out}"
     );
 }
+
+#[test]
+fn reads_of_a_patient_are_audited_with_their_proofs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut server = Server::start(&dir, &["--anchor-interval", "500"]);
+    simulate(&dir, &server, 2);
+    let patient = "sim-patient-0001";
+    wardflow_ok(
+        &dir,
+        &[
+            "query",
+            "--patient",
+            patient,
+            "--metric",
+            "hr",
+            "--as",
+            "clinician:ann",
+            "--purpose",
+            "treatment",
+        ],
+    );
+    let audit = |dir: &Path| -> Vec<serde_json::Value> {
+        let out = wardflow_ok(dir, &["audit", "--patient", patient, "--format", "json"]);
+        serde_json::from_str(&out).unwrap()
+    };
+    // Recorded by the running engine, then sealed.
+    let recorded = wait_for(std::time::Duration::from_secs(30), || {
+        let rows = audit(&dir);
+        (rows.len() == 1 && !rows[0]["proof"].as_str().unwrap().starts_with("requested"))
+            .then_some(rows)
+    });
+    assert!(recorded.is_some(), "{:?}", audit(&dir));
+    server.stop();
+    let rows = audit(&dir);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["actor"], "clinician:ann");
+    assert_eq!(rows[0]["action"], "query");
+    assert_eq!(rows[0]["purpose"], "treatment");
+    assert!(
+        rows[0]["detail"].as_str().unwrap().contains("metric=hr"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[0]["proof"]
+            .as_str()
+            .unwrap()
+            .starts_with("proven in batch"),
+        "{rows:?}"
+    );
+    // Another patient's log does not show it.
+    let out = wardflow_ok(
+        &dir,
+        &["audit", "--patient", "sim-patient-0002", "--format", "json"],
+    );
+    assert_eq!(
+        serde_json::from_str::<Vec<serde_json::Value>>(&out)
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // Rewriting who read it breaks the proof, and verify names the access.
+    let events = dir.join("ledger").join("events-p0.jsonl");
+    let text = std::fs::read_to_string(&events).unwrap();
+    std::fs::write(&events, text.replace("clinician:ann", "clinician:bob")).unwrap();
+    let rows = audit(&dir);
+    assert!(
+        rows[0]["proof"]
+            .as_str()
+            .unwrap()
+            .contains("DOES NOT VERIFY"),
+        "{rows:?}"
+    );
+    let (ok, out) = verify(&dir, &["-q"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "access to {patient} by clinician:bob: query for treatment"
+        )),
+        "{out}"
+    );
+}

@@ -39,6 +39,9 @@ pub enum EventRecord {
     /// Someone read, exported or was sent a patient's data.
     Access {
         epoch: u64,
+        /// The access request it came from (not part of the leaf).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        request: String,
         at_ns: i64,
         patient: String,
         actor: String,
@@ -96,6 +99,11 @@ impl AlertLogReader {
         Self {
             file: File::open(path).ok(),
         }
+    }
+
+    /// A reader with no alert log (for records that need none).
+    pub fn none() -> Self {
+        Self { file: None }
     }
 
     pub fn line(&mut self, offset: u64, len: u32) -> Vec<u8> {
@@ -159,6 +167,123 @@ impl EventLog {
     }
 }
 
+/// The file where tools outside the engine (the command line) request
+/// that an access be recorded: `ledger/access-requests.jsonl`. The engine
+/// (process 0) records each request once, by its id.
+pub fn access_requests_path(dir: &Path) -> PathBuf {
+    dir.join("access-requests.jsonl")
+}
+
+/// An access to a patient's data, as a tool reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessRequest {
+    /// Unique per request (random), so it is recorded once.
+    pub id: String,
+    pub at_ns: i64,
+    pub patient: String,
+    pub actor: String,
+    pub action: String,
+    pub purpose: String,
+    pub detail: String,
+}
+
+impl AccessRequest {
+    /// A request with a fresh random id.
+    pub fn new(
+        at_ns: i64,
+        patient: &str,
+        actor: &str,
+        action: &str,
+        purpose: &str,
+        detail: &str,
+    ) -> Self {
+        let mut id = [0u8; 16];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        AccessRequest {
+            id: crate::chain::hex(&id),
+            at_ns,
+            patient: patient.into(),
+            actor: actor.into(),
+            action: action.into(),
+            purpose: purpose.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Appends the request durably to the requests file in `dir`.
+    pub fn submit(&self, dir: &Path) -> Result<(), AnchorError> {
+        let path = access_requests_path(dir);
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut line = serde_json::to_vec(self).expect("a request serializes");
+        line.push(b'\n');
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        f.write_all(&line).map_err(io_err(&path))?;
+        f.sync_data().map_err(io_err(&path))
+    }
+
+    /// The event record of this request at `epoch`.
+    pub fn record(&self, epoch: u64) -> EventRecord {
+        EventRecord::Access {
+            epoch,
+            request: self.id.clone(),
+            at_ns: self.at_ns,
+            patient: self.patient.clone(),
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            purpose: self.purpose.clone(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+/// Follows the requests file: each call returns the whole lines appended
+/// since the last.
+pub struct RequestTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl RequestTail {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: access_requests_path(dir),
+            offset: 0,
+        }
+    }
+
+    /// New requests; a line that does not parse is skipped with a warning.
+    pub fn poll(&mut self) -> Vec<AccessRequest> {
+        let Ok(mut f) = File::open(&self.path) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if len <= self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.offset += complete as u64;
+        buf[..complete]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| match serde_json::from_slice(l) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "an access request that does not parse is skipped: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
 /// Every whole record of an event log, in order.
 pub fn read_events(path: &Path) -> Result<Vec<EventRecord>, AnchorError> {
     let text = match std::fs::read_to_string(path) {
@@ -199,6 +324,7 @@ mod tests {
             },
             EventRecord::Access {
                 epoch: 11,
+                request: "r1".into(),
                 at_ns: 5,
                 patient: "p-1".into(),
                 actor: "nurse-1".into(),
@@ -224,5 +350,25 @@ mod tests {
         std::fs::write(&alerts, "{\"a\":1}\n{\"b\":3}\n").unwrap();
         let mut reader = AlertLogReader::open(&alerts);
         assert_ne!(read[0].leaf(&mut reader), leaf_hash(&buf));
+    }
+
+    #[test]
+    fn access_requests_are_read_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tail = RequestTail::new(dir.path());
+        assert!(tail.poll().is_empty());
+        let a = AccessRequest::new(1, "p-1", "cli:ann", "query", "treatment", "hr");
+        let b = AccessRequest::new(2, "p-2", "cli:bob", "export", "research:s1", "");
+        assert_ne!(a.id, b.id);
+        a.submit(dir.path()).unwrap();
+        assert_eq!(tail.poll(), vec![a.clone()]);
+        b.submit(dir.path()).unwrap();
+        assert_eq!(tail.poll(), vec![b]);
+        assert!(tail.poll().is_empty());
+        // The leaf does not depend on the request id.
+        let mut r = AlertLogReader::open(&dir.path().join("none"));
+        let mut other = a.clone();
+        other.id = "x".into();
+        assert_eq!(a.record(5).leaf(&mut r), other.record(5).leaf(&mut r));
     }
 }
