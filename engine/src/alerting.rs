@@ -653,6 +653,7 @@ fn feed_item(a: &Alert, json: Vec<u8>) -> FeedItem {
         id: a.id.clone(),
         unit,
         subject: a.subject.clone(),
+        patient: a.patient.clone(),
         open: a.state.is_open(),
         seq: a.seq,
         at_ns: a.at_ns,

@@ -95,19 +95,21 @@ struct UnitQuery {
 
 /// The units a request covers: the one asked for (if the request's
 /// clinician covers it), else all of the clinician's.
+/// The clinician's id and the units asked for (all the clinician covers
+/// by default).
 async fn clinician_units(
     api: &Api,
     req: &HttpRequest,
     asked: Option<String>,
-) -> Result<HashSet<String>, HttpResponse> {
+) -> Result<(String, HashSet<String>), HttpResponse> {
     let c = clinician(api, req).await?;
     match asked {
-        Some(u) if c.covers(&u) => Ok([u].into()),
+        Some(u) if c.covers(&u) => Ok((c.id.clone(), [u].into())),
         Some(u) => Err(error(
             403,
             &format!("clinician {} does not cover unit {u}", c.id),
         )),
-        None => Ok(c.units.iter().cloned().collect()),
+        None => Ok((c.id.clone(), c.units.iter().cloned().collect())),
     }
 }
 
@@ -116,7 +118,7 @@ async fn list(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let units = match clinician_units(&api, &req, q.into_inner().unit).await {
+    let (_, units) = match clinician_units(&api, &req, q.into_inner().unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -179,18 +181,21 @@ async fn stream(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let units = match clinician_units(&api, &req, q.into_inner().unit).await {
+    let (who, units) = match clinician_units(&api, &req, q.into_inner().unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
     // Subscribe before reading the board, so no transition falls between.
-    let sub = api.hub.subscribe(units.clone());
+    let sub = api.hub.subscribe(units.clone(), &who);
     let first: VecDeque<_> = api
         .hub
         .open_alerts(None)
         .into_iter()
         .filter(|a| units.contains(&a.unit))
         .collect();
+    for item in &first {
+        api.hub.delivered(item, &who);
+    }
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .header("cache-control", "no-cache")

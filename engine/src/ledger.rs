@@ -34,6 +34,8 @@ pub enum LedgerEvent {
     /// Lines just appended to the process's alert log: (byte offset,
     /// line without its break).
     AlertLines(Vec<(u64, Vec<u8>)>),
+    /// An access to a patient's data inside the engine (alert delivery).
+    Access(wardflow_ledger_bridge::events::AccessRequest),
 }
 
 /// What the ledger thread receives.
@@ -292,6 +294,11 @@ impl Events {
                             len: line.len() as u32,
                         });
                     }
+                }
+                LedgerEvent::Access(a) => {
+                    let record = a.record(epoch);
+                    leaves.push((epoch, record.leaf(&mut AlertLogReader::none())));
+                    records.push(record);
                 }
             }
         }

@@ -141,6 +141,23 @@ impl Node {
         // The ledger: the log must know where sealed epochs end, and the
         // alert thread reports the transitions it logs to it.
         let ledger = crate::ledger::Ledger::open(config)?;
+        // Every alert about a patient handed to a clinician is an access to
+        // the patient's data, recorded in the audit trail.
+        if let Some(events) = ledger.as_ref().map(|l| l.event_sender()) {
+            hub.on_delivery(Arc::new(move |item, who| {
+                if let Some(patient) = &item.patient {
+                    let access = wardflow_ledger_bridge::events::AccessRequest::new(
+                        wardflow_model::now_ns(),
+                        patient,
+                        &format!("clinician:{who}"),
+                        "alert-delivery",
+                        "treatment",
+                        &format!("alert {} transition {}", item.id, item.seq),
+                    );
+                    let _ = events.send(crate::ledger::LedgerEvent::Access(access));
+                }
+            }));
+        }
         let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
         let alert_thread = alerting::spawn_alert_thread(
             alert_rx,

@@ -368,3 +368,113 @@ fn reads_of_a_patient_are_audited_with_their_proofs() {
         "{out}"
     );
 }
+
+#[test]
+fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("probe.toml"),
+        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
+    )
+    .unwrap();
+    wardflow_ok(
+        &dir,
+        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
+    );
+    let secret = add_device(&dir, "mon-7", "p-7");
+    let out = wardflow_ok(&dir, &["clinicians", "add", "ann", "--units", "icu-a"]);
+    let ann = out
+        .lines()
+        .find_map(|l| l.strip_prefix("secret: "))
+        .unwrap()
+        .to_string();
+    let mut server = Server::start(
+        &dir,
+        &[
+            "--anchor-interval",
+            "500",
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let port = server.mqtt_port.to_string();
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            "ann",
+            "-u",
+            "ann",
+            "-P",
+            &ann,
+        ])
+        .args([
+            "-q",
+            "1",
+            "-t",
+            "wardflow/v1/alerts/icu-a/#",
+            "-C",
+            "1",
+            "-W",
+            "30",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let pack =
+        format!(r#"[{{"bn":"urn:dev:mon-7:","bt":{now_s},"n":"etco2","u":"mm[Hg]","v":120}}]"#);
+    let published = mosquitto_pub(
+        server.mqtt_port,
+        &[
+            "-i",
+            "mon-7",
+            "-u",
+            "mon-7",
+            "-P",
+            &secret,
+            "-q",
+            "1",
+            "-t",
+            "wardflow/v1/devices/mon-7/readings",
+            "-m",
+            &pack,
+        ],
+    );
+    assert!(published.status.success(), "{published:?}");
+    let got = sub.wait().unwrap();
+    assert!(
+        got.success(),
+        "the clinician received no alert:\n{}",
+        server.log_text()
+    );
+    server.stop();
+
+    let out = wardflow_ok(&dir, &["audit", "--patient", "p-7", "--format", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let delivery = rows
+        .iter()
+        .find(|r| r["action"] == "alert-delivery")
+        .unwrap_or_else(|| panic!("no delivery in the audit: {rows:?}"));
+    assert_eq!(delivery["actor"], "clinician:ann");
+    assert_eq!(delivery["purpose"], "treatment");
+    assert!(
+        delivery["proof"]
+            .as_str()
+            .unwrap()
+            .starts_with("proven in batch"),
+        "{delivery}"
+    );
+    let (ok, out) = verify(&dir, &["-q"]);
+    assert!(ok, "{out}");
+}

@@ -46,6 +46,9 @@ pub struct FeedItem {
     pub unit: String,
     /// The patient or device the alert is about (routes commands).
     pub subject: String,
+    /// The patient whose data the alert carries, if any (a technical alert
+    /// about an unbound device carries none).
+    pub patient: Option<String>,
     pub open: bool,
     pub seq: u32,
     pub at_ns: i64,
@@ -56,7 +59,13 @@ pub struct FeedItem {
 struct Subscriber {
     units: Arc<Mutex<HashSet<String>>>,
     tx: tokio::sync::mpsc::Sender<Arc<FeedItem>>,
+    /// Who follows: a clinician's id.
+    who: String,
 }
+
+/// Called for each transition handed to a subscriber, with the subscriber
+/// (the audit trail records it as an access to the patient's data).
+pub type DeliveryObserver = Arc<dyn Fn(&FeedItem, &str) + Send + Sync>;
 
 /// The open alerts and the connections that follow them.
 #[derive(Default)]
@@ -64,6 +73,7 @@ pub struct AlertHub {
     subscribers: Mutex<HashMap<u64, Subscriber>>,
     next: std::sync::atomic::AtomicU64,
     board: Mutex<HashMap<String, Arc<FeedItem>>>,
+    observer: Mutex<Option<DeliveryObserver>>,
 }
 
 /// A subscription to the hub; unsubscribes when dropped.
@@ -85,8 +95,21 @@ impl AlertHub {
         Arc::new(AlertHub::default())
     }
 
-    /// A new subscription following `units` (which may change later).
-    pub fn subscribe(self: &Arc<Self>, units: HashSet<String>) -> Subscription {
+    /// Sets what is told of every delivery.
+    pub fn on_delivery(&self, f: DeliveryObserver) {
+        *self.observer.lock() = Some(f);
+    }
+
+    /// Tells the observer that `item` went to `who`.
+    pub fn delivered(&self, item: &FeedItem, who: &str) {
+        let observer = self.observer.lock().clone();
+        if let Some(f) = observer {
+            f(item, who);
+        }
+    }
+
+    /// A new subscription of `who` following `units` (which may change later).
+    pub fn subscribe(self: &Arc<Self>, units: HashSet<String>, who: &str) -> Subscription {
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let units = Arc::new(Mutex::new(units));
         let (tx, rx) = tokio::sync::mpsc::channel(SUBSCRIBER_QUEUE);
@@ -95,6 +118,7 @@ impl AlertHub {
             Subscriber {
                 units: units.clone(),
                 tx,
+                who: who.to_string(),
             },
         );
         Subscription {
@@ -107,15 +131,24 @@ impl AlertHub {
 
     /// Adds a unit to a subscription and queues the unit's open alerts to it.
     pub fn follow(&self, subscription: u64, unit: &str) {
-        let subs = self.subscribers.lock();
-        let Some(s) = subs.get(&subscription) else {
-            return;
+        let mut sent = Vec::new();
+        let who = {
+            let subs = self.subscribers.lock();
+            let Some(s) = subs.get(&subscription) else {
+                return;
+            };
+            if !s.units.lock().insert(unit.to_string()) {
+                return;
+            }
+            for item in self.open_alerts(Some(unit)) {
+                if s.tx.try_send(item.clone()).is_ok() {
+                    sent.push(item);
+                }
+            }
+            s.who.clone()
         };
-        if !s.units.lock().insert(unit.to_string()) {
-            return;
-        }
-        for item in self.open_alerts(Some(unit)) {
-            let _ = s.tx.try_send(item);
+        for item in sent {
+            self.delivered(&item, &who);
         }
     }
 
@@ -135,12 +168,16 @@ impl AlertHub {
             board.insert(item.id.clone(), item.clone());
             board.retain(|_, a| a.open || now_ns - a.at_ns < RESOLVED_KEPT_NS);
         }
+        let mut to = Vec::new();
         self.subscribers.lock().retain(|id, s| {
             if !s.units.lock().contains(&item.unit) {
                 return true;
             }
             match s.tx.try_send(item.clone()) {
-                Ok(()) => true,
+                Ok(()) => {
+                    to.push(s.who.clone());
+                    true
+                }
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
                     tracing::warn!(
                         subscriber = id,
@@ -151,6 +188,9 @@ impl AlertHub {
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
             }
         });
+        for who in to {
+            self.delivered(&item, &who);
+        }
     }
 
     /// An alert on the board (open, or resolved recently).
@@ -298,6 +338,7 @@ mod tests {
 
     fn item(id: &str, unit: &str, open: bool, at: i64) -> FeedItem {
         FeedItem {
+            patient: None,
             id: id.into(),
             unit: unit.into(),
             subject: "p-1".into(),
@@ -313,7 +354,7 @@ mod tests {
     fn subscribers_get_their_units_only_and_a_snapshot_on_follow() {
         let hub = AlertHub::new();
         hub.publish(item("a1", "icu-a", true, 1), 1);
-        let mut s = hub.subscribe(HashSet::new());
+        let mut s = hub.subscribe(HashSet::new(), "c-1");
         hub.follow(s.id, "icu-a");
         assert_eq!(s.rx.try_recv().unwrap().id, "a1", "the open alert first");
         hub.publish(item("b1", "icu-b", true, 2), 2);

@@ -266,7 +266,7 @@ async fn admit_clinician(ctx: &Arc<IngestContext>, id: &str, password: Option<By
         Some(c) => {
             result("clinician");
             ctx.metrics.clinician_connections.inc();
-            let sub = ctx.hub.subscribe(Default::default());
+            let sub = ctx.hub.subscribe(Default::default(), &c.id);
             tracing::info!(clinician = %c.id, units = ?c.units, "clinician connected");
             Admission::Clinician(
                 ClinicianSession {
