@@ -19,6 +19,10 @@
 //! ```text
 //! cargo run --release -p wardflow-benches --bin e2e -- --baseline no-ledger --duration 10 --repeat 3
 //! ```
+//!
+//! With `--chain ws://…` (and `WARDFLOW_LEDGER_SURI` naming a funded
+//! account) the batches are also anchored on that chain, and each run
+//! reports the anchoring extrinsics per minute at that ingest rate.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -90,6 +94,11 @@ struct Options {
     /// What Wardflow is compared with.
     #[arg(long, value_enum, default_value_t = Baseline::Mosquitto)]
     baseline: Baseline,
+    /// Anchor Wardflow's audit batches on this Substrate chain (ws://…),
+    /// signing as WARDFLOW_LEDGER_SURI (e.g. //Alice on a development
+    /// chain), and report the anchoring extrinsics per minute.
+    #[arg(long, value_name = "URL")]
+    chain: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,6 +133,11 @@ struct Outcome {
     sent: u64,
     /// Audit batches sealed (Wardflow with its ledger on).
     batches: u64,
+    /// With a chain: extrinsics finalized and batches still queued when
+    /// the run ended, and how long it ran.
+    extrinsics: u64,
+    chain_pending: u64,
+    run_s: f64,
 }
 
 fn simulate(o: &Options, s: Scenario, port: u16, data: &Path, creds: &Path) -> Command {
@@ -251,6 +265,9 @@ fn run_mosquitto(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome
         peak_rss_mib: peak as f64 / 1024.0,
         sent,
         batches: 0,
+        extrinsics: 0,
+        chain_pending: 0,
+        run_s: 0.0,
     })
 }
 
@@ -273,6 +290,10 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
             "--ledger",
             if ledger { "true" } else { "false" },
         ])
+        .args(match (&o.chain, ledger) {
+            (Some(url), true) => vec!["--chain", url.as_str()],
+            _ => vec![],
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -333,9 +354,12 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
     }
     let sent = sent_of(out.as_ref().expect("simulator finished"))?;
     let peak = peak_rss_kib(pid).unwrap_or(0);
-    let batches = http_get(http, "/metrics")
-        .and_then(|m| metric(&m, "wardflow_ledger_batches_total"))
-        .unwrap_or(0.0) as u64;
+    let m = http_get(http, "/metrics").unwrap_or_default();
+    let get = |name: &str| metric(&m, name).unwrap_or(0.0) as u64;
+    let batches = get("wardflow_ledger_batches_total");
+    let extrinsics = get("wardflow_ledger_chain_extrinsics");
+    let chain_pending = get("wardflow_ledger_chain_pending_batches");
+    let run_s = start.elapsed().as_secs_f64();
     stop(server);
     let readings = last.0 - base;
     Ok(Outcome {
@@ -344,6 +368,9 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
         peak_rss_mib: peak as f64 / 1024.0,
         sent,
         batches,
+        extrinsics,
+        chain_pending,
+        run_s,
     })
 }
 
@@ -388,6 +415,17 @@ fn main() -> anyhow::Result<()> {
                 w.batches,
                 w.per_s / m.per_s
             );
+            if o.chain.is_some() {
+                println!(
+                    "{:<16} run {}: chain: {} anchoring extrinsics in {:.0} s ({:.1} per minute), {} batches queued at the end",
+                    s.name,
+                    r + 1,
+                    w.extrinsics,
+                    w.run_s,
+                    w.extrinsics as f64 * 60.0 / w.run_s.max(1e-9),
+                    w.chain_pending
+                );
+            }
             m_rates.push(m.per_s);
             w_rates.push(w.per_s);
             ratios.push(w.per_s / m.per_s);
