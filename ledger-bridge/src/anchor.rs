@@ -51,6 +51,30 @@ pub enum AnchorError {
     },
 }
 
+/// Every whole line of a JSON-lines file, parsed; a missing file is empty
+/// and a torn last line (no line break: a crash mid-append) is skipped.
+pub(crate) fn read_json_lines<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Vec<T>, AnchorError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let complete = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..complete]
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| AnchorError::Bad {
+                path: path.to_path_buf(),
+                line: i + 1,
+                what: e.to_string(),
+            })
+        })
+        .collect()
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AnchorError + '_ {
     move |source| AnchorError::Io {
         path: path.to_path_buf(),

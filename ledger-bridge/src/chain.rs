@@ -92,28 +92,7 @@ pub fn receipt_log_path(dir: &Path, process: u32) -> PathBuf {
 
 /// Reads a receipt log; a torn last line is skipped.
 pub fn read_receipts(path: &Path) -> Result<Vec<Receipt>, AnchorError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(AnchorError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..complete]
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| AnchorError::Bad {
-                path: path.to_path_buf(),
-                line: i + 1,
-                what: e.to_string(),
-            })
-        })
-        .collect()
+    crate::anchor::read_json_lines(path)
 }
 
 fn append_receipt(path: &Path, r: &Receipt) -> std::io::Result<()> {

@@ -286,23 +286,7 @@ impl RequestTail {
 
 /// Every whole record of an event log, in order.
 pub fn read_events(path: &Path) -> Result<Vec<EventRecord>, AnchorError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    let complete = text.rfind('\n').map_or(0, |i| i + 1);
-    text[..complete]
-        .lines()
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).map_err(|e| AnchorError::Bad {
-                path: path.to_path_buf(),
-                line: i + 1,
-                what: e.to_string(),
-            })
-        })
-        .collect()
+    crate::anchor::read_json_lines(path)
 }
 
 #[cfg(test)]
