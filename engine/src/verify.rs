@@ -254,6 +254,7 @@ fn verify_process(
                 "process {process}: {after} stored rows are newer than the last batch (not sealed yet)"
             );
         }
+        problems += check_alert_log_coverage(config, process, &events);
     }
     if let Some(patient) = &args.patient {
         println!(
@@ -395,6 +396,53 @@ fn recompute(
         place(e.epoch, e.leaf);
     }
     Ok(leaves)
+}
+
+/// Every line of the alert log must have been recorded as an event: a line
+/// between recorded ones that was not is one added afterwards. Lines
+/// before the first recorded one predate the ledger; lines after the last
+/// are not recorded yet. Returns the problems found.
+fn check_alert_log_coverage(config: &Config, process: u32, events: &[EventLeaf]) -> usize {
+    use wardflow_ledger_bridge::events::EventRecord;
+    let recorded: HashSet<u64> = events
+        .iter()
+        .filter_map(|e| match e.record {
+            EventRecord::Alert { offset, .. } => Some(offset),
+            EventRecord::Access { .. } => None,
+        })
+        .collect();
+    let (Some(&first), Some(&last)) = (recorded.iter().min(), recorded.iter().max()) else {
+        return 0;
+    };
+    let path = crate::alerting::log_path(&config.data_dir, process as usize);
+    let text = std::fs::read(&path).unwrap_or_default();
+    let (mut offset, mut inserted, mut pending) = (0u64, Vec::new(), 0u64);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        if line.ends_with(b"\n") && !recorded.contains(&offset) {
+            if offset > last {
+                pending += 1;
+            } else if offset > first {
+                inserted.push((offset, line));
+            }
+        }
+        offset += line.len() as u64;
+    }
+    if pending > 0 {
+        println!(
+            "process {process}: {pending} alert log line(s) after the last recorded one are not sealed yet"
+        );
+    }
+    match inserted.first() {
+        None => 0,
+        Some((at, line)) => {
+            println!(
+                "process {process}: {} alert log line(s) were never sealed (written just before a crash, or added afterwards); the first, at byte {at}: {}",
+                inserted.len(),
+                String::from_utf8_lossy(line).trim_end()
+            );
+            1
+        }
+    }
 }
 
 /// A leaf of the ledger's event log, recomputed.

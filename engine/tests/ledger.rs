@@ -458,6 +458,56 @@ fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
         "the clinician received no alert:\n{}",
         server.log_text()
     );
+    // The condition clears: a second transition in the alert log.
+    // A second later (the same time again would be a duplicate).
+    let clear = pack
+        .replace("\"v\":120", "\"v\":60")
+        .replace(&format!("\"bt\":{now_s}"), &format!("\"bt\":{}", now_s + 1));
+    let published = mosquitto_pub(
+        server.mqtt_port,
+        &[
+            "-i",
+            "mon-7",
+            "-u",
+            "mon-7",
+            "-P",
+            &secret,
+            "-q",
+            "1",
+            "-t",
+            "wardflow/v1/devices/mon-7/readings",
+            "-m",
+            &clear,
+        ],
+    );
+    assert!(published.status.success(), "{published:?}");
+    // And returns: a third.
+    let again = pack.replace(&format!("\"bt\":{now_s}"), &format!("\"bt\":{}", now_s + 2));
+    let published = mosquitto_pub(
+        server.mqtt_port,
+        &[
+            "-i",
+            "mon-7",
+            "-u",
+            "mon-7",
+            "-P",
+            &secret,
+            "-q",
+            "1",
+            "-t",
+            "wardflow/v1/devices/mon-7/readings",
+            "-m",
+            &again,
+        ],
+    );
+    assert!(published.status.success(), "{published:?}");
+    let alert_log = dir.join("alerts").join("p0.jsonl");
+    let three = wait_for(std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&alert_log)
+            .ok()
+            .filter(|t| t.lines().count() >= 3)
+    });
+    assert!(three.is_some(), "{}", server.log_text());
     server.stop();
 
     let out = wardflow_ok(&dir, &["audit", "--patient", "p-7", "--format", "json"]);
@@ -477,4 +527,35 @@ fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
     );
     let (ok, out) = verify(&dir, &["-q"]);
     assert!(ok, "{out}");
+
+    // A transition written into the alert log afterwards: the sealed lines
+    // after it no longer match, and verify names one.
+    let text = std::fs::read_to_string(&alert_log).unwrap();
+    let first = text.lines().next().unwrap();
+    let second_at = first.len() + 1;
+    let forged = text.replacen(first, &format!("{first}\n{first}"), 1);
+    std::fs::write(&alert_log, &forged).unwrap();
+    let (ok, out) = verify(&dir, &["-q"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "alert transition in alerts/p0.jsonl at byte {second_at}"
+        )),
+        "{out}"
+    );
+    // A logged line whose record is gone (as when a crash falls between
+    // the alert log and the ledger) is reported as never sealed.
+    std::fs::write(&alert_log, &text).unwrap();
+    let events = dir.join("ledger").join("events-p0.jsonl");
+    let records = std::fs::read_to_string(&events).unwrap();
+    let kept: Vec<&str> = records
+        .lines()
+        .filter(|l| !l.contains(&format!("\"offset\":{second_at},")))
+        .collect();
+    assert_eq!(kept.len() + 1, records.lines().count(), "{records}");
+    std::fs::write(&events, kept.join("\n") + "\n").unwrap();
+    let third = wardflow(&dir, &["verify", "-q"]);
+    let out = String::from_utf8_lossy(&third.stdout);
+    assert!(!third.status.success(), "{out}");
+    assert!(out.contains("were never sealed"), "{out}");
 }
