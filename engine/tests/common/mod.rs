@@ -52,11 +52,30 @@ pub fn wardflow_ok(dir: &Path, args: &[&str]) -> String {
 
 /// Registers a device and returns its generated secret.
 pub fn add_device(dir: &Path, device: &str, patient: &str) -> String {
-    let out = wardflow_ok(dir, &["devices", "add", device, "--patient", patient]);
+    secret_in(&wardflow_ok(
+        dir,
+        &["devices", "add", device, "--patient", patient],
+    ))
+}
+
+/// The generated secret `wardflow devices add` or `clinicians add` printed.
+pub fn secret_in(out: &str) -> String {
     out.lines()
         .find_map(|l| l.strip_prefix("secret: "))
         .expect("a generated secret")
         .to_string()
+}
+
+/// One SenML pack from `device` (whose MQTT user it is) at QoS 1.
+pub fn publish_pack(port: u16, device: &str, secret: &str, pack: &str) {
+    let topic = format!("wardflow/v1/devices/{device}/readings");
+    let out = mosquitto_pub(
+        port,
+        &[
+            "-i", device, "-u", device, "-P", secret, "-q", "1", "-t", &topic, "-m", pack,
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
 }
 
 pub fn query(dir: &Path, patient: &str) -> Vec<Value> {
