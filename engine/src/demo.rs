@@ -247,6 +247,20 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
             last.unit
         );
     }
+    // The audit trail of what was stored: batches sealed, and where.
+    let ledger = data_dir.join("ledger");
+    if let Ok(anchors) = wardflow_ledger_bridge::AnchorLog::read(
+        &wardflow_ledger_bridge::anchor_log_path(&ledger, 0),
+        None,
+    ) && let Some(last) = anchors.last()
+    {
+        let leaves: u64 = anchors.iter().map(|a| a.leaves).sum();
+        println!(
+            "audit trail: {} batches sealed over {leaves} leaves, last root {}…; check with `wardflow verify --data-dir DIR`",
+            anchors.len(),
+            wardflow_ledger_bridge::chain::hex(&last.root[..8])
+        );
+    }
     if temp.is_some() {
         println!("(the temporary data directory is removed; pass --data-dir to keep the data)");
     }
