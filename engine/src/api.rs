@@ -118,7 +118,7 @@ async fn list(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let (_, units) = match clinician_units(&api, &req, q.into_inner().unit).await {
+    let (who, units) = match clinician_units(&api, &req, q.into_inner().unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -134,6 +134,8 @@ async fn list(
             body.push(b',');
         }
         body.extend_from_slice(&a.json);
+        // Handed to the clinician: recorded in the audit trail.
+        api.hub.delivered(a, &who);
     }
     body.push(b']');
     HttpResponse::Ok()

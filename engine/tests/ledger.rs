@@ -417,6 +417,15 @@ fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
         "the clinician received no alert:\n{}",
         server.log_text()
     );
+    // The clinician also lists the unit's open alerts over HTTP.
+    let (status, body) = http_get_as(
+        server.http_port,
+        "/v1/alerts?unit=icu-a",
+        &format!("ann:{ann}"),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"patient\":\"p-7\""), "{body}");
     // The condition clears: a second transition in the alert log.
     // A second later (the same time again would be a duplicate).
     let clear = pack
@@ -437,10 +446,14 @@ fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
 
     let out = wardflow_ok(&dir, &["audit", "--patient", "p-7", "--format", "json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-    let delivery = rows
+    let deliveries: Vec<_> = rows
         .iter()
-        .find(|r| r["action"] == "alert-delivery")
-        .unwrap_or_else(|| panic!("no delivery in the audit: {rows:?}"));
+        .filter(|r| r["action"] == "alert-delivery")
+        .collect();
+    // The raise over MQTT (the subscriber left after one message) and the
+    // open alert in the HTTP list.
+    assert_eq!(deliveries.len(), 2, "{rows:?}");
+    let delivery = deliveries[0];
     assert_eq!(delivery["actor"], "clinician:ann");
     assert_eq!(delivery["purpose"], "treatment");
     assert!(

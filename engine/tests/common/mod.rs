@@ -162,6 +162,14 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_request(port, &format!("GET {path} HTTP/1.1\r\n"))
 }
 
+/// A plain HTTP/1.1 GET with a bearer token; returns (status, body).
+pub fn http_get_as(port: u16, path: &str, bearer: &str) -> Option<(u16, String)> {
+    http_request(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer {bearer}\r\n"),
+    )
+}
+
 /// A plain HTTP/1.1 POST with a bearer token and an empty body; returns
 /// (status, body).
 pub fn http_post(port: u16, path: &str, bearer: &str) -> Option<(u16, String)> {
