@@ -3,11 +3,7 @@
 //!
 //! Run with `cargo run -p wardflow-ledger-bridge --example merkle_proof`.
 
-use wardflow_ledger_bridge::{MerkleTree, leaf_hash, verify_inclusion};
-
-fn hex(h: &[u8]) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
-}
+use wardflow_ledger_bridge::{MerkleTree, hex, leaf_hash, verify_inclusion};
 
 fn main() {
     let readings: Vec<String> = (0..5)

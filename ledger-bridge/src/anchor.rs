@@ -318,11 +318,6 @@ impl AnchorLog {
     }
 }
 
-/// Lower-case hex for fixed-size byte arrays in JSON.
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn from_hex<const N: usize>(s: &str) -> Result<[u8; N], String> {
     if s.len() != 2 * N {
         return Err(format!("expected {} hex digits, found {}", 2 * N, s.len()));
@@ -340,7 +335,7 @@ macro_rules! hex_serde {
             use serde::{Deserialize as _, Deserializer, Serializer};
 
             pub fn serialize<S: Serializer>(v: &[u8; $n], s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&super::to_hex(v))
+                s.serialize_str(&crate::hex(v))
             }
 
             pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; $n], D::Error> {

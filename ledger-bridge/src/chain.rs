@@ -140,10 +140,7 @@ pub fn load_or_create_suri(path: &Path) -> Result<String, AnchorError> {
         .to_string())
 }
 
-/// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::hex;
 
 /// What the anchorer reports (read by the engine's metrics).
 #[derive(Debug, Default)]

@@ -212,9 +212,7 @@ mod tests {
     use super::*;
     use crate::leaf_hash;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use crate::hex;
 
     fn reading() -> ReadingLeaf<'static> {
         ReadingLeaf {

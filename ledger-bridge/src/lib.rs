@@ -34,6 +34,12 @@ pub mod local;
 mod merkle;
 pub mod verify;
 
+/// Lower-case hex, as every file and report of the ledger writes hashes
+/// and keys.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 pub use anchor::{Anchor, AnchorError, AnchorLog, NodeKey};
 pub use batch::{BatchHeader, ChainError, SealedBatch, Sealer, canonical_tree, check_chain};
 pub use index::LeafIndex;

@@ -123,37 +123,29 @@ impl LocalLedger {
     /// Adds leaves of dataflow epoch `epoch_ms`. Leaves of epochs already
     /// sealed are dropped (a replay after a restart); returns how many.
     pub fn add(&mut self, epoch_ms: u64, leaves: impl IntoIterator<Item = Hash>) -> usize {
-        if self.sealed_to.is_some_and(|to| epoch_ms < to) {
-            return leaves.into_iter().count();
-        }
-        let start = epoch_ms - epoch_ms % self.interval_ms;
-        self.pending.entry(start).or_default().extend(leaves);
-        0
+        self.add_tagged(leaves.into_iter().map(|h| (epoch_ms, h)))
     }
 
     /// Adds leaves tagged with their epochs, as a flush produces them.
     /// Returns how many were dropped as already sealed.
     pub fn add_tagged(&mut self, leaves: impl IntoIterator<Item = (u64, Hash)>) -> usize {
         let mut dropped = 0;
-        // Rows come in runs of one interval: one map lookup per run.
-        let mut run: Option<(u64, Vec<Hash>)> = None;
+        let (sealed_to, interval) = (self.sealed_to, self.interval_ms);
+        // Rows come in runs of one interval: one map lookup per run, and
+        // each leaf is pushed where it stays until sealed.
+        let mut run: Option<(u64, &mut Vec<Hash>)> = None;
         for (epoch, leaf) in leaves {
-            if self.sealed_to.is_some_and(|to| epoch < to) {
+            if sealed_to.is_some_and(|to| epoch < to) {
                 dropped += 1;
                 continue;
             }
-            let start = epoch - epoch % self.interval_ms;
-            match &mut run {
-                Some((s, v)) if *s == start => v.push(leaf),
-                _ => {
-                    if let Some((s, v)) = run.replace((start, vec![leaf])) {
-                        self.pending.entry(s).or_default().extend(v);
-                    }
-                }
+            let start = epoch - epoch % interval;
+            if !matches!(&run, Some((s, _)) if *s == start) {
+                run = Some((start, self.pending.entry(start).or_default()));
             }
-        }
-        if let Some((s, v)) = run {
-            self.pending.entry(s).or_default().extend(v);
+            if let Some((_, v)) = run.as_mut() {
+                v.push(leaf);
+            }
         }
         dropped
     }

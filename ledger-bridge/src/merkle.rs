@@ -256,9 +256,7 @@ mod tests {
         );
     }
 
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
-    }
+    use crate::hex;
 
     /// The eight leaves of Certificate Transparency's reference test vectors.
     fn reference_leaves() -> Vec<Vec<u8>> {

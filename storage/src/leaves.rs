@@ -189,15 +189,9 @@ pub fn stored_leaves(
     interval_ms: u64,
     out: &mut Vec<(u64, Hash)>,
 ) -> Result<(), StorageError> {
-    let mut all = Vec::new();
-    for table in Table::ALL {
-        for path in files_for_epochs(root, table, process, &epochs, interval_ms)? {
-            all.clear();
-            for_each_batch(&path, |b| table.leaves(b, &mut all))?;
-            out.extend(all.iter().filter(|(e, _)| epochs.contains(e)));
-        }
-    }
-    Ok(())
+    scan_rows(root, process, &Table::ALL, epochs, interval_ms, |r| {
+        out.push((r.epoch, r.leaf))
+    })
 }
 
 fn opt_str(a: &StringArray, i: usize) -> Option<&str> {
