@@ -308,7 +308,11 @@ impl Worker {
             let submitted = rt.block_on(async {
                 tokio::time::timeout(
                     self.config.timeout,
-                    submit(&api, &self.config.signer, &batch),
+                    submit_remarks(
+                        &api,
+                        &self.config.signer,
+                        batch.iter().map(remark_payload).collect(),
+                    ),
                 )
                 .await
             });
@@ -372,32 +376,37 @@ impl Worker {
     }
 }
 
-/// Submits one extrinsic anchoring `batch` and follows it to finality;
-/// returns (block hash, block number, extrinsic index).
-async fn submit(
+/// Submits `remarks` as one extrinsic signed by `signer` (a
+/// `remark_with_event`, or a `utility.batch_all` of them) and follows it to
+/// finality; returns (block hash, block number, extrinsic index).
+pub async fn submit_remarks(
     api: &OnlineClient<PolkadotConfig>,
     signer: &Keypair,
-    batch: &[Anchor],
+    remarks: Vec<Vec<u8>>,
 ) -> Result<(String, u64, u32), String> {
     let at = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
-    let remark = |a: &Anchor| Value::from_bytes(remark_payload(a));
-    let progress = if batch.len() == 1 {
-        let call = dynamic::tx("System", "remark_with_event", (remark(&batch[0]),));
+    let count = remarks.len();
+    let progress = if count == 1 {
+        let call = dynamic::tx(
+            "System",
+            "remark_with_event",
+            (Value::from_bytes(&remarks[0]),),
+        );
         at.transactions()
             .sign_and_submit_then_watch_default(&call, signer)
             .await
     } else {
-        let calls: Vec<Value> = batch
+        let calls: Vec<Value> = remarks
             .iter()
-            .map(|a| {
+            .map(|r| {
                 Value::unnamed_variant(
                     "System",
                     [Value::named_variant(
                         "remark_with_event",
-                        [("remark", remark(a))],
+                        [("remark", Value::from_bytes(r))],
                     )],
                 )
             })
@@ -421,10 +430,9 @@ async fn submit(
         .filter_map(Result::ok)
         .filter(|e| e.pallet_name() == "System" && e.event_name() == "Remarked")
         .count();
-    if remarked != batch.len() {
+    if remarked != count {
         return Err(format!(
-            "{remarked} System.Remarked events for {} batches",
-            batch.len()
+            "{remarked} System.Remarked events for {count} remarks"
         ));
     }
     let hash = in_block.block_hash();

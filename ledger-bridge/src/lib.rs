@@ -9,10 +9,14 @@
 //! leaf ([`leaf`]), batches sealed over a process's leaves and chained by
 //! hash ([`batch`]), the signed local anchor log of local mode
 //! ([`anchor`]) and a process's ledger that seals and anchors leaves below
-//! a watermark ([`local`]). Anchoring batch hashes on a Substrate chain (subxt), the
-//! consent model and the sealing stage in the dataflow build on these and
-//! are not here yet; nothing in this crate talks to a chain or reads the
-//! store.
+//! a watermark ([`local`]), the event log of leaves that do not come from
+//! the store ([`events`]), verification against the store's rows
+//! ([`verify`]), anchoring batch hashes on a Substrate chain with subxt
+//! ([`chain`]), and patients' consent: the records patients sign on the
+//! chain and the book that decides them ([`consent`]), read from finalized
+//! blocks ([`follow`]). It does not read the store (the engine hands it the
+//! leaves), nor enforce consent: the engine's dataflow joins the accesses
+//! in force with what it delivers.
 //!
 //! ```
 //! use wardflow_ledger_bridge::{MerkleTree, leaf_hash, verify_inclusion};
@@ -27,7 +31,9 @@
 pub mod anchor;
 pub mod batch;
 pub mod chain;
+pub mod consent;
 pub mod events;
+pub mod follow;
 pub mod index;
 pub mod leaf;
 pub mod local;
@@ -38,6 +44,13 @@ pub mod verify;
 /// and keys.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Now, Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub use anchor::{Anchor, AnchorError, AnchorLog, NodeKey};

@@ -1,0 +1,324 @@
+//! Following the chain's finalized blocks for consent records.
+//!
+//! A thread polls the chain's finalized head and reads every block from
+//! where it left off, in order. In each block it takes the signed
+//! `System.remark` and `System.remark_with_event` extrinsics that succeeded
+//! and whose remark starts with [`CONSENT_PREFIX`] (records inside a
+//! `utility.batch` are not read: a patient's tool submits one record per
+//! extrinsic), with the block's timestamp (its `Timestamp.set`). Each is
+//! appended to `consent-chain.jsonl` in the ledger directory, fsynced, then
+//! decided by the [`ConsentBook`] and reported; the last block read is
+//! kept in `consent-cursor`. After a restart the book is rebuilt from that
+//! file and reading resumes after the cursor, so a record is decided once
+//! (one read again after a crash before the cursor moved is refused as
+//! already recorded).
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::anchor::{AnchorError, io_err};
+use crate::chain::{ChainClient, connect};
+use crate::consent::{
+    AccountRegistry, CONSENT_PREFIX, ConsentBook, ConsentRecord, Decision, Seen,
+};
+use crate::hex;
+
+/// The consent records read from the chain, in the ledger directory.
+pub fn seen_log_path(dir: &Path) -> PathBuf {
+    dir.join("consent-chain.jsonl")
+}
+
+fn cursor_path(dir: &Path) -> PathBuf {
+    dir.join("consent-cursor")
+}
+
+/// What the follower reports.
+#[derive(Debug, Clone)]
+pub enum ConsentEvent {
+    /// At start, once: the accesses in force, from the records read before.
+    InForce(Vec<crate::consent::Access>),
+    /// A record just read from a finalized block, and what it did.
+    Decided {
+        seen: Seen,
+        record: Option<ConsentRecord>,
+        decision: Decision,
+    },
+}
+
+/// What the follower shows (read by the engine's metrics).
+#[derive(Debug, Default)]
+pub struct FollowStatus {
+    pub last_block: AtomicU64,
+    pub records: AtomicU64,
+    pub refused: AtomicU64,
+    pub errors: AtomicU64,
+    pub connected: AtomicBool,
+}
+
+/// Rebuilds the book from the records read before.
+pub fn load_book(dir: &Path) -> Result<(ConsentBook, Vec<Seen>), AnchorError> {
+    let seen: Vec<Seen> = crate::anchor::read_json_lines(&seen_log_path(dir))?;
+    let registry = AccountRegistry::load(dir)?;
+    let mut book = ConsentBook::default();
+    for s in &seen {
+        book.apply(s, &registry);
+    }
+    Ok((book, seen))
+}
+
+/// Follows the chain at `url` for consent records on a thread of its own,
+/// from block `from_block` on the first start. `report` gets every event.
+pub struct ConsentFollower {
+    join: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    pub status: Arc<FollowStatus>,
+}
+
+impl ConsentFollower {
+    pub fn start(
+        url: String,
+        dir: &Path,
+        from_block: u64,
+        poll: Duration,
+        mut report: impl FnMut(ConsentEvent) + Send + 'static,
+    ) -> Result<ConsentFollower, AnchorError> {
+        let (book, seen) = load_book(dir)?;
+        let cursor = match std::fs::read_to_string(cursor_path(dir)) {
+            Ok(s) => s.trim().parse::<u64>().ok(),
+            Err(_) => None,
+        };
+        let next = cursor
+            .max(seen.last().map(|s| s.block))
+            .map_or(from_block, |b| b + 1);
+        report(ConsentEvent::InForce(book.in_force(crate::now_ms())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(FollowStatus::default());
+        let mut f = Follower {
+            url,
+            dir: dir.to_path_buf(),
+            book,
+            next,
+            status: status.clone(),
+            stop: stop.clone(),
+            poll,
+        };
+        let join = std::thread::Builder::new()
+            .name("consent".into())
+            .spawn(move || f.run(&mut report))
+            .map_err(io_err(dir))?;
+        Ok(ConsentFollower {
+            join: Some(join),
+            stop,
+            status,
+        })
+    }
+
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for ConsentFollower {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+struct Follower {
+    url: String,
+    dir: PathBuf,
+    book: ConsentBook,
+    next: u64,
+    status: Arc<FollowStatus>,
+    stop: Arc<AtomicBool>,
+    poll: Duration,
+}
+
+impl Follower {
+    fn run(&mut self, report: &mut dyn FnMut(ConsentEvent)) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("consent: cannot start: {e}");
+                return;
+            }
+        };
+        let mut client: Option<ChainClient> = None;
+        let mut backoff = self.poll;
+        while !self.stop.load(Ordering::Relaxed) {
+            let api = match &client {
+                Some(c) => c.clone(),
+                None => match rt.block_on(connect(&self.url)) {
+                    Ok(c) => {
+                        self.status.connected.store(true, Ordering::Relaxed);
+                        client = Some(c.clone());
+                        c
+                    }
+                    Err(e) => {
+                        self.fail(&mut backoff, e);
+                        continue;
+                    }
+                },
+            };
+            match rt.block_on(self.catch_up(&api, report)) {
+                Ok(()) => {
+                    backoff = self.poll;
+                    self.sleep(self.poll);
+                }
+                Err(e) => {
+                    client = None;
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.fail(&mut backoff, e);
+                }
+            }
+        }
+    }
+
+    fn sleep(&self, d: Duration) {
+        let end = std::time::Instant::now() + d;
+        while std::time::Instant::now() < end && !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50).min(d));
+        }
+    }
+
+    fn fail(&self, backoff: &mut Duration, why: String) {
+        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(url = %self.url, "consent: following the chain: {why}; retrying in {backoff:?}");
+        self.sleep(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+
+    /// Reads every finalized block from `next` to the finalized head.
+    async fn catch_up(
+        &mut self,
+        api: &ChainClient,
+        report: &mut dyn FnMut(ConsentEvent),
+    ) -> Result<(), String> {
+        let head = api
+            .at_current_block()
+            .await
+            .map_err(|e| format!("reading the finalized head: {e}"))?
+            .block_number();
+        while self.next <= head && !self.stop.load(Ordering::Relaxed) {
+            let n = self.next;
+            let found = records_in_block(api, n).await?;
+            if !found.is_empty() {
+                let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
+                let path = seen_log_path(&self.dir);
+                append_lines(&path, &found).map_err(|e| format!("{}: {e}", path.display()))?;
+                for seen in found {
+                    let record = crate::consent::unhex(&seen.payload)
+                        .and_then(|p| ConsentRecord::decode(&p))
+                        .and_then(Result::ok);
+                    let decision = self.book.apply(&seen, &registry);
+                    self.status.records.fetch_add(1, Ordering::Relaxed);
+                    match &decision {
+                        Decision::Refused { reason } => {
+                            self.status.refused.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(
+                                block = seen.block,
+                                extrinsic = seen.extrinsic,
+                                signer = %seen.signer,
+                                "consent record refused: {reason}"
+                            );
+                        }
+                        d => tracing::info!(block = seen.block, "consent record: {d:?}"),
+                    }
+                    report(ConsentEvent::Decided {
+                        seen,
+                        record,
+                        decision,
+                    });
+                }
+            }
+            let cursor = cursor_path(&self.dir);
+            std::fs::write(&cursor, format!("{n}\n"))
+                .map_err(|e| format!("{}: {e}", cursor.display()))?;
+            self.status.last_block.store(n, Ordering::Relaxed);
+            self.next = n + 1;
+        }
+        Ok(())
+    }
+}
+
+fn append_lines(path: &Path, seen: &[Seen]) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    for s in seen {
+        serde_json::to_writer(&mut buf, s).map_err(std::io::Error::other)?;
+        buf.push(b'\n');
+    }
+    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    f.write_all(&buf)?;
+    f.sync_data()
+}
+
+/// The consent records of finalized block `number`.
+pub async fn records_in_block(api: &ChainClient, number: u64) -> Result<Vec<Seen>, String> {
+    let at = api
+        .at_block(number)
+        .await
+        .map_err(|e| format!("block #{number}: {e}"))?;
+    let block_hash = format!("0x{}", hex(at.block_hash().as_ref()));
+    let extrinsics = at
+        .extrinsics()
+        .fetch()
+        .await
+        .map_err(|e| format!("extrinsics of block #{number}: {e}"))?;
+    let mut block_ms = 0;
+    let mut found = Vec::new();
+    for ext in extrinsics.iter() {
+        let Ok(ext) = ext else { continue };
+        let field = ext.iter_call_data_fields().next();
+        match (ext.pallet_name(), ext.call_name()) {
+            ("Timestamp", "set") => {
+                if let Some(Ok(ms)) = field.map(|f| f.decode_as::<u64>()) {
+                    block_ms = ms;
+                }
+            }
+            ("System", "remark" | "remark_with_event") => {
+                let Some(Ok(remark)) = field.map(|f| f.decode_as::<Vec<u8>>()) else {
+                    continue;
+                };
+                if !remark.starts_with(CONSENT_PREFIX) {
+                    continue;
+                }
+                // MultiAddress::Id: variant 0, then the 32-byte account.
+                let signer = match ext.address_bytes() {
+                    Some([0, rest @ ..]) if rest.len() == 32 => hex(rest),
+                    Some(other) => hex(other),
+                    None => String::new(),
+                };
+                let succeeded = ext
+                    .events()
+                    .await
+                    .map_err(|e| format!("events of block #{number}: {e}"))?
+                    .iter()
+                    .filter_map(Result::ok)
+                    .any(|e| e.pallet_name() == "System" && e.event_name() == "ExtrinsicSuccess");
+                if succeeded {
+                    found.push(Seen {
+                        block: number,
+                        block_hash: block_hash.clone(),
+                        extrinsic: ext.index() as u32,
+                        block_ms,
+                        signer,
+                        payload: hex(&remark),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(found)
+}
