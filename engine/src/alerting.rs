@@ -348,6 +348,7 @@ impl AlertWorker {
             let _ = self.ctx.out.send(AlertOut {
                 alert: a.clone(),
                 log: true,
+                to: None,
             });
         }
         std::mem::take(&mut self.emitted)
@@ -548,6 +549,9 @@ impl AlertWorker {
 pub struct AlertOut {
     pub alert: Alert,
     pub log: bool,
+    /// Only to this clinician, under a consent (the consent join's
+    /// deliveries outside the admitting unit).
+    pub to: Option<(String, wardflow_ingest::feeds::GrantRef)>,
 }
 
 /// Writes transitions to the feeds and the alert log, on its own thread:
@@ -577,8 +581,13 @@ pub fn spawn_alert_thread(
             let mut lines: Vec<(u64, usize)> = Vec::new();
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
-                while let Some(AlertOut { alert: a, log }) = next {
+                while let Some(AlertOut { alert: a, log, to }) = next {
                     let json = serde_json::to_vec(&a).unwrap_or_default();
+                    if let Some((clinician, grant)) = to {
+                        hub.publish_granted(&feed_item(&a, json), &clinician, grant);
+                        next = rx.try_recv().ok();
+                        continue;
+                    }
                     hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
                     if log {
                         metrics
@@ -658,5 +667,6 @@ fn feed_item(a: &Alert, json: Vec<u8>) -> FeedItem {
         seq: a.seq,
         at_ns: a.at_ns,
         json: json.into(),
+        grant: None,
     }
 }

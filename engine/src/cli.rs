@@ -81,6 +81,9 @@ pub enum Command {
     Verify(crate::verify::VerifyArgs),
     /// Every access to a patient's data, with its proof status
     Audit(crate::verify::AuditArgs),
+    /// Patients' consent on the chain: sign and submit grants, delegations, revocations; list them
+    #[command(subcommand)]
+    Consent(crate::consent::ConsentCommand),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -163,6 +166,9 @@ pub struct ServeArgs {
     /// Seconds an anchoring extrinsic may take to be finalized [ledger.finality_timeout_s, default 60]
     #[arg(long, value_name = "S")]
     pub chain_finality_timeout_s: Option<u64>,
+    /// First block read for consent records on a first start [ledger.consent_from_block, default 0]
+    #[arg(long, value_name = "N")]
+    pub consent_from_block: Option<u64>,
 }
 
 impl ServeArgs {
@@ -209,6 +215,7 @@ impl ServeArgs {
             c.ledger.account_file = self.ledger_account.clone();
         }
         set!(self.chain_finality_timeout_s, c.ledger.finality_timeout_s);
+        set!(self.consent_from_block, c.ledger.consent_from_block);
     }
 }
 
@@ -409,6 +416,9 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Audit(args) => {
             crate::verify::audit(&effective_config(&cli, &ServeArgs::default())?, args)
+        }
+        Command::Consent(cmd) => {
+            crate::consent::run(&effective_config(&cli, &ServeArgs::default())?, cmd)
         }
     }
 }

@@ -50,6 +50,10 @@ pub struct LedgerSection {
     pub account_file: Option<PathBuf>,
     /// How long one anchoring extrinsic may take to be finalized, s.
     pub finality_timeout_s: u64,
+    /// With a chain: the block from which consent records are read on the
+    /// first start (later starts resume where they stopped). On a public
+    /// chain, set it to the block at which the deployment began.
+    pub consent_from_block: u64,
 }
 
 impl Default for LedgerSection {
@@ -61,6 +65,7 @@ impl Default for LedgerSection {
             url: None,
             account_file: None,
             finality_timeout_s: 60,
+            consent_from_block: 0,
         }
     }
 }

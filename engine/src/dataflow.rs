@@ -52,6 +52,10 @@ use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 use crate::alerting::{AlertContext, AlertOut, AlertWorker};
+use differential_dataflow::AsCollection as _;
+use differential_dataflow::input::InputSession;
+use wardflow_ledger_bridge::consent::{Access, covers};
+use wardflow_ingest::feeds::GrantRef;
 use crate::ledger::LedgerMsg;
 use crate::metrics::{EngineMetrics, Progress};
 
@@ -94,6 +98,27 @@ pub struct DataflowContext {
     /// Where flushes send the audit-trail leaves of what they wrote; none
     /// when the ledger is off.
     pub ledger: Option<Sender<LedgerMsg>>,
+    /// Consents opening and closing (from the chain, and break-glass
+    /// access); worker 0 of process 0 takes them.
+    pub consents: Mutex<Option<crossbeam_channel::Receiver<ConsentChange>>>,
+}
+
+/// A change to the accesses in force.
+#[derive(Debug, Clone)]
+pub enum ConsentChange {
+    Open(Access),
+    Close(Access),
+}
+
+/// An alert transition leaving the Alert operator: to the other processes'
+/// feeds (in a cluster) and to the consent join.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Transition {
+    /// The process whose alert log has it.
+    pub origin: usize,
+    pub patient: Option<String>,
+    pub at_ns: i64,
+    pub json: String,
 }
 
 /// Runs one worker: recovery, the dataflow, and the input loop until the
@@ -151,6 +176,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     let mut input: InputHandle<u64, _> = InputHandle::new();
     let mut commands: InputHandle<u64, CapacityContainerBuilder<Vec<ClinicalCommand>>> =
         InputHandle::new();
+    let mut consents: InputSession<u64, (String, Access), isize> = InputSession::new();
     let stored = ProbeHandle::new();
     let persisted = ProbeHandle::new();
     // In a cluster, a worker may only leave once the alert relay between
@@ -196,9 +222,10 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
             .exchange(|c: &ClinicalCommand| c.route());
         // Transitions go to this process's feeds and alert log from the
         // operator itself; in a cluster they also travel to every other
-        // process, whose clinicians may follow the same units.
+        // process, whose clinicians may follow the same units. Those about
+        // a patient go on to the consent join too.
         let cluster = scope.peers() > ctx.workers_per_process;
-        let relayed = validated.clone().binary_frontier::<_, CapacityContainerBuilder<Vec<(usize, String)>>, _, _, _, _>(command_stream, Pipeline, Pipeline, "Alert", {
+        let relayed = validated.clone().binary_frontier::<_, CapacityContainerBuilder<Vec<Transition>>, _, _, _, _>(command_stream, Pipeline, Pipeline, "Alert", {
             let alerts = ctx.alerts.clone();
             let peers = scope.peers();
             let process = ctx.process;
@@ -225,14 +252,22 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                         }
                     }
                     let sent = worker.flush();
-                    if cluster
-                        && !sent.is_empty()
+                    if !sent.is_empty()
                         && let Some(c) = &cap
                     {
                         // As JSON: the alert's optional fields are skipped
                         // when empty, which only a self-describing format reads back.
                         output.session(c).give_iterator(
-                            sent.iter().filter_map(|a| serde_json::to_string(a).ok()).map(|j| (process, j)),
+                            sent.iter()
+                                .filter(|a| cluster || a.patient.is_some())
+                                .filter_map(|a| {
+                                    Some(Transition {
+                                        origin: process,
+                                        patient: a.patient.as_ref().map(|p| p.as_str().to_string()),
+                                        at_ns: a.at_ns,
+                                        json: serde_json::to_string(a).ok()?,
+                                    })
+                                }),
                         );
                     }
                     if frontier.is_empty() && cmd_frontier.is_empty() {
@@ -244,20 +279,22 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         if cluster {
             let relay = ctx.alerts.out.clone();
             let process = ctx.process;
-            relayed.broadcast().probe_with(&relay_done).sink(Pipeline, "AlertRelay", move |(input, _)| {
-                input.for_each(|_, data: &mut Vec<(usize, String)>| {
-                    for (origin, json) in data.drain(..) {
+            relayed.clone().broadcast().probe_with(&relay_done).sink(Pipeline, "AlertRelay", move |(input, _)| {
+                input.for_each(|_, data: &mut Vec<Transition>| {
+                    for t in data.drain(..) {
                         // One worker per process relays; the origin logged it.
                         if leader
-                            && origin != process
-                            && let Ok(alert) = serde_json::from_str::<Alert>(&json)
+                            && t.origin != process
+                            && let Ok(alert) = serde_json::from_str::<Alert>(&t.json)
                         {
-                            let _ = relay.send(AlertOut { alert, log: false });
+                            let _ = relay.send(AlertOut { alert, log: false, to: None });
                         }
                     }
                 });
             });
         }
+        consent_join(relayed, consents.to_collection(scope), ctx.alerts.out.clone(), leader)
+            .probe_with(&relay_done);
         let stored_stream = validated.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Store", {
             let metrics = ctx.metrics.clone();
             let progress = ctx.progress.clone();
@@ -429,6 +466,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         None
     };
     let mut observations = leader.then(|| ObservationTail::new(&ctx.root));
+    let consent_rx = if leader { ctx.consents.lock().take() } else { None };
+    let mut in_force: std::collections::HashSet<Access> = Default::default();
     let mut last_poll = std::time::Instant::now() - Duration::from_secs(1);
     let mut open = true;
     while open {
@@ -488,6 +527,12 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         if *commands.time() < *input.time() {
             commands.advance_to(*input.time());
         }
+        if *consents.time() < *input.time() {
+            consents.advance_to(*input.time());
+        }
+        if let Some(rx) = &consent_rx {
+            fed += feed_consents(rx, &mut in_force, &mut consents);
+        }
         if leader {
             publish_progress(ctx, &stored, &persisted);
         }
@@ -497,6 +542,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
             // next commit or idle tick (20 ms) before any rule sees it.
             input.flush();
             commands.flush();
+            consents.flush();
             worker.step();
         } else {
             worker.step_or_park(Some(Duration::from_millis(20)));
@@ -506,6 +552,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     // 5. The log is closed: finish, flushing everything.
     drop(input);
     drop(commands);
+    drop(consents);
     let cluster = ctx.workers_per_process < worker.peers();
     while !persisted.done() || (cluster && !relay_done.done()) {
         worker.step_or_park(Some(Duration::from_millis(5)));
@@ -513,6 +560,123 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     if leader {
         publish_progress(ctx, &stored, &persisted);
     }
+}
+
+/// Applies the consent changes that arrived, and ends the accesses whose
+/// time is up (at the input's epoch: wall-clock milliseconds). Returns how
+/// many changes it made.
+fn feed_consents(
+    rx: &crossbeam_channel::Receiver<ConsentChange>,
+    in_force: &mut std::collections::HashSet<Access>,
+    consents: &mut InputSession<u64, (String, Access), isize>,
+) -> usize {
+    let mut changed = 0;
+    while let Ok(c) = rx.try_recv() {
+        match c {
+            ConsentChange::Open(a) => {
+                if in_force.insert(a.clone()) {
+                    consents.insert((a.patient.clone(), a));
+                    changed += 1;
+                }
+            }
+            ConsentChange::Close(a) => {
+                if in_force.remove(&a) {
+                    consents.remove((a.patient.clone(), a));
+                    changed += 1;
+                }
+            }
+        }
+    }
+    let now = *consents.time();
+    in_force.retain(|a| {
+        let holds = a.not_after_ms > now;
+        if !holds {
+            consents.remove((a.patient.clone(), a.clone()));
+            changed += 1;
+        }
+        holds
+    });
+    changed
+}
+
+/// The consent join: each alert transition about a patient, joined with
+/// the accesses in force (a differential collection keyed by patient) *as
+/// of the transition's time*, goes to every grantee whose access covers
+/// alerts for treatment or an emergency and had not expired at the
+/// alert's time. A transition enters the join at its time and leaves it
+/// one tick later, so the join answers "what held then" and keeps nothing;
+/// the corrections a later consent change makes to past times are
+/// dropped: a revocation never reaches back, and a new grant does not
+/// replay old alerts. Deliveries go to the feeds of every process (the
+/// grantee may be connected to any).
+fn consent_join<'s>(
+    transitions: timely::dataflow::Stream<'s, u64, Vec<Transition>>,
+    consents: differential_dataflow::VecCollection<'s, u64, (String, Access), isize>,
+    out: crossbeam_channel::Sender<AlertOut>,
+    leader: bool,
+) -> timely::dataflow::Stream<'s, u64, Vec<(String, String, GrantRef)>> {
+    type Keyed = (String, (u64, i64, String));
+    let alerts = transitions
+        .unary::<CapacityContainerBuilder<Vec<(Keyed, u64, isize)>>, _, _, _>(Pipeline, "AlertsAsOf", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data: &mut Vec<Transition>| {
+                    let Some(&t) = cap.least() else {
+                        return;
+                    };
+                    let keyed: Vec<Keyed> = data
+                        .drain(..)
+                        .filter_map(|x| Some((x.patient?, (t, x.at_ns, x.json))))
+                        .collect();
+                    output
+                        .session(&cap)
+                        .give_iterator(keyed.iter().cloned().map(|k| (k, t, 1)));
+                    output
+                        .session(&cap.delayed(&(t + 1), 0))
+                        .give_iterator(keyed.into_iter().map(|k| (k, t + 1, -1)));
+                });
+            }
+        })
+        .as_collection();
+    let granted = alerts
+        .join_map(consents, |patient, (epoch, at_ns, json), access| {
+            (patient.clone(), *epoch, *at_ns, json.clone(), access.clone())
+        })
+        .inner
+        .unary::<CapacityContainerBuilder<Vec<(String, String, GrantRef)>>, _, _, _>(Pipeline, "Granted", |_, _| {
+            move |input, output| {
+                input.for_each(|cap, data: &mut Vec<_>| {
+                    let mut session = output.session(&cap);
+                    for ((_, epoch, at_ns, json, a), time, diff) in data.drain(..) {
+                        let at_ms = (at_ns / 1_000_000).max(0) as u64;
+                        let (a, json): (Access, String) = (a, json);
+                        if diff > 0
+                            && time == epoch
+                            && at_ms < a.not_after_ms
+                            && covers(&a.scope, "alerts")
+                            && (a.purpose == "treatment" || a.purpose == "emergency")
+                        {
+                            session.give((
+                                a.grantee,
+                                json,
+                                GrantRef {
+                                    purpose: a.purpose,
+                                    version: a.version,
+                                },
+                            ));
+                        }
+                    }
+                });
+            }
+        });
+    granted.broadcast().inspect(move |(clinician, json, grant)| {
+        if leader && let Ok(alert) = serde_json::from_str::<Alert>(json) {
+            let _ = out.send(AlertOut {
+                alert,
+                log: false,
+                to: Some((clinician.clone(), grant.clone())),
+            });
+        }
+    })
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10), for threads

@@ -25,6 +25,7 @@ mod api;
 pub mod cli;
 mod clinical_cli;
 pub mod config;
+mod consent;
 pub mod dataflow;
 mod demo;
 pub mod ledger;

@@ -45,6 +45,7 @@ pub struct Node {
     housekeeping: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     alert_thread: Option<JoinHandle<()>>,
     ledger: Option<crate::ledger::LedgerThread>,
+    consent: Option<wardflow_ledger_bridge::follow::ConsentFollower>,
 }
 
 struct NetThread {
@@ -159,6 +160,15 @@ impl Node {
             }));
         }
         let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
+        let (consent_tx, consent_rx) = crossbeam_channel::unbounded();
+        // Consent records on the chain: process 0 reads them for the cluster.
+        let consent = match (&ledger, &config.ledger.url) {
+            (Some(l), Some(url)) if config.dataflow.process == 0 => Some(
+                crate::consent::start_follower(config, url, consent_tx.clone(), l.event_sender())
+                    .context("following the chain for consent records")?,
+            ),
+            _ => None,
+        };
         let alert_thread = alerting::spawn_alert_thread(
             alert_rx,
             hub.clone(),
@@ -188,6 +198,7 @@ impl Node {
             alerts,
             commands: Mutex::new(Some(command_rx)),
             ledger: ledger.as_ref().map(|l| l.sender()),
+            consents: Mutex::new(Some(consent_rx)),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -285,6 +296,7 @@ impl Node {
             housekeeping: Some((stop, hk)),
             alert_thread: Some(alert_thread),
             ledger,
+            consent,
         })
     }
 
@@ -294,6 +306,9 @@ impl Node {
     }
 
     fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(c) = self.consent.take() {
+            c.stop();
+        }
         if let Some(mut net) = self.net.take() {
             if let Some(tx) = net.stop.take() {
                 let _ = tx.send(());

@@ -11,6 +11,12 @@
 //!   empty, or `{"seconds": 60}` for a silence): published by a clinician.
 //! - `wardflow/v1/patients/{patient}/observations`: a manual observation,
 //!   `{"consciousness": "A", "oxygen": "air", "spo2_scale": 1}`.
+//! - `wardflow/v1/patients/{patient}/alerts/{alert-id}`: the patient's alert
+//!   transitions, to a clinician outside the admitting unit who subscribed
+//!   (`wardflow/v1/patients/{patient}/alerts/#`), each only while a consent
+//!   of the patient's (or an emergency access) holding at the alert's time
+//!   names the clinician. The engine's dataflow decides who gets which
+//!   transition ([`AlertHub::publish_granted`]); subscribing grants nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -54,10 +60,27 @@ pub struct FeedItem {
     pub at_ns: i64,
     pub topic: String,
     pub json: Bytes,
+    /// Sent under a consent rather than to the admitting unit.
+    pub grant: Option<GrantRef>,
+}
+
+/// The consent a delivery outside the admitting unit was made under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantRef {
+    pub purpose: String,
+    /// `grant id@block`, or `emergency:<id>` for break-glass access.
+    pub version: String,
+}
+
+/// The topic a patient's alert goes to under a consent.
+pub fn patient_alert_topic(patient: &str, id: &str) -> String {
+    format!("{PATIENTS_PREFIX}{patient}/alerts/{id}")
 }
 
 struct Subscriber {
     units: Arc<Mutex<HashSet<String>>>,
+    /// Patients whose alerts it asked for under a consent.
+    patients: HashSet<String>,
     tx: tokio::sync::mpsc::Sender<Arc<FeedItem>>,
     /// Who follows: a clinician's id.
     who: String,
@@ -117,6 +140,7 @@ impl AlertHub {
             id,
             Subscriber {
                 units: units.clone(),
+                patients: HashSet::new(),
                 tx,
                 who: who.to_string(),
             },
@@ -156,6 +180,42 @@ impl AlertHub {
     pub fn unfollow(&self, subscription: u64, unit: &str) {
         if let Some(s) = self.subscribers.lock().get(&subscription) {
             s.units.lock().remove(unit);
+        }
+    }
+
+    /// Follows a patient's alerts that a consent lets this subscriber see.
+    pub fn follow_patient(&self, subscription: u64, patient: &str) {
+        if let Some(s) = self.subscribers.lock().get_mut(&subscription) {
+            s.patients.insert(patient.to_string());
+        }
+    }
+
+    pub fn unfollow_patient(&self, subscription: u64, patient: &str) {
+        if let Some(s) = self.subscribers.lock().get_mut(&subscription) {
+            s.patients.remove(patient);
+        }
+    }
+
+    /// Sends a transition to `clinician`'s subscriptions that follow its
+    /// patient, on the patient's topic, under `grant` (decided by the
+    /// caller: a consent in force at the alert's time).
+    pub fn publish_granted(&self, item: &FeedItem, clinician: &str, grant: GrantRef) {
+        let Some(patient) = &item.patient else {
+            return;
+        };
+        let item = Arc::new(FeedItem {
+            topic: patient_alert_topic(patient, &item.id),
+            grant: Some(grant),
+            ..item.clone()
+        });
+        let mut sent = false;
+        for s in self.subscribers.lock().values() {
+            if s.who == clinician && s.patients.contains(patient) && s.tx.try_send(item.clone()).is_ok() {
+                sent = true;
+            }
+        }
+        if sent {
+            self.delivered(&item, clinician);
         }
     }
 
@@ -321,6 +381,17 @@ pub fn parse_clinician_topic(topic: &str) -> Option<ClinicianTopic<'_>> {
     (!patient.contains('/')).then_some(ClinicianTopic::Observation { patient })
 }
 
+/// The patient a subscription filter follows under a consent:
+/// `wardflow/v1/patients/{patient}/alerts/#` (or `/+`).
+pub fn subscription_patient(filter: &str) -> Option<&str> {
+    let rest = filter.strip_prefix(PATIENTS_PREFIX)?;
+    let (patient, tail) = rest.split_once("/alerts/")?;
+    if patient.is_empty() || patient.contains(['+', '#', '/']) || tail.is_empty() {
+        return None;
+    }
+    Some(patient)
+}
+
 /// The unit a subscription filter follows, if it is one a clinician may
 /// use: `wardflow/v1/alerts/{unit}/#` (or `/+`, or one alert's topic).
 pub fn subscription_unit(filter: &str) -> Option<&str> {
@@ -347,6 +418,7 @@ mod tests {
             at_ns: at,
             topic: alert_topic(unit, id),
             json: Bytes::from_static(b"{}"),
+            grant: None,
         }
     }
 
@@ -365,6 +437,34 @@ mod tests {
         assert!(hub.get("a1").is_some(), "resolved alerts stay a while");
         drop(s);
         assert_eq!(hub.subscriber_count(), 0);
+    }
+
+    #[test]
+    fn granted_transitions_go_to_the_named_clinician_following_the_patient_only() {
+        let hub = AlertHub::new();
+        let mut follows = hub.subscribe(HashSet::new(), "dr-b");
+        let mut elsewhere = hub.subscribe(HashSet::new(), "dr-b");
+        let mut other = hub.subscribe(HashSet::new(), "dr-c");
+        hub.follow_patient(follows.id, "p-1");
+        hub.follow_patient(other.id, "p-1");
+        let mut a = item("a1", "icu-a", true, 1);
+        a.patient = Some("p-1".into());
+        let grant = GrantRef {
+            purpose: "treatment".into(),
+            version: "g1@7".into(),
+        };
+        hub.publish_granted(&a, "dr-b", grant.clone());
+        let got = follows.rx.try_recv().unwrap();
+        assert_eq!(got.topic, "wardflow/v1/patients/p-1/alerts/a1");
+        assert_eq!(got.grant.as_ref(), Some(&grant));
+        assert!(elsewhere.rx.try_recv().is_err(), "not following the patient");
+        assert!(other.rx.try_recv().is_err(), "another clinician");
+        // A unit subscriber of icu-a does not see it twice: granted
+        // transitions are not on the board.
+        assert!(hub.get("a1").is_none());
+        assert_eq!(subscription_patient("wardflow/v1/patients/p-1/alerts/#"), Some("p-1"));
+        assert_eq!(subscription_patient("wardflow/v1/patients/+/alerts/#"), None);
+        assert_eq!(subscription_patient("wardflow/v1/patients/p-1/notifications"), None);
     }
 
     #[test]

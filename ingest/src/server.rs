@@ -31,7 +31,8 @@
 //!   at full load.)
 //! - Clinicians connect to the same server with username = their id; see
 //!   [`crate::feeds`] for their topics. Subscriptions outside their units
-//!   are refused (v5 0x87, v3 0x80).
+//!   are refused (v5 0x87, v3 0x80), except a patient's alert topic, which
+//!   carries only what a consent of the patient lets the clinician see.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ use crate::budget::MemoryBudget;
 use crate::census::{CensusWatcher, Clinician};
 use crate::feeds::{
     AlertAction, AlertHub, ClinicalCommand, ClinicianTopic, CommandKind, Commands, Subscription,
-    parse_clinician_topic, subscription_unit,
+    parse_clinician_topic, subscription_patient, subscription_unit,
 };
 use crate::metrics::IngestMetrics;
 use crate::observations::{self, ObservationBody};
@@ -694,10 +695,14 @@ impl Peer {
         let Peer::Clinician(c) = self else {
             return None;
         };
-        let unit = subscription_unit(filter)?;
-        if !c.ctx.census.units_of(&c.id).iter().any(|u| u == unit) {
-            tracing::info!(clinician = %c.id, filter, "subscription refused: unit not covered");
-            return None;
+        let patient = subscription_patient(filter);
+        let unit = subscription_unit(filter);
+        if patient.is_none() {
+            let unit = unit?;
+            if !c.ctx.census.units_of(&c.id).iter().any(|u| u == unit) {
+                tracing::info!(clinician = %c.id, filter, "subscription refused: unit not covered");
+                return None;
+            }
         }
         let qos = if asked == QoS::AtMostOnce {
             QoS::AtMostOnce
@@ -707,13 +712,22 @@ impl Peer {
         if qos == QoS::AtLeastOnce {
             c.qos.set(QoS::AtLeastOnce);
         }
-        c.ctx.hub.follow(c.subscription, unit);
+        match (patient, unit) {
+            // An interest only: each of the patient's transitions goes out
+            // under a consent that holds at its time, or not at all.
+            (Some(p), _) => c.ctx.hub.follow_patient(c.subscription, p),
+            (None, Some(u)) => c.ctx.hub.follow(c.subscription, u),
+            (None, None) => {}
+        }
         Some(qos)
     }
 
     fn unfollow(&self, filter: &str) {
         if let (Peer::Clinician(c), Some(unit)) = (self, subscription_unit(filter)) {
             c.ctx.hub.unfollow(c.subscription, unit);
+        }
+        if let (Peer::Clinician(c), Some(patient)) = (self, subscription_patient(filter)) {
+            c.ctx.hub.unfollow_patient(c.subscription, patient);
         }
     }
 }

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use subxt::dynamic::{self, Value};
 use subxt::{OnlineClient, PolkadotConfig};
 use subxt_signer::SecretUri;
-use subxt_signer::sr25519::Keypair;
+pub use subxt_signer::sr25519::Keypair;
 
 use crate::anchor::{Anchor, AnchorError};
 
