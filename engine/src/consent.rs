@@ -93,7 +93,10 @@ pub fn start_follower(
                     actor: format!("account:{}", seen.signer),
                     action: action.into(),
                     purpose,
-                    detail: format!("block #{} extrinsic {}: {detail}", seen.block, seen.extrinsic),
+                    detail: format!(
+                        "block #{} extrinsic {}: {detail}",
+                        seen.block, seen.extrinsic
+                    ),
                 };
                 let _ = events.send(LedgerEvent::Access(access));
             }
@@ -137,7 +140,11 @@ pub enum ConsentCommand {
 
 #[derive(Args, Debug)]
 pub struct RegisterArgs {
-    #[arg(long, conflicts_with = "clinician", required_unless_present = "clinician")]
+    #[arg(
+        long,
+        conflicts_with = "clinician",
+        required_unless_present = "clinician"
+    )]
     pub patient: Option<String>,
     #[arg(long)]
     pub clinician: Option<String>,

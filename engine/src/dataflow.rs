@@ -52,12 +52,12 @@ use wardflow_storage::checkpoint::{load_states, read_checkpoint, recover, write_
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
 use crate::alerting::{AlertContext, AlertOut, AlertWorker};
-use differential_dataflow::AsCollection as _;
-use differential_dataflow::input::InputSession;
-use wardflow_ledger_bridge::consent::{Access, covers};
-use wardflow_ingest::feeds::GrantRef;
 use crate::ledger::LedgerMsg;
 use crate::metrics::{EngineMetrics, Progress};
+use differential_dataflow::AsCollection as _;
+use differential_dataflow::input::InputSession;
+use wardflow_ingest::feeds::GrantRef;
+use wardflow_ledger_bridge::consent::{Access, covers};
 
 /// One publish after validation: what Store writes and later stages
 /// (rules, research) will read. It goes to more than one operator on the
@@ -466,7 +466,11 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         None
     };
     let mut observations = leader.then(|| ObservationTail::new(&ctx.root));
-    let consent_rx = if leader { ctx.consents.lock().take() } else { None };
+    let consent_rx = if leader {
+        ctx.consents.lock().take()
+    } else {
+        None
+    };
     let mut in_force: std::collections::HashSet<Access> = Default::default();
     let mut last_poll = std::time::Instant::now() - Duration::from_secs(1);
     let mut open = true;
@@ -533,6 +537,8 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
         if let Some(rx) = &consent_rx {
             fed += feed_consents(rx, &mut in_force, &mut consents);
         }
+        // A differential input session moves its frontier only when flushed.
+        consents.flush();
         if leader {
             publish_progress(ctx, &stored, &persisted);
         }
@@ -542,7 +548,6 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
             // next commit or idle tick (20 ms) before any rule sees it.
             input.flush();
             commands.flush();
-            consents.flush();
             worker.step();
         } else {
             worker.step_or_park(Some(Duration::from_millis(20)));
@@ -617,66 +622,82 @@ fn consent_join<'s>(
 ) -> timely::dataflow::Stream<'s, u64, Vec<(String, String, GrantRef)>> {
     type Keyed = (String, (u64, i64, String));
     let alerts = transitions
-        .unary::<CapacityContainerBuilder<Vec<(Keyed, u64, isize)>>, _, _, _>(Pipeline, "AlertsAsOf", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data: &mut Vec<Transition>| {
-                    let Some(&t) = cap.least() else {
-                        return;
-                    };
-                    let keyed: Vec<Keyed> = data
-                        .drain(..)
-                        .filter_map(|x| Some((x.patient?, (t, x.at_ns, x.json))))
-                        .collect();
-                    output
-                        .session(&cap)
-                        .give_iterator(keyed.iter().cloned().map(|k| (k, t, 1)));
-                    output
-                        .session(&cap.delayed(&(t + 1), 0))
-                        .give_iterator(keyed.into_iter().map(|k| (k, t + 1, -1)));
-                });
-            }
-        })
+        .unary::<CapacityContainerBuilder<Vec<(Keyed, u64, isize)>>, _, _, _>(
+            Pipeline,
+            "AlertsAsOf",
+            |_, _| {
+                move |input, output| {
+                    input.for_each(|cap, data: &mut Vec<Transition>| {
+                        let Some(&t) = cap.least() else {
+                            return;
+                        };
+                        let keyed: Vec<Keyed> = data
+                            .drain(..)
+                            .filter_map(|x| Some((x.patient?, (t, x.at_ns, x.json))))
+                            .collect();
+                        output
+                            .session(&cap)
+                            .give_iterator(keyed.iter().cloned().map(|k| (k, t, 1)));
+                        output
+                            .session(&cap.delayed(&(t + 1), 0))
+                            .give_iterator(keyed.into_iter().map(|k| (k, t + 1, -1)));
+                    });
+                }
+            },
+        )
         .as_collection();
     let granted = alerts
         .join_map(consents, |patient, (epoch, at_ns, json), access| {
-            (patient.clone(), *epoch, *at_ns, json.clone(), access.clone())
+            (
+                patient.clone(),
+                *epoch,
+                *at_ns,
+                json.clone(),
+                access.clone(),
+            )
         })
         .inner
-        .unary::<CapacityContainerBuilder<Vec<(String, String, GrantRef)>>, _, _, _>(Pipeline, "Granted", |_, _| {
-            move |input, output| {
-                input.for_each(|cap, data: &mut Vec<_>| {
-                    let mut session = output.session(&cap);
-                    for ((_, epoch, at_ns, json, a), time, diff) in data.drain(..) {
-                        let at_ms = (at_ns / 1_000_000).max(0) as u64;
-                        let (a, json): (Access, String) = (a, json);
-                        if diff > 0
-                            && time == epoch
-                            && at_ms < a.not_after_ms
-                            && covers(&a.scope, "alerts")
-                            && (a.purpose == "treatment" || a.purpose == "emergency")
-                        {
-                            session.give((
-                                a.grantee,
-                                json,
-                                GrantRef {
-                                    purpose: a.purpose,
-                                    version: a.version,
-                                },
-                            ));
+        .unary::<CapacityContainerBuilder<Vec<(String, String, GrantRef)>>, _, _, _>(
+            Pipeline,
+            "Granted",
+            |_, _| {
+                move |input, output| {
+                    input.for_each(|cap, data: &mut Vec<_>| {
+                        let mut session = output.session(&cap);
+                        for ((_, epoch, at_ns, json, a), time, diff) in data.drain(..) {
+                            let at_ms = (at_ns / 1_000_000).max(0) as u64;
+                            let (a, json): (Access, String) = (a, json);
+                            if diff > 0
+                                && time == epoch
+                                && at_ms < a.not_after_ms
+                                && covers(&a.scope, "alerts")
+                                && (a.purpose == "treatment" || a.purpose == "emergency")
+                            {
+                                session.give((
+                                    a.grantee,
+                                    json,
+                                    GrantRef {
+                                        purpose: a.purpose,
+                                        version: a.version,
+                                    },
+                                ));
+                            }
                         }
-                    }
+                    });
+                }
+            },
+        );
+    granted
+        .broadcast()
+        .inspect(move |(clinician, json, grant)| {
+            if leader && let Ok(alert) = serde_json::from_str::<Alert>(json) {
+                let _ = out.send(AlertOut {
+                    alert,
+                    log: false,
+                    to: Some((clinician.clone(), grant.clone())),
                 });
             }
-        });
-    granted.broadcast().inspect(move |(clinician, json, grant)| {
-        if leader && let Ok(alert) = serde_json::from_str::<Alert>(json) {
-            let _ = out.send(AlertOut {
-                alert,
-                log: false,
-                to: Some((clinician.clone(), grant.clone())),
-            });
-        }
-    })
+        })
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10), for threads

@@ -147,13 +147,19 @@ impl Node {
         if let Some(events) = ledger.as_ref().map(|l| l.event_sender()) {
             hub.on_delivery(Arc::new(move |item, who| {
                 if let Some(patient) = &item.patient {
+                    // In the admitting unit, care is the purpose; outside it,
+                    // the consent it was sent under says which, and its version.
+                    let (purpose, under) = match &item.grant {
+                        Some(g) => (g.purpose.as_str(), format!(" under consent {}", g.version)),
+                        None => ("treatment", String::new()),
+                    };
                     let access = wardflow_ledger_bridge::events::AccessRequest::new(
                         wardflow_model::now_ns(),
                         patient,
                         &format!("clinician:{who}"),
                         "alert-delivery",
-                        "treatment",
-                        &format!("alert {} transition {}", item.id, item.seq),
+                        purpose,
+                        &format!("alert {} transition {}{under}", item.id, item.seq),
                     );
                     let _ = events.send(crate::ledger::LedgerEvent::Access(access));
                 }

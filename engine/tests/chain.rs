@@ -232,3 +232,315 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("NOT ON CHAIN"), "{text}");
 }
+
+/// A clinician's MQTT subscription that waits for one message (`-C 1`) for
+/// up to `seconds`; returns "topic payload" lines.
+fn subscribe(port: u16, who: &str, secret: &str, topic: &str, seconds: u32) -> Child {
+    let child = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-i", who, "-u", who, "-P", secret, "-q", "1", "-v"])
+        .args(["-t", topic, "-C", "1", "-W", &seconds.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+    // Connected and subscribed before anything is published.
+    std::thread::sleep(Duration::from_millis(700));
+    child
+}
+
+fn received(child: Child) -> String {
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// Publishes EtCO2 readings of patient p-7's monitor that clear the probe
+/// rule's condition and raise it again: a new alert transition.
+struct Monitor {
+    port: u16,
+    secret: String,
+    second: u64,
+}
+
+impl Monitor {
+    fn raise(&mut self) {
+        for v in [60, 120] {
+            self.second += 1;
+            let pack = format!(
+                r#"[{{"bn":"urn:dev:mon-7:","bt":{},"n":"etco2","u":"mm[Hg]","v":{v}}}]"#,
+                self.second
+            );
+            publish_pack(self.port, "mon-7", &self.secret, &pack);
+        }
+    }
+}
+
+#[test]
+fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chain = Chain::start(tmp.path());
+    let dir = tmp.path().join("data");
+    let keys = |name: &str, suri: &str| {
+        let p = tmp.path().join(format!("{name}.key"));
+        std::fs::write(&p, format!("{suri}\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    // Funded development accounts of the chain stand in for wallets.
+    let (node, patient, dr_bob, stranger) = (
+        keys("node", "//Alice"),
+        keys("patient", "//Bob"),
+        keys("bob", "//Charlie"),
+        keys("stranger", "//Eve"),
+    );
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("probe.toml"),
+        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
+    )
+    .unwrap();
+    wardflow_ok(
+        &dir,
+        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
+    );
+    let secret = add_device(&dir, "mon-7", "p-7");
+    let clinician = |id: &str, unit: &str| {
+        secret_in(&wardflow_ok(
+            &dir,
+            &["clinicians", "add", id, "--units", unit],
+        ))
+    };
+    let (ann, bob, cat) = (
+        clinician("ann", "icu-a"),
+        clinician("bob", "icu-b"),
+        clinician("cat", "icu-c"),
+    );
+    wardflow_ok(
+        &dir,
+        &["consent", "register", "--patient", "p-7", "--key", &patient],
+    );
+    wardflow_ok(
+        &dir,
+        &[
+            "consent",
+            "register",
+            "--clinician",
+            "bob",
+            "--key",
+            &dr_bob,
+        ],
+    );
+    let config = tmp.path().join("wardflow.toml");
+    // Few anchoring blocks: the chain's clock moves one slot per block.
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{node}\"\nanchor_interval_ms = 20000\nfinality_timeout_s = 20\n",
+            chain.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let server = Server::start(
+        &dir,
+        &["--config", &config, "--rules", rules.to_str().unwrap()],
+    );
+    let consent = |args: &[&str]| {
+        let mut all = vec!["--config", config.as_str(), "consent"];
+        all.extend_from_slice(args);
+        wardflow_ok(&dir, &all)
+    };
+    let listed = |grant: &str, state: &str| {
+        let found = wait_for(Duration::from_secs(30), || {
+            let list = consent(&["list", "--patient", "p-7"]);
+            list.lines()
+                .any(|l| l.starts_with(grant) && l.contains(state))
+                .then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "grant {grant} not {state}:\n{}\n{}",
+            consent(&["list"]),
+            server.log_text()
+        );
+    };
+    let logged = |what: &str| {
+        let found = wait_for(Duration::from_secs(30), || {
+            server.log_text().contains(what).then_some(())
+        });
+        assert!(found.is_some(), "not logged: {what}\n{}", server.log_text());
+    };
+    let grant_of = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("grant "))
+            .unwrap_or_else(|| panic!("no grant id in {out}"))
+            .to_string()
+    };
+    let mut monitor = Monitor {
+        port: server.mqtt_port,
+        secret,
+        second: wardflow_ledger_bridge::now_ms() / 1000,
+    };
+    let topic = "wardflow/v1/patients/p-7/alerts/#";
+    let unit_topic = "wardflow/v1/alerts/icu-a/#";
+
+    // Signed by someone other than the patient: on the chain, but ignored
+    // and logged.
+    consent(&[
+        "grant",
+        "--key",
+        &stranger,
+        "--patient",
+        "p-7",
+        "--to",
+        "bob",
+    ]);
+    logged("not the account registered for patient p-7");
+
+    // The patient's grant: bob, of another unit, gets p-7's alerts.
+    let g = grant_of(&consent(&[
+        "grant",
+        "--key",
+        &patient,
+        "--patient",
+        "p-7",
+        "--to",
+        "bob",
+        "--scope",
+        "alerts,vitals",
+        "--may-delegate",
+    ]));
+    listed(&g, "in force");
+    let sub = subscribe(server.mqtt_port, "bob", &bob, topic, 20);
+    monitor.raise();
+    let got = received(sub);
+    assert!(
+        got.starts_with("wardflow/v1/patients/p-7/alerts/") && got.contains("\"patient\":\"p-7\""),
+        "bob got no alert under the grant: {got:?}\n{}",
+        server.log_text()
+    );
+
+    // bob delegates to cat beyond his own grant: refused and logged.
+    consent(&[
+        "delegate",
+        "--key",
+        &dr_bob,
+        "--parent",
+        &g,
+        "--patient",
+        "p-7",
+        "--to",
+        "cat",
+        "--scope",
+        "all",
+    ]);
+    logged("delegation beyond the delegator's grant");
+    // Within it: cat too.
+    let d = grant_of(&consent(&[
+        "delegate",
+        "--key",
+        &dr_bob,
+        "--parent",
+        &g,
+        "--patient",
+        "p-7",
+        "--to",
+        "cat",
+        "--scope",
+        "alerts",
+        "--minutes",
+        "30",
+    ]));
+    listed(&d, "in force");
+
+    // The patient revokes: from the next finalized block, neither bob nor
+    // cat gets the next alert; ann, of the admitting unit, does.
+    consent(&[
+        "revoke",
+        "--key",
+        &patient,
+        "--patient",
+        "p-7",
+        "--grant",
+        &g,
+    ]);
+    listed(&g, "revoked at block");
+    let (b, c, a) = (
+        subscribe(server.mqtt_port, "bob", &bob, topic, 6),
+        subscribe(server.mqtt_port, "cat", &cat, topic, 6),
+        subscribe(server.mqtt_port, "ann", &ann, unit_topic, 20),
+    );
+    monitor.raise();
+    assert!(received(a).contains("\"patient\":\"p-7\""));
+    assert_eq!(
+        received(b),
+        "",
+        "bob still gets alerts after the revocation"
+    );
+    assert_eq!(received(c), "", "cat's delegation outlived its grant");
+
+    // A grant that expires: honoured until its end, not after.
+    let until_ms = wardflow_ledger_bridge::now_ms() + 25_000;
+    let until = jiff::Timestamp::from_millisecond(until_ms as i64)
+        .unwrap()
+        .to_string();
+    let e = grant_of(&consent(&[
+        "grant",
+        "--key",
+        &patient,
+        "--patient",
+        "p-7",
+        "--to",
+        "cat",
+        "--until",
+        &until,
+    ]));
+    listed(&e, "in force");
+    let sub = subscribe(server.mqtt_port, "cat", &cat, topic, 20);
+    monitor.raise();
+    assert!(received(sub).contains("\"patient\":\"p-7\""));
+    let wait = until_ms.saturating_sub(wardflow_ledger_bridge::now_ms()) + 500;
+    std::thread::sleep(Duration::from_millis(wait));
+    let (c, a) = (
+        subscribe(server.mqtt_port, "cat", &cat, topic, 6),
+        subscribe(server.mqtt_port, "ann", &ann, unit_topic, 20),
+    );
+    monitor.raise();
+    assert!(received(a).contains("\"patient\":\"p-7\""));
+    assert_eq!(received(c), "", "an expired grant was honoured");
+
+    // The audit trail: each delivery with the consent version it used,
+    // and each consent record with its decision.
+    let mut server = server;
+    server.stop();
+    let out = wardflow_ok(
+        &dir,
+        &[
+            "--config",
+            &config,
+            "audit",
+            "--patient",
+            "p-7",
+            "--format",
+            "json",
+        ],
+    );
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let has = |action: &str, detail: &str| {
+        rows.iter()
+            .any(|r| r["action"] == action && r["detail"].as_str().unwrap_or("").contains(detail))
+    };
+    assert!(
+        has("alert-delivery", &format!("under consent {g}@")),
+        "{rows:?}"
+    );
+    assert!(has("consent-grant", &g), "{rows:?}");
+    assert!(
+        has("consent-refused", "not the account registered"),
+        "{rows:?}"
+    );
+    assert!(
+        has("consent-refused", "beyond the delegator's grant"),
+        "{rows:?}"
+    );
+    assert!(has("consent-revoke", &g), "{rows:?}");
+}

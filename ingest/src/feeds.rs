@@ -210,7 +210,10 @@ impl AlertHub {
         });
         let mut sent = false;
         for s in self.subscribers.lock().values() {
-            if s.who == clinician && s.patients.contains(patient) && s.tx.try_send(item.clone()).is_ok() {
+            if s.who == clinician
+                && s.patients.contains(patient)
+                && s.tx.try_send(item.clone()).is_ok()
+            {
                 sent = true;
             }
         }
@@ -457,14 +460,26 @@ mod tests {
         let got = follows.rx.try_recv().unwrap();
         assert_eq!(got.topic, "wardflow/v1/patients/p-1/alerts/a1");
         assert_eq!(got.grant.as_ref(), Some(&grant));
-        assert!(elsewhere.rx.try_recv().is_err(), "not following the patient");
+        assert!(
+            elsewhere.rx.try_recv().is_err(),
+            "not following the patient"
+        );
         assert!(other.rx.try_recv().is_err(), "another clinician");
         // A unit subscriber of icu-a does not see it twice: granted
         // transitions are not on the board.
         assert!(hub.get("a1").is_none());
-        assert_eq!(subscription_patient("wardflow/v1/patients/p-1/alerts/#"), Some("p-1"));
-        assert_eq!(subscription_patient("wardflow/v1/patients/+/alerts/#"), None);
-        assert_eq!(subscription_patient("wardflow/v1/patients/p-1/notifications"), None);
+        assert_eq!(
+            subscription_patient("wardflow/v1/patients/p-1/alerts/#"),
+            Some("p-1")
+        );
+        assert_eq!(
+            subscription_patient("wardflow/v1/patients/+/alerts/#"),
+            None
+        );
+        assert_eq!(
+            subscription_patient("wardflow/v1/patients/p-1/notifications"),
+            None
+        );
     }
 
     #[test]

@@ -107,7 +107,9 @@ pub fn grant_id(signer: &[u8; 32], payload: &[u8]) -> String {
 pub fn check_terms(t: &Terms) -> Result<(), String> {
     let purpose_ok = t.purpose == "treatment"
         || t.purpose == "emergency"
-        || t.purpose.strip_prefix("research:").is_some_and(|s| !s.is_empty());
+        || t.purpose
+            .strip_prefix("research:")
+            .is_some_and(|s| !s.is_empty());
     if !purpose_ok {
         return Err(format!(
             "purpose {:?} is not treatment, emergency or research:<study>",
@@ -216,11 +218,15 @@ impl AccountRegistry {
     }
 
     pub fn patient(&self, id: &str) -> Option<&str> {
-        self.accounts.get(&format!("patient:{id}")).map(String::as_str)
+        self.accounts
+            .get(&format!("patient:{id}"))
+            .map(String::as_str)
     }
 
     pub fn clinician(&self, id: &str) -> Option<&str> {
-        self.accounts.get(&format!("clinician:{id}")).map(String::as_str)
+        self.accounts
+            .get(&format!("clinician:{id}"))
+            .map(String::as_str)
     }
 }
 
@@ -322,7 +328,9 @@ impl ConsentBook {
                     .grants
                     .get(&parent)
                     .ok_or_else(|| format!("delegation from unknown grant {parent}"))?;
-                let delegator = registry.clinician(&p.terms.grantee).unwrap_or(&p.terms.grantee);
+                let delegator = registry
+                    .clinician(&p.terms.grantee)
+                    .unwrap_or(&p.terms.grantee);
                 if delegator != signer_hex {
                     return Err(format!(
                         "delegation of grant {parent} signed by {signer_hex}, not by its grantee {}",
@@ -494,7 +502,10 @@ mod tests {
         let mut book = ConsentBook::default();
         let g = ConsentRecord::Grant(terms("dr-b", &["alerts"], 50_000, false));
         let why = refused(&mut book, 2, STRANGER, &g);
-        assert!(why.contains("not the account registered for patient p1"), "{why}");
+        assert!(
+            why.contains("not the account registered for patient p1"),
+            "{why}"
+        );
         assert!(book.in_force(3_000).is_empty());
         let id = open(&mut book, 3, PATIENT, &g);
         assert_eq!(book.in_force(4_000)[0].version, format!("{id}@3"));
@@ -504,7 +515,9 @@ mod tests {
         assert!(refused(&mut book, 5, PATIENT, &old).contains("expired"));
         // Bad terms.
         let mut bad = terms("dr-b", &["genome"], 90_000, false);
-        assert!(refused(&mut book, 6, PATIENT, &ConsentRecord::Grant(bad.clone())).contains("scope"));
+        assert!(
+            refused(&mut book, 6, PATIENT, &ConsentRecord::Grant(bad.clone())).contains("scope")
+        );
         bad.scope = vec!["all".into()];
         bad.purpose = "marketing".into();
         assert!(refused(&mut book, 7, PATIENT, &ConsentRecord::Grant(bad)).contains("purpose"));
@@ -525,9 +538,15 @@ mod tests {
         };
         // Wider scope, longer life, wrong signer: refused.
         let why = refused(&mut book, 3, DOCTOR, &delegate(&["all"], 80_000));
-        assert!(why.contains("beyond the delegator's grant") && why.contains("wider"), "{why}");
+        assert!(
+            why.contains("beyond the delegator's grant") && why.contains("wider"),
+            "{why}"
+        );
         assert!(refused(&mut book, 4, DOCTOR, &delegate(&["alerts"], 95_000)).contains("outlasts"));
-        assert!(refused(&mut book, 5, STRANGER, &delegate(&["alerts"], 80_000)).contains("not by its grantee"));
+        assert!(
+            refused(&mut book, 5, STRANGER, &delegate(&["alerts"], 80_000))
+                .contains("not by its grantee")
+        );
         let child = open(&mut book, 6, DOCTOR, &delegate(&["alerts"], 80_000));
         assert_eq!(book.in_force(7_000).len(), 2);
         // The delegate may not delegate further.

@@ -23,9 +23,7 @@ use std::time::Duration;
 
 use crate::anchor::{AnchorError, io_err};
 use crate::chain::{ChainClient, connect};
-use crate::consent::{
-    AccountRegistry, CONSENT_PREFIX, ConsentBook, ConsentRecord, Decision, Seen,
-};
+use crate::consent::{AccountRegistry, CONSENT_PREFIX, ConsentBook, ConsentRecord, Decision, Seen};
 use crate::hex;
 
 /// The consent records read from the chain, in the ledger directory.
