@@ -84,6 +84,9 @@ pub enum Command {
     /// Patients' consent on the chain: sign and submit grants, delegations, revocations; list them
     #[command(subcommand)]
     Consent(crate::consent::ConsentCommand),
+    /// Break-glass: time-limited access to a patient's data without consent, and its review
+    #[command(subcommand)]
+    Emergency(crate::emergency::EmergencyCommand),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -419,6 +422,9 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Consent(cmd) => {
             crate::consent::run(&effective_config(&cli, &ServeArgs::default())?, cmd)
+        }
+        Command::Emergency(cmd) => {
+            crate::emergency::run(&effective_config(&cli, &ServeArgs::default())?, cmd)
         }
     }
 }

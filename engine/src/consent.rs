@@ -131,6 +131,13 @@ pub enum ConsentCommand {
     Delegate(DelegateArgs),
     /// Sign and submit the revocation of a grant
     Revoke(RevokeArgs),
+    /// Print a patient's MQTT password (user name patient:<id>), signed with their key; good for five minutes
+    Token {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        patient: String,
+    },
     /// The grants the engine has read from the chain, with their state
     List {
         #[arg(long)]
@@ -265,6 +272,13 @@ pub fn run(config: &Config, cmd: &ConsentCommand) -> anyhow::Result<()> {
                 grant: a.grant.clone(),
             };
             submit(config, &a.chain, &record)
+        }
+        ConsentCommand::Token { key, patient } => {
+            println!(
+                "{}",
+                crate::emergency::login_password(&read_key(key)?, patient)
+            );
+            Ok(())
         }
         ConsentCommand::List { patient } => {
             let (book, _) = load_book(&dir)?;

@@ -28,6 +28,7 @@ pub mod config;
 mod consent;
 pub mod dataflow;
 mod demo;
+mod emergency;
 pub mod ledger;
 pub mod metrics;
 pub mod node;

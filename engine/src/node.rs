@@ -46,6 +46,7 @@ pub struct Node {
     alert_thread: Option<JoinHandle<()>>,
     ledger: Option<crate::ledger::LedgerThread>,
     consent: Option<wardflow_ledger_bridge::follow::ConsentFollower>,
+    emergency: Option<JoinHandle<()>>,
 }
 
 struct NetThread {
@@ -248,6 +249,12 @@ impl Node {
             hub: hub.clone(),
             commands: commands.clone(),
             data_dir: data_dir.clone(),
+            patient_auth: Some({
+                let ledger_dir = config.ledger_dir();
+                Arc::new(move |patient: &str, password: &[u8]| {
+                    crate::emergency::check_login(&ledger_dir, patient, password)
+                })
+            }),
         });
         let health = Arc::new(Health {
             metrics: metrics.clone(),
@@ -289,6 +296,17 @@ impl Node {
                     )
                 })?
         };
+        // Break-glass access (process 0 opens it for the cluster).
+        let emergency = if config.dataflow.process == 0 {
+            Some(crate::emergency::spawn_watcher(
+                config.ledger_dir(),
+                hub.clone(),
+                consent_tx,
+                stop.clone(),
+            )?)
+        } else {
+            None
+        };
         tracing::info!(%mqtt_addr, %http_addr, data_dir = %data_dir.display(), workers, checkpoint, "wardflow is serving");
         Ok(Node {
             metrics,
@@ -303,6 +321,7 @@ impl Node {
             alert_thread: Some(alert_thread),
             ledger,
             consent,
+            emergency,
         })
     }
 
@@ -343,6 +362,9 @@ impl Node {
         }
         if let Some((stop, join)) = self.housekeeping.take() {
             stop.store(true, Ordering::Relaxed);
+            let _ = join.join();
+        }
+        if let Some(join) = self.emergency.take() {
             let _ = join.join();
         }
         Ok(())

@@ -544,3 +544,230 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     );
     assert!(has("consent-revoke", &g), "{rows:?}");
 }
+
+#[test]
+fn break_glass_opens_at_once_is_on_chain_tells_the_patient_and_closes_by_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chain = Chain::start(tmp.path());
+    let dir = tmp.path().join("data");
+    let key = |name: &str, suri: &str| {
+        let p = tmp.path().join(format!("{name}.key"));
+        std::fs::write(&p, format!("{suri}\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (node, patient, stranger) = (
+        key("node", "//Alice"),
+        key("patient", "//Bob"),
+        key("eve", "//Eve"),
+    );
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("probe.toml"),
+        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
+    )
+    .unwrap();
+    wardflow_ok(
+        &dir,
+        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
+    );
+    let secret = add_device(&dir, "mon-7", "p-7");
+    let ann = secret_in(&wardflow_ok(
+        &dir,
+        &["clinicians", "add", "ann", "--units", "icu-a"],
+    ));
+    let dan = secret_in(&wardflow_ok(
+        &dir,
+        &["clinicians", "add", "dan", "--units", "ed"],
+    ));
+    wardflow_ok(
+        &dir,
+        &["consent", "register", "--patient", "p-7", "--key", &patient],
+    );
+    let config = tmp.path().join("wardflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{node}\"\nanchor_interval_ms = 20000\nfinality_timeout_s = 20\n",
+            chain.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let mut server = Server::start(
+        &dir,
+        &["--config", &config, "--rules", rules.to_str().unwrap()],
+    );
+    let mut monitor = Monitor {
+        port: server.mqtt_port,
+        secret,
+        second: wardflow_ledger_bridge::now_ms() / 1000,
+    };
+    let topic = "wardflow/v1/patients/p-7/alerts/#";
+    let token = |key: &str| {
+        wardflow_ok(
+            &dir,
+            &["consent", "token", "--key", key, "--patient", "p-7"],
+        )
+        .trim()
+        .to_string()
+    };
+    // Someone else's key does not sign the patient in.
+    let refused = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-i",
+            "p7-phone",
+            "-u",
+            "patient:p-7",
+            "-P",
+            &token(&stranger),
+        ])
+        .args([
+            "-t",
+            "wardflow/v1/patients/p-7/notifications",
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    // The patient's phone waits for two notifications: opened and ended.
+    let phone = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &server.mqtt_port.to_string()])
+        .args([
+            "-i",
+            "p7-phone",
+            "-u",
+            "patient:p-7",
+            "-P",
+            &token(&patient),
+            "-q",
+            "1",
+            "-v",
+        ])
+        .args([
+            "-t",
+            "wardflow/v1/patients/p-7/notifications",
+            "-C",
+            "2",
+            "-W",
+            "120",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without consent, dan of the emergency department gets nothing.
+    let sub = subscribe(server.mqtt_port, "dan", &dan, topic, 5);
+    monitor.raise();
+    assert_eq!(received(sub), "");
+
+    let out = wardflow_ok(
+        &dir,
+        &[
+            "--config",
+            &config,
+            "emergency",
+            "open",
+            "--patient",
+            "p-7",
+            "--clinician",
+            "dan",
+            "--reason",
+            "unconscious on arrival, no consent possible",
+            "--minutes",
+            "1",
+        ],
+    );
+    let id = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert!(out.contains("on the chain: block #"), "{out}");
+    let opened = std::time::Instant::now();
+    // At once: the next transition reaches dan.
+    std::thread::sleep(Duration::from_millis(600));
+    let sub = subscribe(server.mqtt_port, "dan", &dan, topic, 20);
+    monitor.raise();
+    let got = received(sub);
+    assert!(
+        got.contains("\"patient\":\"p-7\""),
+        "{got:?}\n{}",
+        server.log_text()
+    );
+    let list = wardflow_ok(&dir, &["--config", &config, "emergency", "list"]);
+    let row = list
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{list}"));
+    assert!(row.contains("\topen\tblock #"), "{list}");
+
+    // It closes by itself.
+    let left = Duration::from_secs(61).saturating_sub(opened.elapsed());
+    std::thread::sleep(left);
+    let (d, a) = (
+        subscribe(server.mqtt_port, "dan", &dan, topic, 6),
+        subscribe(
+            server.mqtt_port,
+            "ann",
+            &ann,
+            "wardflow/v1/alerts/icu-a/#",
+            20,
+        ),
+    );
+    monitor.raise();
+    assert!(received(a).contains("\"patient\":\"p-7\""));
+    assert_eq!(received(d), "", "the emergency access outlived its time");
+    let list = wardflow_ok(&dir, &["--config", &config, "emergency", "list"]);
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with(&id) && l.contains("\tclosed\t")),
+        "{list}"
+    );
+    let phone = String::from_utf8(phone.wait_with_output().unwrap().stdout).unwrap();
+    assert!(
+        phone.contains("\"kind\":\"emergency-access-opened\"")
+            && phone.contains("\"kind\":\"emergency-access-ended\"")
+            && phone.contains("unconscious on arrival"),
+        "{phone}"
+    );
+
+    // The audit trail has the opening, with its reason, and each delivery
+    // under it.
+    server.stop();
+    let out = wardflow_ok(
+        &dir,
+        &[
+            "--config",
+            &config,
+            "audit",
+            "--patient",
+            "p-7",
+            "--format",
+            "json",
+        ],
+    );
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        rows.iter().any(|r| r["action"] == "emergency-open"
+            && r["actor"] == "clinician:dan"
+            && r["detail"]
+                .as_str()
+                .unwrap()
+                .contains("unconscious on arrival")
+            && r["proof"].as_str().unwrap().starts_with("proven in batch")),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r["action"] == "alert-delivery"
+            && r["purpose"] == "emergency"
+            && r["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("under consent emergency:{id}"))),
+        "{rows:?}"
+    );
+}

@@ -72,6 +72,15 @@ pub struct GrantRef {
     pub version: String,
 }
 
+/// Where a patient is told of accesses made without their consent
+/// (break-glass), retained for [`NOTIFICATIONS_KEPT_NS`].
+pub fn notifications_topic(patient: &str) -> String {
+    format!("{PATIENTS_PREFIX}{patient}/notifications")
+}
+
+/// How long a notification waits for its patient to connect.
+pub const NOTIFICATIONS_KEPT_NS: i64 = 7 * 24 * 3_600_000_000_000;
+
 /// The topic a patient's alert goes to under a consent.
 pub fn patient_alert_topic(patient: &str, id: &str) -> String {
     format!("{PATIENTS_PREFIX}{patient}/alerts/{id}")
@@ -96,6 +105,8 @@ pub struct AlertHub {
     subscribers: Mutex<HashMap<u64, Subscriber>>,
     next: std::sync::atomic::AtomicU64,
     board: Mutex<HashMap<String, Arc<FeedItem>>>,
+    /// Recent notifications, by patient.
+    notifications: Mutex<HashMap<String, Vec<Arc<FeedItem>>>>,
     observer: Mutex<Option<DeliveryObserver>>,
 }
 
@@ -193,6 +204,51 @@ impl AlertHub {
     pub fn unfollow_patient(&self, subscription: u64, patient: &str) {
         if let Some(s) = self.subscribers.lock().get_mut(&subscription) {
             s.patients.remove(patient);
+        }
+    }
+
+    /// Follows a patient's own notifications (a patient's subscription):
+    /// queues the recent ones first.
+    pub fn follow_notifications(&self, subscription: u64, patient: &str) {
+        let mut subs = self.subscribers.lock();
+        let Some(s) = subs.get_mut(&subscription) else {
+            return;
+        };
+        if s.patients.insert(patient.to_string())
+            && let Some(kept) = self.notifications.lock().get(patient)
+        {
+            for n in kept {
+                let _ = s.tx.try_send(n.clone());
+            }
+        }
+    }
+
+    /// Tells a patient something (`json`, with `id`), now and to their
+    /// later connections.
+    pub fn notify(&self, patient: &str, id: &str, json: Vec<u8>, now_ns: i64) {
+        let item = Arc::new(FeedItem {
+            id: id.to_string(),
+            unit: String::new(),
+            subject: patient.to_string(),
+            patient: Some(patient.to_string()),
+            open: false,
+            seq: 0,
+            at_ns: now_ns,
+            topic: notifications_topic(patient),
+            json: json.into(),
+            grant: None,
+        });
+        {
+            let mut kept = self.notifications.lock();
+            let list = kept.entry(patient.to_string()).or_default();
+            list.retain(|n| now_ns - n.at_ns < NOTIFICATIONS_KEPT_NS && n.id != id);
+            list.push(item.clone());
+        }
+        let me = format!("patient:{patient}");
+        for s in self.subscribers.lock().values() {
+            if s.who == me && s.patients.contains(patient) {
+                let _ = s.tx.try_send(item.clone());
+            }
         }
     }
 

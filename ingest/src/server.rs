@@ -33,6 +33,10 @@
 //!   [`crate::feeds`] for their topics. Subscriptions outside their units
 //!   are refused (v5 0x87, v3 0x80), except a patient's alert topic, which
 //!   carries only what a consent of the patient lets the clinician see.
+//! - Patients connect with username `patient:{id}` and a password the
+//!   engine checks (a statement signed with the patient's chain key; see
+//!   the engine's consent module); they may subscribe to their own
+//!   `wardflow/v1/patients/{id}/notifications` only, and publish nothing.
 
 use std::rc::Rc;
 use std::sync::Arc;
@@ -48,7 +52,7 @@ use crate::budget::MemoryBudget;
 use crate::census::{CensusWatcher, Clinician};
 use crate::feeds::{
     AlertAction, AlertHub, ClinicalCommand, ClinicianTopic, CommandKind, Commands, Subscription,
-    parse_clinician_topic, subscription_patient, subscription_unit,
+    notifications_topic, parse_clinician_topic, subscription_patient, subscription_unit,
 };
 use crate::metrics::IngestMetrics;
 use crate::observations::{self, ObservationBody};
@@ -141,7 +145,16 @@ pub struct IngestContext {
     pub commands: Commands,
     /// Where manual observations are appended.
     pub data_dir: std::path::PathBuf,
+    /// Checks a patient's sign-in (patient id, password); none: patients
+    /// cannot connect.
+    pub patient_auth: Option<PatientAuth>,
 }
+
+/// Decides a patient's sign-in: (patient id, password) to accepted.
+pub type PatientAuth = Arc<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+
+/// A patient's MQTT user name: `patient:{id}`.
+pub const PATIENT_USER_PREFIX: &str = "patient:";
 
 /// The live connection of each device, so a newer one can take over.
 #[derive(Default)]
@@ -301,6 +314,34 @@ async fn admit(
         && ctx.census.is_clinician(user)
     {
         return admit_clinician(ctx, user, password).await;
+    }
+    if let Some(patient) = username.and_then(|u| u.strip_prefix(PATIENT_USER_PREFIX))
+        && let Some(auth) = ctx.patient_auth.clone()
+    {
+        let (p, secret) = (patient.to_string(), password.unwrap_or_default());
+        let ok = ntex::rt::spawn_blocking(move || auth(&p, &secret))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            result("bad_credentials");
+            tracing::info!(patient, "connection refused: patient sign-in not valid");
+            return Admission::BadCredentials;
+        }
+        result("patient");
+        ctx.metrics.clinician_connections.inc();
+        let who = format!("{PATIENT_USER_PREFIX}{patient}");
+        let sub = ctx.hub.subscribe(Default::default(), &who);
+        tracing::info!(patient, "patient connected");
+        return Admission::Clinician(
+            ClinicianSession {
+                id: who,
+                ctx: ctx.clone(),
+                subscription: sub.id,
+                qos: Rc::new(std::cell::Cell::new(QoS::AtMostOnce)),
+                close: Arc::new(tokio::sync::Notify::new()),
+            },
+            sub,
+        );
     }
     let Ok(device) = DeviceId::new(client_id) else {
         result("bad_client_id");
@@ -695,6 +736,26 @@ impl Peer {
         let Peer::Clinician(c) = self else {
             return None;
         };
+        // A patient follows their own notifications, nothing else.
+        if let Some(me) = c.id.strip_prefix(PATIENT_USER_PREFIX) {
+            if filter != notifications_topic(me) {
+                tracing::info!(
+                    patient = me,
+                    filter,
+                    "subscription refused: not the patient's notifications"
+                );
+                return None;
+            }
+            if asked != QoS::AtMostOnce {
+                c.qos.set(QoS::AtLeastOnce);
+            }
+            c.ctx.hub.follow_notifications(c.subscription, me);
+            return Some(if asked == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            });
+        }
         let patient = subscription_patient(filter);
         let unit = subscription_unit(filter);
         if patient.is_none() {
@@ -867,6 +928,15 @@ impl<S: std::ops::Deref<Target = Peer>> PublishService<S> {
     async fn accept(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), Refusal> {
         match &*self.session {
             Peer::Device(d) => accept_publish(&self.ctx, d, topic, qos, payload).await,
+            Peer::Clinician(c) if c.id.starts_with(PATIENT_USER_PREFIX) => {
+                tracing::info!(who = %c.id, topic, "publish refused: patients publish nothing here");
+                self.ctx
+                    .metrics
+                    .publishes_refused
+                    .get_or_create(&[("reason", "topic")])
+                    .inc();
+                Err(Refusal::Topic)
+            }
             Peer::Clinician(c) => clinician_publish(&self.ctx, c, topic, payload).await,
         }
     }

@@ -53,9 +53,7 @@ pub enum AnchorError {
 
 /// Every whole line of a JSON-lines file, parsed; a missing file is empty
 /// and a torn last line (no line break: a crash mid-append) is skipped.
-pub(crate) fn read_json_lines<T: serde::de::DeserializeOwned>(
-    path: &Path,
-) -> Result<Vec<T>, AnchorError> {
+pub fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>, AnchorError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
