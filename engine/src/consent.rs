@@ -25,7 +25,7 @@ use wardflow_ledger_bridge::consent::{
     AccountRegistry, ConsentRecord, Decision, Terms, check_terms, grant_id,
 };
 use wardflow_ledger_bridge::events::AccessRequest;
-use wardflow_ledger_bridge::follow::{ConsentEvent, ConsentFollower, load_book};
+use wardflow_ledger_bridge::follow::{ConsentEvent, ConsentFollower, Decided, load_book};
 use wardflow_ledger_bridge::hex;
 
 use crate::config::Config;
@@ -51,11 +51,12 @@ pub fn start_follower(
                     let _ = changes.send(ConsentChange::Open(a));
                 }
             }
-            ConsentEvent::Decided {
-                seen,
-                record,
-                decision,
-            } => {
+            ConsentEvent::Decided(d) => {
+                let Decided {
+                    seen,
+                    record,
+                    decision,
+                } = *d;
                 let (action, purpose, detail) = match (&decision, &record) {
                     (Decision::Opened { access, .. }, Some(ConsentRecord::Delegate { .. })) => {
                         ("consent-delegate", access.purpose.clone(), describe(access))

@@ -41,11 +41,16 @@ pub enum ConsentEvent {
     /// At start, once: the accesses in force, from the records read before.
     InForce(Vec<crate::consent::Access>),
     /// A record just read from a finalized block, and what it did.
-    Decided {
-        seen: Seen,
-        record: Option<ConsentRecord>,
-        decision: Decision,
-    },
+    Decided(Box<Decided>),
+}
+
+/// A record read from a finalized block, and what it did.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub seen: Seen,
+    /// None if it does not decode.
+    pub record: Option<ConsentRecord>,
+    pub decision: Decision,
 }
 
 /// What the follower shows (read by the engine's metrics).
@@ -233,11 +238,11 @@ impl Follower {
                         }
                         d => tracing::info!(block = seen.block, "consent record: {d:?}"),
                     }
-                    report(ConsentEvent::Decided {
+                    report(ConsentEvent::Decided(Box::new(Decided {
                         seen,
                         record,
                         decision,
-                    });
+                    })));
                 }
             }
             let cursor = cursor_path(&self.dir);
