@@ -177,6 +177,34 @@ fn a_crash_loses_no_leaf_and_seals_none_twice() {
     let args = ["--anchor-interval", "60000", "--flush-interval-ms", "100"];
     let mut server = Server::start(&dir, &args);
     simulate(&dir, &server, 2);
+    // An access recorded by the engine (an event, not a stored row) and
+    // not sealed when the engine dies: re-added after the restart.
+    let patient = "sim-patient-0001";
+    wardflow_ok(
+        &dir,
+        &[
+            "query",
+            "--patient",
+            patient,
+            "--as",
+            "clinician:ann",
+            "--purpose",
+            "treatment",
+        ],
+    );
+    // (The helpers' own reads are accesses too: only ann's is looked at.)
+    let audit = || -> Vec<serde_json::Value> {
+        let out = wardflow_ok(&dir, &["audit", "--patient", patient, "--format", "json"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        rows.into_iter()
+            .filter(|r| r["actor"] == "clinician:ann")
+            .collect()
+    };
+    let recorded = wait_for(std::time::Duration::from_secs(30), || {
+        let rows = audit();
+        (rows.len() == 1 && rows[0]["proof"] == "recorded, not sealed yet").then_some(())
+    });
+    assert!(recorded.is_some(), "{:?}", audit());
     std::thread::sleep(std::time::Duration::from_millis(500));
     server.kill9();
     server.restart();
@@ -197,6 +225,16 @@ fn a_crash_loses_no_leaf_and_seals_none_twice() {
         !out.contains("not sealed") && !out.contains("predate"),
         "every stored row is sealed:\n{out}"
     );
+    // The access was sealed once (before the reads below add their own).
+    let rows = audit();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0]["proof"]
+            .as_str()
+            .unwrap()
+            .starts_with("proven in batch"),
+        "{rows:?}"
+    );
     // Every stored row is in exactly one batch.
     let sealed: u64 = std::fs::read_to_string(dir.join("ledger").join("anchors-p0.jsonl"))
         .unwrap()
@@ -212,7 +250,17 @@ fn a_crash_loses_no_leaf_and_seals_none_twice() {
         .sum::<u64>()
         + dead_letters(&dir).len() as u64;
     assert!(stored >= 2 * 3 * 50, "both runs were stored: {stored}");
-    assert_eq!(sealed, stored);
+    // The rows and the one access.
+    assert_eq!(sealed, stored + 1);
+    let rows = audit();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0]["proof"]
+            .as_str()
+            .unwrap()
+            .starts_with("proven in batch"),
+        "{rows:?}"
+    );
 }
 
 #[test]
