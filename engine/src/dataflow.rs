@@ -9,6 +9,13 @@
 //!                                                it is complete process)
 //! ```
 //!
+//! Beside Store, the Alert operator evaluates rules per patient
+//! ([`crate::alerting`]); its transitions about a patient meet the
+//! accesses in force (consents read from the chain, break-glass access:
+//! a differential collection fed by worker 0 of process 0) in the consent
+//! join, which decides who outside the admitting unit receives each one
+//! ([`consent_join`]).
+//!
 //! Time is the write-ahead log's commit epoch (ms). The Store operator holds
 //! a capability for every interval it has not yet flushed, so the frontier
 //! after it is the *stored* frontier: every publish logged before it is in

@@ -39,6 +39,10 @@ pub struct EngineMetrics {
     pub ledger_chain_errors: Gauge,
     pub ledger_chain_last_block: Gauge,
     pub ledger_chain_connected: Gauge,
+    pub consent_last_block: Gauge,
+    pub consent_records: Gauge,
+    pub consent_refused: Gauge,
+    pub consent_errors: Gauge,
 }
 
 impl Default for EngineMetrics {
@@ -73,6 +77,10 @@ impl Default for EngineMetrics {
             ledger_chain_errors: Gauge::default(),
             ledger_chain_last_block: Gauge::default(),
             ledger_chain_connected: Gauge::default(),
+            consent_last_block: Gauge::default(),
+            consent_records: Gauge::default(),
+            consent_refused: Gauge::default(),
+            consent_errors: Gauge::default(),
         }
     }
 }
@@ -159,6 +167,26 @@ impl EngineMetrics {
                 "ledger_chain_connected",
                 "1 while the anchorer holds a connection to the chain",
                 &self.ledger_chain_connected,
+            ),
+            (
+                "consent_last_block",
+                "The last finalized block read for consent records",
+                &self.consent_last_block,
+            ),
+            (
+                "consent_records",
+                "Consent records read from the chain since start",
+                &self.consent_records,
+            ),
+            (
+                "consent_refused",
+                "Consent records refused since start (see the log for why)",
+                &self.consent_refused,
+            ),
+            (
+                "consent_errors",
+                "Failed reads of the chain for consent records since start (retried)",
+                &self.consent_errors,
             ),
         ] {
             r.register(name, help, g.clone());

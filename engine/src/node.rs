@@ -263,6 +263,7 @@ impl Node {
             budget: budget.clone(),
             rules: rules.clone(),
             chain: ledger.as_ref().and_then(|l| l.chain_status()),
+            consent: consent.as_ref().map(|c| c.status.clone()),
         });
         let api = Arc::new(crate::api::Api {
             census: census.clone(),
@@ -385,6 +386,7 @@ struct Health {
     budget: Arc<MemoryBudget>,
     rules: Arc<RuleBook>,
     chain: Option<Arc<wardflow_ledger_bridge::chain::ChainStatus>>,
+    consent: Option<Arc<wardflow_ledger_bridge::follow::FollowStatus>>,
 }
 
 /// Updates the gauges that are sampled rather than counted.
@@ -410,8 +412,14 @@ impl Health {
             .set(self.rules.snapshot().0.rules.len() as i64);
         e.rules_reload_failures
             .set(self.rules.reload_failures.load(Ordering::Relaxed) as i64);
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
+        if let Some(c) = &self.consent {
+            e.consent_last_block.set(get(&c.last_block));
+            e.consent_records.set(get(&c.records));
+            e.consent_refused.set(get(&c.refused));
+            e.consent_errors.set(get(&c.errors));
+        }
         if let Some(c) = &self.chain {
-            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as i64;
             e.ledger_chain_pending_batches.set(get(&c.pending_batches));
             e.ledger_chain_anchored_batches
                 .set(get(&c.anchored_batches));

@@ -508,6 +508,19 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     assert!(received(a).contains("\"patient\":\"p-7\""));
     assert_eq!(received(c), "", "an expired grant was honoured");
 
+    // Both refusals are counted.
+    let metrics = server.metrics();
+    assert_eq!(
+        metric(&metrics, "wardflow_consent_refused"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wardflow_consent_records"),
+        Some(6.0),
+        "{metrics}"
+    );
+
     // The audit trail: each delivery with the consent version it used,
     // and each consent record with its decision.
     let mut server = server;
