@@ -16,7 +16,13 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// One chain at a time: chopsticks and an engine under load take both
+/// cores, and two such pairs starve each other's finality past the tests'
+/// waits.
+static ONE_CHAIN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Chain {
+    _turn: std::sync::MutexGuard<'static, ()>,
     child: Child,
     port: u16,
     log: PathBuf,
@@ -24,6 +30,7 @@ struct Chain {
 
 impl Chain {
     fn start(tmp: &Path) -> Chain {
+        let turn = ONE_CHAIN.lock().unwrap_or_else(|e| e.into_inner());
         let dir = repo_root().join("tests").join("chain");
         let prepared = Command::new("bash")
             .arg(dir.join("start-chain.sh"))
@@ -62,7 +69,12 @@ impl Chain {
             "chopsticks did not start:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        Chain { child, port, log }
+        Chain {
+            _turn: turn,
+            child,
+            port,
+            log,
+        }
     }
 
     fn url(&self) -> String {
@@ -274,49 +286,98 @@ impl Monitor {
     }
 }
 
+/// p-7's audit trail, as JSON rows.
+fn audit_rows(dir: &Path, config: &str) -> Vec<Value> {
+    let out = wardflow_ok(
+        dir,
+        &[
+            "--config",
+            config,
+            "audit",
+            "--patient",
+            "p-7",
+            "--format",
+            "json",
+        ],
+    );
+    serde_json::from_str(&out).unwrap()
+}
+
+/// A key file holding `suri`.
+fn key_file(tmp: &Path, name: &str, suri: &str) -> String {
+    let p = tmp.join(format!("{name}.key"));
+    std::fs::write(&p, format!("{suri}\n")).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+/// p-7 in icu-a with monitor mon-7 and the EtCO2 probe rule; the patient's
+/// account (`//Bob`, a funded development account standing in for a
+/// wallet) registered; a configuration anchoring on `chain` as `//Alice`.
+struct Ward {
+    dir: PathBuf,
+    config: String,
+    rules: String,
+    secret: String,
+    patient_key: String,
+}
+
+fn consent_ward(tmp: &Path, chain: &Chain) -> Ward {
+    let dir = tmp.join("data");
+    let rules = etco2_probe_rules(tmp);
+    let secret = admit_p7(&dir);
+    let (node, patient_key) = (
+        key_file(tmp, "node", "//Alice"),
+        key_file(tmp, "patient", "//Bob"),
+    );
+    wardflow_ok(
+        &dir,
+        &[
+            "consent",
+            "register",
+            "--patient",
+            "p-7",
+            "--key",
+            &patient_key,
+        ],
+    );
+    let config = tmp.join("wardflow.toml");
+    // Few anchoring blocks: the chain's clock moves one slot per block.
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{node}\"\nanchor_interval_ms = 20000\nfinality_timeout_s = 20\n",
+            chain.url()
+        ),
+    )
+    .unwrap();
+    Ward {
+        dir,
+        config: config.to_str().unwrap().to_string(),
+        rules: rules.to_str().unwrap().to_string(),
+        secret,
+        patient_key,
+    }
+}
+
 #[test]
 fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     let tmp = tempfile::tempdir().unwrap();
     let chain = Chain::start(tmp.path());
-    let dir = tmp.path().join("data");
-    let keys = |name: &str, suri: &str| {
-        let p = tmp.path().join(format!("{name}.key"));
-        std::fs::write(&p, format!("{suri}\n")).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    // Funded development accounts of the chain stand in for wallets.
-    let (node, patient, dr_bob, stranger) = (
-        keys("node", "//Alice"),
-        keys("patient", "//Bob"),
-        keys("bob", "//Charlie"),
-        keys("stranger", "//Eve"),
+    let Ward {
+        dir,
+        config,
+        rules,
+        secret,
+        patient_key: patient,
+    } = consent_ward(tmp.path(), &chain);
+    let (dr_bob, stranger) = (
+        key_file(tmp.path(), "bob", "//Charlie"),
+        key_file(tmp.path(), "stranger", "//Eve"),
     );
-    let rules = tmp.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("probe.toml"),
-        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
-    )
-    .unwrap();
-    wardflow_ok(
-        &dir,
-        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
-    );
-    let secret = add_device(&dir, "mon-7", "p-7");
-    let clinician = |id: &str, unit: &str| {
-        secret_in(&wardflow_ok(
-            &dir,
-            &["clinicians", "add", id, "--units", unit],
-        ))
-    };
     let (ann, bob, cat) = (
-        clinician("ann", "icu-a"),
-        clinician("bob", "icu-b"),
-        clinician("cat", "icu-c"),
-    );
-    wardflow_ok(
-        &dir,
-        &["consent", "register", "--patient", "p-7", "--key", &patient],
+        add_clinician(&dir, "ann", "icu-a"),
+        add_clinician(&dir, "bob", "icu-b"),
+        add_clinician(&dir, "cat", "icu-c"),
     );
     wardflow_ok(
         &dir,
@@ -329,21 +390,7 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
             &dr_bob,
         ],
     );
-    let config = tmp.path().join("wardflow.toml");
-    // Few anchoring blocks: the chain's clock moves one slot per block.
-    std::fs::write(
-        &config,
-        format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{node}\"\nanchor_interval_ms = 20000\nfinality_timeout_s = 20\n",
-            chain.url()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
-    let server = Server::start(
-        &dir,
-        &["--config", &config, "--rules", rules.to_str().unwrap()],
-    );
+    let server = Server::start(&dir, &["--config", &config, "--rules", &rules]);
     let consent = |args: &[&str]| {
         let mut all = vec!["--config", config.as_str(), "consent"];
         all.extend_from_slice(args);
@@ -525,19 +572,7 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     // and each consent record with its decision.
     let mut server = server;
     server.stop();
-    let out = wardflow_ok(
-        &dir,
-        &[
-            "--config",
-            &config,
-            "audit",
-            "--patient",
-            "p-7",
-            "--format",
-            "json",
-        ],
-    );
-    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let rows = audit_rows(&dir, &config);
     let has = |action: &str, detail: &str| {
         rows.iter()
             .any(|r| r["action"] == action && r["detail"].as_str().unwrap_or("").contains(detail))
@@ -562,55 +597,17 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
 fn break_glass_opens_at_once_is_on_chain_tells_the_patient_and_closes_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
     let chain = Chain::start(tmp.path());
-    let dir = tmp.path().join("data");
-    let key = |name: &str, suri: &str| {
-        let p = tmp.path().join(format!("{name}.key"));
-        std::fs::write(&p, format!("{suri}\n")).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    let (node, patient, stranger) = (
-        key("node", "//Alice"),
-        key("patient", "//Bob"),
-        key("eve", "//Eve"),
-    );
-    let rules = tmp.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("probe.toml"),
-        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
-    )
-    .unwrap();
-    wardflow_ok(
-        &dir,
-        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
-    );
-    let secret = add_device(&dir, "mon-7", "p-7");
-    let ann = secret_in(&wardflow_ok(
-        &dir,
-        &["clinicians", "add", "ann", "--units", "icu-a"],
-    ));
-    let dan = secret_in(&wardflow_ok(
-        &dir,
-        &["clinicians", "add", "dan", "--units", "ed"],
-    ));
-    wardflow_ok(
-        &dir,
-        &["consent", "register", "--patient", "p-7", "--key", &patient],
-    );
-    let config = tmp.path().join("wardflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{node}\"\nanchor_interval_ms = 20000\nfinality_timeout_s = 20\n",
-            chain.url()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
-    let mut server = Server::start(
-        &dir,
-        &["--config", &config, "--rules", rules.to_str().unwrap()],
-    );
+    let Ward {
+        dir,
+        config,
+        rules,
+        secret,
+        patient_key: patient,
+    } = consent_ward(tmp.path(), &chain);
+    let stranger = key_file(tmp.path(), "eve", "//Eve");
+    let ann = add_clinician(&dir, "ann", "icu-a");
+    let dan = add_clinician(&dir, "dan", "ed");
+    let mut server = Server::start(&dir, &["--config", &config, "--rules", &rules]);
     let mut monitor = Monitor {
         port: server.mqtt_port,
         secret,
@@ -751,19 +748,7 @@ fn break_glass_opens_at_once_is_on_chain_tells_the_patient_and_closes_by_itself(
     // The audit trail has the opening, with its reason, and each delivery
     // under it.
     server.stop();
-    let out = wardflow_ok(
-        &dir,
-        &[
-            "--config",
-            &config,
-            "audit",
-            "--patient",
-            "p-7",
-            "--format",
-            "json",
-        ],
-    );
-    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let rows = audit_rows(&dir, &config);
     assert!(
         rows.iter().any(|r| r["action"] == "emergency-open"
             && r["actor"] == "clinician:dan"

@@ -252,15 +252,6 @@ fn a_crash_loses_no_leaf_and_seals_none_twice() {
     assert!(stored >= 2 * 3 * 50, "both runs were stored: {stored}");
     // The rows and the one access.
     assert_eq!(sealed, stored + 1);
-    let rows = audit();
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert!(
-        rows[0]["proof"]
-            .as_str()
-            .unwrap()
-            .starts_with("proven in batch"),
-        "{rows:?}"
-    );
 }
 
 #[test]
@@ -399,18 +390,8 @@ fn reads_of_a_patient_are_audited_with_their_proofs() {
 fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("data");
-    let rules = tmp.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("probe.toml"),
-        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
-    )
-    .unwrap();
-    wardflow_ok(
-        &dir,
-        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
-    );
-    let secret = add_device(&dir, "mon-7", "p-7");
+    let rules = etco2_probe_rules(tmp.path());
+    let secret = admit_p7(&dir);
     let ann = secret_in(&wardflow_ok(
         &dir,
         &["clinicians", "add", "ann", "--units", "icu-a"],

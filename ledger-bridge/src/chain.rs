@@ -458,6 +458,13 @@ pub type ChainClient = OnlineClient<PolkadotConfig>;
 /// default picks the newer `chainHead`/`transactionWatch` methods when a
 /// node lists them, and not every node that lists them serves them all.
 pub async fn connect(url: &str) -> Result<ChainClient, String> {
+    connect_with_rpc(url).await.map(|(c, _)| c)
+}
+
+/// Like [`connect`], also returning the raw RPC client under it (for
+/// requests subxt's typed client makes expensive, such as reading a block
+/// without executing the runtime).
+pub async fn connect_with_rpc(url: &str) -> Result<(ChainClient, subxt::rpcs::RpcClient), String> {
     use subxt::backend::LegacyBackend;
     use subxt::rpcs::RpcClient;
     let connecting = async {
@@ -467,9 +474,10 @@ pub async fn connect(url: &str) -> Result<ChainClient, String> {
             RpcClient::from_insecure_url(url).await
         }
         .map_err(|e| e.to_string())?;
-        let backend = LegacyBackend::<PolkadotConfig>::builder().build(rpc);
+        let backend = LegacyBackend::<PolkadotConfig>::builder().build(rpc.clone());
         ChainClient::from_backend(Arc::new(backend))
             .await
+            .map(|c| (c, rpc))
             .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(10), connecting).await {

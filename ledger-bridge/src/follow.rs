@@ -22,9 +22,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::anchor::{AnchorError, io_err};
-use crate::chain::{ChainClient, connect};
+use crate::chain::{ChainClient, connect_with_rpc};
 use crate::consent::{AccountRegistry, CONSENT_PREFIX, ConsentBook, ConsentRecord, Decision, Seen};
 use crate::hex;
+use subxt::rpcs::{RpcClient, rpc_params};
 
 /// The consent records read from the chain, in the ledger directory.
 pub fn seen_log_path(dir: &Path) -> PathBuf {
@@ -157,12 +158,12 @@ impl Follower {
                 return;
             }
         };
-        let mut client: Option<ChainClient> = None;
+        let mut client: Option<(ChainClient, RpcClient)> = None;
         let mut backoff = self.poll;
         while !self.stop.load(Ordering::Relaxed) {
             let api = match &client {
                 Some(c) => c.clone(),
-                None => match rt.block_on(connect(&self.url)) {
+                None => match rt.block_on(connect_with_rpc(&self.url)) {
                     Ok(c) => {
                         self.status.connected.store(true, Ordering::Relaxed);
                         client = Some(c.clone());
@@ -174,7 +175,7 @@ impl Follower {
                     }
                 },
             };
-            match rt.block_on(self.catch_up(&api, report)) {
+            match rt.block_on(self.catch_up(&api.0, &api.1, report)) {
                 Ok(()) => {
                     backoff = self.poll;
                     self.sleep(self.poll);
@@ -203,19 +204,38 @@ impl Follower {
     }
 
     /// Reads every finalized block from `next` to the finalized head.
+    ///
+    /// A block is read raw first (`chain_getBlock`) and decoded with the
+    /// runtime's metadata only when one of its extrinsics holds the record
+    /// prefix: decoding needs the runtime version at that block, which a
+    /// node computes by executing the runtime, and most blocks hold no
+    /// consent record.
     async fn catch_up(
         &mut self,
         api: &ChainClient,
+        rpc: &RpcClient,
         report: &mut dyn FnMut(ConsentEvent),
     ) -> Result<(), String> {
-        let head = api
-            .at_current_block()
-            .await
-            .map_err(|e| format!("reading the finalized head: {e}"))?
-            .block_number();
+        let head = finalized_number(rpc).await?;
+        let marker = hex(CONSENT_PREFIX);
         while self.next <= head && !self.stop.load(Ordering::Relaxed) {
             let n = self.next;
-            let found = records_in_block(api, n).await?;
+            let block: serde_json::Value = async {
+                let hash: Option<String> =
+                    rpc.request("chain_getBlockHash", rpc_params![n]).await?;
+                rpc.request("chain_getBlock", rpc_params![hash]).await
+            }
+            .await
+            .map_err(|e| format!("block #{n}: {e}"))?;
+            let candidate = block["block"]["extrinsics"].as_array().is_some_and(|xs| {
+                xs.iter()
+                    .any(|x| x.as_str().is_some_and(|x| x.contains(&marker)))
+            });
+            let found = if candidate {
+                records_in_block(api, n).await?
+            } else {
+                Vec::new()
+            };
             if !found.is_empty() {
                 let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
                 let path = seen_log_path(&self.dir);
@@ -264,6 +284,22 @@ fn append_lines(path: &Path, seen: &[Seen]) -> std::io::Result<()> {
     let mut f = OpenOptions::new().create(true).append(true).open(path)?;
     f.write_all(&buf)?;
     f.sync_data()
+}
+
+/// The number of the chain's finalized head.
+async fn finalized_number(rpc: &RpcClient) -> Result<u64, String> {
+    let read = async {
+        let hash: String = rpc.request("chain_getFinalizedHead", rpc_params![]).await?;
+        rpc.request::<serde_json::Value>("chain_getHeader", rpc_params![hash])
+            .await
+    };
+    let header = read
+        .await
+        .map_err(|e| format!("reading the finalized head: {e}"))?;
+    header["number"]
+        .as_str()
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .ok_or_else(|| format!("a header without a number: {header}"))
 }
 
 /// The consent records of finalized block `number`.

@@ -337,3 +337,34 @@ pub fn mosquitto_pub(port: u16, args: &[&str]) -> Output {
         .output()
         .expect("mosquitto_pub (apt-get install mosquitto-clients)")
 }
+
+/// A rules directory holding one probe rule, EtCO2 above 100 mmHg (high
+/// priority, exit below 90), which nothing else in a test raises.
+pub fn etco2_probe_rules(tmp: &Path) -> PathBuf {
+    let rules = tmp.join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("probe.toml"),
+        "[[rule]]\nid = \"etco2-high\"\ndescription = \"EtCO2 above 100\"\npriority = \"high\"\nwhen = { metric = \"etco2\", above = 100, exit = 90 }\n",
+    )
+    .unwrap();
+    rules
+}
+
+/// Admits patient p-7 to icu-a bed b1 with monitor mon-7; returns the
+/// monitor's secret.
+pub fn admit_p7(dir: &Path) -> String {
+    wardflow_ok(
+        dir,
+        &["patients", "admit", "p-7", "--unit", "icu-a", "--bed", "b1"],
+    );
+    add_device(dir, "mon-7", "p-7")
+}
+
+/// Adds a clinician covering `unit`; returns the secret.
+pub fn add_clinician(dir: &Path, id: &str, unit: &str) -> String {
+    secret_in(&wardflow_ok(
+        dir,
+        &["clinicians", "add", id, "--units", unit],
+    ))
+}
