@@ -7,6 +7,10 @@
 //! - `GET /v1/alerts/stream?unit=U`: Server-Sent Events, one `alert` event
 //!   per transition (the open alerts first), a comment every 15 s to keep
 //!   proxies from closing the stream.
+//! - `GET /v1/alerts/stream?patient=P`: the same for one patient outside
+//!   the clinician's units: each transition only while a consent of the
+//!   patient's (or an emergency access) names the clinician at its time, as
+//!   on MQTT's `wardflow/v1/patients/{patient}/alerts/#`.
 //! - `POST /v1/alerts/{id}/ack`, `POST /v1/alerts/{id}/silence?seconds=60`:
 //!   200 with the alert's new state; 404 unknown alert; 403 not the
 //!   clinician's unit; 409 already acknowledged or resolved.
@@ -91,6 +95,9 @@ async fn clinician(api: &Api, req: &HttpRequest) -> Result<Clinician, HttpRespon
 #[derive(Deserialize)]
 struct UnitQuery {
     unit: Option<String>,
+    /// For a stream: one patient's alerts under a consent.
+    #[serde(default)]
+    patient: Option<String>,
 }
 
 /// The units a request covers: the one asked for (if the request's
@@ -183,7 +190,18 @@ async fn stream(
     req: HttpRequest,
     q: web::types::Query<UnitQuery>,
 ) -> HttpResponse {
-    let (who, units) = match clinician_units(&api, &req, q.into_inner().unit).await {
+    let q = q.into_inner();
+    if let Some(patient) = q.patient {
+        let c = match clinician(&api, &req).await {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        // An interest only: the consent join decides what reaches it.
+        let sub = api.hub.subscribe(HashSet::new(), &c.id);
+        api.hub.follow_patient(sub.id, &patient);
+        return event_stream(VecDeque::new(), sub);
+    }
+    let (who, units) = match clinician_units(&api, &req, q.unit).await {
         Ok(u) => u,
         Err(r) => return r,
     };
@@ -198,6 +216,10 @@ async fn stream(
     for item in &first {
         api.hub.delivered(item, &who);
     }
+    event_stream(first, sub)
+}
+
+fn event_stream(first: VecDeque<Arc<FeedItem>>, sub: Subscription) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .header("cache-control", "no-cache")

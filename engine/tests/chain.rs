@@ -261,6 +261,38 @@ fn subscribe(port: u16, who: &str, secret: &str, topic: &str, seconds: u32) -> C
     child
 }
 
+/// Reads a Server-Sent Events stream on a thread for up to `seconds`, or
+/// until an `alert` event arrives; returns what it read (headers too).
+fn sse(port: u16, path: &str, bearer: &str, seconds: u64) -> std::thread::JoinHandle<String> {
+    use std::io::{Read as _, Write as _};
+    let (path, bearer) = (path.to_string(), bearer.to_string());
+    let reader = std::thread::spawn(move || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {bearer}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(seconds);
+        let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+        while std::time::Instant::now() < end {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            if String::from_utf8_lossy(&got).contains("event: alert") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    reader
+}
+
 fn received(child: Child) -> String {
     String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
 }
@@ -465,6 +497,20 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
         "bob got no alert under the grant: {got:?}\n{}",
         server.log_text()
     );
+    // And over HTTP, as Server-Sent Events.
+    let bob_token = format!("bob:{bob}");
+    let stream = sse(
+        server.http_port,
+        "/v1/alerts/stream?patient=p-7",
+        &bob_token,
+        20,
+    );
+    monitor.raise();
+    let got = stream.join().unwrap();
+    assert!(
+        got.contains("event: alert") && got.contains("\"patient\":\"p-7\""),
+        "{got}"
+    );
 
     // bob delegates to cat beyond his own grant: refused and logged.
     consent(&[
@@ -511,6 +557,12 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
         &g,
     ]);
     listed(&g, "revoked at block");
+    let bob_stream = sse(
+        server.http_port,
+        "/v1/alerts/stream?patient=p-7",
+        &bob_token,
+        6,
+    );
     let (b, c, a) = (
         subscribe(server.mqtt_port, "bob", &bob, topic, 6),
         subscribe(server.mqtt_port, "cat", &cat, topic, 6),
@@ -518,6 +570,11 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     );
     monitor.raise();
     assert!(received(a).contains("\"patient\":\"p-7\""));
+    let got = bob_stream.join().unwrap();
+    assert!(
+        got.starts_with("HTTP/1.1 200") && !got.contains("event: alert"),
+        "{got}"
+    );
     assert_eq!(
         received(b),
         "",
