@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use crossbeam_channel::Sender;
-use wardflow_ledger_bridge::chain::{connect, load_signer, submit_remarks};
+use wardflow_ledger_bridge::chain::{load_signer, submit_remark_blocking};
 use wardflow_ledger_bridge::consent::{
     AccountRegistry, ConsentRecord, Decision, Terms, check_terms, grant_id,
 };
@@ -347,19 +347,13 @@ fn submit(config: &Config, chain: &ChainArgs, record: &ConsentRecord) -> anyhow:
     let key = read_key(&chain.key)?;
     let payload = record.payload();
     let id = grant_id(&key.public_key().0, &payload);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (block_hash, block, extrinsic) = rt.block_on(async {
-        let api = connect(&url).await.map_err(anyhow::Error::msg)?;
-        tokio::time::timeout(
-            Duration::from_secs(config.ledger.finality_timeout_s.max(1)),
-            submit_remarks(&api, &key, vec![payload]),
-        )
-        .await
-        .context("the chain did not finalize the record in time")?
-        .map_err(anyhow::Error::msg)
-    })?;
+    let (block_hash, block, extrinsic) = submit_remark_blocking(
+        &url,
+        &key,
+        payload,
+        Duration::from_secs(config.ledger.finality_timeout_s.max(1)),
+    )
+    .map_err(anyhow::Error::msg)?;
     match record {
         ConsentRecord::Revoke { grant, .. } => println!("revocation of {grant}"),
         _ => println!("grant {id}"),

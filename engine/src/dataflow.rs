@@ -478,7 +478,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
     } else {
         None
     };
-    let mut in_force: std::collections::HashSet<Access> = Default::default();
+    let mut in_force = InForce::new();
     let mut last_poll = std::time::Instant::now() - Duration::from_secs(1);
     let mut open = true;
     while open {
@@ -579,37 +579,39 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
 /// many changes it made.
 fn feed_consents(
     rx: &crossbeam_channel::Receiver<ConsentChange>,
-    in_force: &mut std::collections::HashSet<Access>,
+    in_force: &mut InForce,
     consents: &mut InputSession<u64, (String, Access), isize>,
 ) -> usize {
     let mut changed = 0;
     while let Ok(c) = rx.try_recv() {
         match c {
             ConsentChange::Open(a) => {
-                if in_force.insert(a.clone()) {
+                if in_force.insert((a.not_after_ms, a.clone())) {
                     consents.insert((a.patient.clone(), a));
                     changed += 1;
                 }
             }
             ConsentChange::Close(a) => {
-                if in_force.remove(&a) {
+                if in_force.remove(&(a.not_after_ms, a.clone())) {
                     consents.remove((a.patient.clone(), a));
                     changed += 1;
                 }
             }
         }
     }
+    // Ordered by end: only the accesses that ended are looked at.
     let now = *consents.time();
-    in_force.retain(|a| {
-        let holds = a.not_after_ms > now;
-        if !holds {
-            consents.remove((a.patient.clone(), a.clone()));
+    while in_force.first().is_some_and(|(end, _)| *end <= now) {
+        if let Some((_, a)) = in_force.pop_first() {
+            consents.remove((a.patient.clone(), a));
             changed += 1;
         }
-        holds
-    });
+    }
     changed
 }
+
+/// The accesses in force, by when they end.
+type InForce = std::collections::BTreeSet<(u64, Access)>;
 
 /// The consent join: each alert transition about a patient, joined with
 /// the accesses in force (a differential collection keyed by patient) *as

@@ -31,12 +31,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::Subcommand;
 use crossbeam_channel::Sender;
 use serde::{Deserialize, Serialize};
 use wardflow_ingest::feeds::AlertHub;
-use wardflow_ledger_bridge::chain::{Keypair, connect, load_signer, submit_remarks};
+use wardflow_ledger_bridge::anchor::JsonLinesTail;
+use wardflow_ledger_bridge::chain::{Keypair, load_signer, submit_remark_blocking};
 use wardflow_ledger_bridge::consent::{Access, AccountRegistry, unhex};
 use wardflow_ledger_bridge::events::AccessRequest;
 use wardflow_ledger_bridge::{hex, now_ms};
@@ -93,20 +94,10 @@ fn receipts_path(dir: &Path) -> PathBuf {
 }
 
 fn append_line(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    if let Some(d) = path.parent() {
-        std::fs::create_dir_all(d)?;
-    }
-    let mut line = serde_json::to_vec(value)?;
-    line.push(b'\n');
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| path.display().to_string())?;
-    f.write_all(&line)?;
-    f.sync_data()?;
-    Ok(())
+    Ok(wardflow_ledger_bridge::anchor::append_json_lines(
+        path,
+        std::slice::from_ref(value),
+    )?)
 }
 
 fn read_all(dir: &Path) -> anyhow::Result<Vec<Emergency>> {
@@ -254,23 +245,12 @@ fn anchor(config: &Config, url: &str, e: &Emergency) -> anyhow::Result<Emergency
     let signer = load_signer(&config.ledger_suri()?).map_err(anyhow::Error::msg)?;
     let mut payload = EMERGENCY_PREFIX.to_vec();
     payload.extend_from_slice(&serde_json::to_vec(e)?);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let timeout = Duration::from_secs(config.ledger.finality_timeout_s.max(1));
     // The running engine signs with the same account: a clash of nonces
     // fails one of the two, and it is sent again.
     let mut last = String::new();
     for _ in 0..3 {
-        let sent = rt.block_on(async {
-            let api = connect(url).await?;
-            tokio::time::timeout(
-                Duration::from_secs(config.ledger.finality_timeout_s.max(1)),
-                submit_remarks(&api, &signer, vec![payload.clone()]),
-            )
-            .await
-            .map_err(|_| "not finalized in time".to_string())?
-        });
-        match sent {
+        match submit_remark_blocking(url, &signer, payload.clone(), timeout) {
             Ok((block_hash, block_number, extrinsic_index)) => {
                 return Ok(EmergencyReceipt {
                     id: e.id.clone(),
@@ -297,30 +277,21 @@ pub fn spawn_watcher(
     std::thread::Builder::new()
         .name("emergency".into())
         .spawn(move || {
-            let mut known: HashMap<String, Emergency> = HashMap::new();
+            let mut tail = JsonLinesTail::new(emergencies_path(&dir));
             let mut open: Vec<Emergency> = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let now = now_ms();
-                match read_all(&dir) {
-                    Ok(all) => {
-                        for e in all {
-                            if known.contains_key(&e.id) {
-                                continue;
-                            }
-                            known.insert(e.id.clone(), e.clone());
-                            if e.not_after_ms <= now {
-                                continue;
-                            }
-                            tracing::warn!(
-                                emergency = %e.id, patient = %e.patient, clinician = %e.clinician,
-                                reason = %e.reason, "emergency access open"
-                            );
-                            let _ = changes.send(ConsentChange::Open(e.access()));
-                            notify(&hub, &e, "emergency-access-opened", &e.id);
-                            open.push(e);
-                        }
+                for e in tail.poll::<Emergency>() {
+                    if e.not_after_ms <= now {
+                        continue;
                     }
-                    Err(e) => tracing::warn!("reading emergencies: {e:#}"),
+                    tracing::warn!(
+                        emergency = %e.id, patient = %e.patient, clinician = %e.clinician,
+                        reason = %e.reason, "emergency access open"
+                    );
+                    let _ = changes.send(ConsentChange::Open(e.access()));
+                    notify(&hub, &e, "emergency-access-opened", &e.id);
+                    open.push(e);
                 }
                 open.retain(|e| {
                     if e.not_after_ms > now {

@@ -544,6 +544,12 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
         "30",
     ]));
     listed(&d, "in force");
+    let sub = subscribe(server.mqtt_port, "cat", &cat, topic, 20);
+    monitor.raise();
+    assert!(
+        received(sub).contains("\"patient\":\"p-7\""),
+        "cat got no alert under the delegation"
+    );
 
     // The patient revokes: from the next finalized block, neither bob nor
     // cat gets the next alert; ann, of the admitting unit, does.

@@ -73,6 +73,77 @@ pub fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Ve
         .collect()
 }
 
+/// Appends `values` to a JSON-lines file as whole lines, in one write, and
+/// fsyncs it (creating the file and its directory if needed).
+pub fn append_json_lines<T: serde::Serialize>(
+    path: &Path,
+    values: &[T],
+) -> Result<(), AnchorError> {
+    use std::io::Write as _;
+    let mut buf = Vec::new();
+    for v in values {
+        serde_json::to_writer(&mut buf, v).map_err(|e| io_err(path)(e.into()))?;
+        buf.push(b'\n');
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.write_all(&buf).map_err(io_err(path))?;
+    f.sync_data().map_err(io_err(path))
+}
+
+/// Follows a JSON-lines file another process appends to: each
+/// [`JsonLinesTail::poll`] returns the whole lines added since the last
+/// (a line still being written waits for the next call; a line that does
+/// not parse is skipped with a warning).
+pub struct JsonLinesTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl JsonLinesTail {
+    pub fn new(path: PathBuf) -> Self {
+        Self { path, offset: 0 }
+    }
+
+    pub fn poll<T: serde::de::DeserializeOwned>(&mut self) -> Vec<T> {
+        use std::io::{Read as _, Seek as _};
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map_or(0, |m| m.len());
+        if len < self.offset {
+            // Replaced by a shorter file: read it again from the start.
+            self.offset = 0;
+        }
+        if len == self.offset || f.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return Vec::new();
+        }
+        let mut buf = Vec::new();
+        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        self.offset += complete as u64;
+        buf[..complete]
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| match serde_json::from_slice(l) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), "a line that does not parse is skipped: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AnchorError + '_ {
     move |source| AnchorError::Io {
         path: path.to_path_buf(),

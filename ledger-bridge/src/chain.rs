@@ -30,8 +30,6 @@
 //! node's account.
 
 use std::collections::VecDeque;
-use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 use std::sync::Arc;
@@ -93,14 +91,6 @@ pub fn receipt_log_path(dir: &Path, process: u32) -> PathBuf {
 /// Reads a receipt log; a torn last line is skipped.
 pub fn read_receipts(path: &Path) -> Result<Vec<Receipt>, AnchorError> {
     crate::anchor::read_json_lines(path)
-}
-
-fn append_receipt(path: &Path, r: &Receipt) -> std::io::Result<()> {
-    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    f.write_all(&line)?;
-    f.sync_data()
 }
 
 /// The node's chain account: a secret URI (`//Alice` for a development
@@ -327,7 +317,10 @@ impl Worker {
                         extrinsic_index,
                         account: hex(&self.config.signer.public_key().0),
                     };
-                    if let Err(e) = append_receipt(&self.receipts, &receipt) {
+                    if let Err(e) = crate::anchor::append_json_lines(
+                        &self.receipts,
+                        std::slice::from_ref(&receipt),
+                    ) {
                         // Anchored, but not recorded: it is sent again.
                         self.fail(&mut backoff, format!("{}: {e}", self.receipts.display()));
                         continue;
@@ -448,6 +441,27 @@ pub async fn submit_remarks(
     ))
 }
 
+/// For a command-line tool: connects to `url`, submits `remark` signed by
+/// `signer` and waits up to `timeout` for it to be finalized, on a runtime
+/// of its own; returns (block hash, block number, extrinsic index).
+pub fn submit_remark_blocking(
+    url: &str,
+    signer: &Keypair,
+    remark: Vec<u8>,
+    timeout: Duration,
+) -> Result<(String, u64, u32), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let api = connect(url).await?;
+        tokio::time::timeout(timeout, submit_remarks(&api, signer, vec![remark]))
+            .await
+            .map_err(|_| "the chain did not finalize it in time".to_string())?
+    })
+}
+
 /// A connection to the chain.
 pub type ChainClient = OnlineClient<PolkadotConfig>;
 
@@ -547,15 +561,8 @@ pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anc
 }
 
 fn parse_hash(s: &str) -> Option<subxt::utils::H256> {
-    let h = s.strip_prefix("0x")?;
-    if h.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(subxt::utils::H256(out))
+    let bytes = crate::consent::unhex(s.strip_prefix("0x")?)?;
+    Some(subxt::utils::H256(bytes.try_into().ok()?))
 }
 
 /// BLAKE2b-256, the hash `System.Remarked` reports (the runtime's
@@ -600,7 +607,7 @@ mod tests {
             account: "00".repeat(32),
         };
         let path = dir.path().join("chain-p0.jsonl");
-        append_receipt(&path, &r).unwrap();
+        crate::anchor::append_json_lines(&path, std::slice::from_ref(&r)).unwrap();
         let read = read_receipts(&path).unwrap();
         assert_eq!(read, vec![r]);
         let rest: Vec<u64> = backlog(&anchors, &read).iter().map(|a| a.batch).collect();

@@ -212,17 +212,7 @@ impl AccessRequest {
 
     /// Appends the request durably to the requests file in `dir`.
     pub fn submit(&self, dir: &Path) -> Result<(), AnchorError> {
-        let path = access_requests_path(dir);
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        let mut line = serde_json::to_vec(self).expect("a request serializes");
-        line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
-        f.write_all(&line).map_err(io_err(&path))?;
-        f.sync_data().map_err(io_err(&path))
+        crate::anchor::append_json_lines(&access_requests_path(dir), std::slice::from_ref(self))
     }
 
     /// The event record of this request at `epoch`.
@@ -240,47 +230,18 @@ impl AccessRequest {
     }
 }
 
-/// Follows the requests file: each call returns the whole lines appended
+/// Follows the requests file: each call returns the requests appended
 /// since the last.
-pub struct RequestTail {
-    path: PathBuf,
-    offset: u64,
-}
+pub struct RequestTail(crate::anchor::JsonLinesTail);
 
 impl RequestTail {
     pub fn new(dir: &Path) -> Self {
-        Self {
-            path: access_requests_path(dir),
-            offset: 0,
-        }
+        Self(crate::anchor::JsonLinesTail::new(access_requests_path(dir)))
     }
 
     /// New requests; a line that does not parse is skipped with a warning.
     pub fn poll(&mut self) -> Vec<AccessRequest> {
-        let Ok(mut f) = File::open(&self.path) else {
-            return Vec::new();
-        };
-        let len = f.metadata().map_or(0, |m| m.len());
-        if len <= self.offset || f.seek(SeekFrom::Start(self.offset)).is_err() {
-            return Vec::new();
-        }
-        let mut buf = Vec::new();
-        if f.take(len - self.offset).read_to_end(&mut buf).is_err() {
-            return Vec::new();
-        }
-        let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        self.offset += complete as u64;
-        buf[..complete]
-            .split(|&b| b == b'\n')
-            .filter(|l| !l.is_empty())
-            .filter_map(|l| match serde_json::from_slice(l) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::warn!(path = %self.path.display(), "an access request that does not parse is skipped: {e}");
-                    None
-                }
-            })
-            .collect()
+        self.0.poll()
     }
 }
 

@@ -13,8 +13,6 @@
 //! (one read again after a crash before the cursor moved is refused as
 //! already recorded).
 
-use std::fs::OpenOptions;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -239,7 +237,7 @@ impl Follower {
             if !found.is_empty() {
                 let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
                 let path = seen_log_path(&self.dir);
-                append_lines(&path, &found).map_err(|e| format!("{}: {e}", path.display()))?;
+                crate::anchor::append_json_lines(&path, &found).map_err(|e| e.to_string())?;
                 for seen in found {
                     let record = crate::consent::unhex(&seen.payload)
                         .and_then(|p| ConsentRecord::decode(&p))
@@ -273,17 +271,6 @@ impl Follower {
         }
         Ok(())
     }
-}
-
-fn append_lines(path: &Path, seen: &[Seen]) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    for s in seen {
-        serde_json::to_writer(&mut buf, s).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
-    }
-    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
-    f.write_all(&buf)?;
-    f.sync_data()
 }
 
 /// The number of the chain's finalized head.
