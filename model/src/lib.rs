@@ -21,6 +21,7 @@ mod deadletter;
 mod ids;
 mod metric;
 mod reading;
+mod spec;
 mod time;
 mod unit;
 
@@ -28,5 +29,6 @@ pub use deadletter::{DeadLetter, RejectReason};
 pub use ids::{DeviceId, IdError, PatientId};
 pub use metric::{Metric, PlausibleRange};
 pub use reading::{Quality, Reading};
+pub use spec::SpecError;
 pub use time::{TimestampNs, now_ns};
 pub use unit::{Unit, UnitError};

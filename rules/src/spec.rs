@@ -38,15 +38,7 @@ use wardflow_model::Metric;
 use crate::{Direction, Priority};
 
 /// Why a rule file was refused.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
-pub struct SpecError {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    /// What is wrong, starting with the rule and field it concerns.
-    pub message: String,
-}
+pub use wardflow_model::SpecError;
 
 /// How long a duration string is, in nanoseconds: `500ms`, `15s`, `2m`,
 /// `1h`, or combined (`1m30s`), as the rest of Wardflow reads durations
@@ -236,15 +228,7 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn at(&self, span: Range<usize>, message: String) -> SpecError {
-        let upto = &self.text[..span.start.min(self.text.len())];
-        let line = upto.matches('\n').count() + 1;
-        let column = upto.len() - upto.rfind('\n').map_or(0, |i| i + 1) + 1;
-        SpecError {
-            file: self.file.to_path_buf(),
-            line,
-            column,
-            message,
-        }
+        SpecError::at(self.file, self.text, span, message)
     }
 }
 

@@ -1,0 +1,445 @@
+//! The Arrow Flight service researchers read studies from.
+//!
+//! - **Handshake**: HTTP basic credentials (`authorization: Basic
+//!   base64(id:secret)`, what `FlightClient.authenticate_basic_token`
+//!   sends) buy a bearer token, returned in the `authorization` response
+//!   header and as the payload; every other call carries `authorization:
+//!   Bearer <token>` (or the basic credentials again).
+//! - **ListFlights**: the studies the caller is on. **GetFlightInfo**,
+//!   **GetSchema**: by descriptor path `[study]` or a ticket as command.
+//! - **DoGet**: a ticket, JSON: `{"study": "<id>"}` is the live stream (a
+//!   batch per window, never ending while the study runs), `{"study":
+//!   "<id>", "from_ms": 0, "to_ms": 1700000000000}` replays the windows
+//!   released whose start lies in the range. A bare study id is the live
+//!   stream too.
+//!
+//! Status codes: no or a bad token, UNAUTHENTICATED; a study the caller
+//! is not on, PERMISSION_DENIED; no such study, NOT_FOUND; a study whose
+//! budget is spent, RESOURCE_EXHAUSTED (a live stream ends with it);
+//! a closed study, FAILED_PRECONDITION; a live reader that fell more
+//! than 256 windows behind, ABORTED (it can replay what it missed).
+//! Every batch sent is metered for the study and researcher.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::record_batch::RecordBatch;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
+use arrow_flight::{
+    Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightEndpoint, FlightInfo,
+    HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaAsIpc, SchemaResult, Ticket,
+};
+use base64::Engine as _;
+use futures::stream::{self, BoxStream, StreamExt as _};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::release::schema;
+use crate::store::{Authenticator, Ended, Event, Live, ReaderUsage, Registry};
+
+/// How long a handshake's token is good for.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+/// What a DoGet ticket asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketRequest {
+    pub study: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ms: Option<u64>,
+}
+
+impl TicketRequest {
+    fn parse(bytes: &[u8]) -> Result<TicketRequest, Status> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| Status::invalid_argument("the ticket is not UTF-8"))?
+            .trim();
+        if text.starts_with('{') {
+            serde_json::from_str(text).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "ticket: {e}; expected {{\"study\": id}} or {{\"study\": id, \"from_ms\": ms, \"to_ms\": ms}}"
+                ))
+            })
+        } else {
+            Ok(TicketRequest {
+                study: text.to_string(),
+                from_ms: None,
+                to_ms: None,
+            })
+        }
+    }
+
+    fn is_live(&self) -> bool {
+        self.from_ms.is_none() && self.to_ms.is_none()
+    }
+}
+
+/// The service.
+pub struct ResearchFlight {
+    registry: Arc<Registry>,
+    auth: Arc<Authenticator>,
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl ResearchFlight {
+    pub fn new(registry: Arc<Registry>, auth: Arc<Authenticator>) -> ResearchFlight {
+        ResearchFlight {
+            registry,
+            auth,
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn into_server(self) -> FlightServiceServer<ResearchFlight> {
+        FlightServiceServer::new(self)
+    }
+
+    fn basic(&self, value: &str) -> Result<String, Status> {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .map_err(|_| Status::unauthenticated("malformed basic credentials"))?;
+        let text = String::from_utf8(decoded)
+            .map_err(|_| Status::unauthenticated("malformed basic credentials"))?;
+        let (id, secret) = text
+            .split_once(':')
+            .ok_or_else(|| Status::unauthenticated("malformed basic credentials"))?;
+        if self.auth.check(id, secret.as_bytes()) {
+            Ok(id.to_string())
+        } else {
+            Err(Status::unauthenticated(
+                "unknown researcher or wrong secret",
+            ))
+        }
+    }
+
+    /// The researcher making a call.
+    fn caller(&self, metadata: &MetadataMap) -> Result<String, Status> {
+        let header = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| Status::unauthenticated("no credentials: handshake first"))?;
+        if let Some(b) = header.strip_prefix("Basic ") {
+            return self.basic(b);
+        }
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization: Bearer <token> expected"))?;
+        let mut tokens = self.tokens.lock();
+        match tokens.get(token.trim()) {
+            Some((who, at)) if at.elapsed() < TOKEN_LIFETIME => Ok(who.clone()),
+            Some(_) => {
+                tokens.remove(token.trim());
+                Err(Status::unauthenticated(
+                    "the token expired: handshake again",
+                ))
+            }
+            None => Err(Status::unauthenticated("unknown token: handshake first")),
+        }
+    }
+
+    /// The study, if the caller may read it.
+    fn study_for(&self, researcher: &str, id: &str) -> Result<Arc<Live>, Status> {
+        let live = self
+            .registry
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("no study {id:?}")))?;
+        if !live.study.admits(researcher) {
+            return Err(Status::permission_denied(format!(
+                "researcher {researcher:?} is not on study {id:?}"
+            )));
+        }
+        Ok(live)
+    }
+
+    fn info(&self, live: &Live) -> Result<FlightInfo, Status> {
+        let ticket = serde_json::to_vec(&TicketRequest {
+            study: live.study.id.clone(),
+            from_ms: None,
+            to_ms: None,
+        })
+        .expect("a ticket serializes");
+        FlightInfo::new()
+            .try_with_schema(&schema(&live.study))
+            .map_err(|e| Status::internal(e.to_string()))
+            .map(|i| {
+                i.with_descriptor(FlightDescriptor::new_path(vec![live.study.id.clone()]))
+                    .with_endpoint(FlightEndpoint::new().with_ticket(Ticket::new(ticket)))
+                    .with_total_records(-1)
+                    .with_total_bytes(-1)
+            })
+    }
+
+    fn descriptor_study(d: &FlightDescriptor) -> Result<String, Status> {
+        if let Some(p) = d.path.first() {
+            return Ok(p.clone());
+        }
+        if !d.cmd.is_empty() {
+            return TicketRequest::parse(&d.cmd).map(|t| t.study);
+        }
+        Err(Status::invalid_argument(
+            "name the study as the descriptor's path or command",
+        ))
+    }
+}
+
+/// The status a stream ends with when its study releases nothing more.
+fn ended_status(e: &Ended) -> Status {
+    match e {
+        Ended::BudgetSpent(s) => Status::resource_exhausted(s.clone()),
+        Ended::Closed(s) => Status::failed_precondition(s.clone()),
+        Ended::Failed(s) => Status::unavailable(s.clone()),
+    }
+}
+
+type Batches = BoxStream<'static, Result<RecordBatch, FlightError>>;
+
+/// The live windows of a study, ending with its end status.
+fn live_batches(live: &Arc<Live>) -> Batches {
+    let rx = live.subscribe();
+    stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(Event::Window(r)) => Some((Ok(r.batch.clone()), Some(rx))),
+            Ok(Event::End(e)) => Some((Err(FlightError::Tonic(Box::new(ended_status(&e)))), None)),
+            Err(RecvError::Lagged(n)) => {
+                let s = Status::aborted(format!(
+                    "this reader fell {n} windows behind; replay them with a time range"
+                ));
+                Some((Err(FlightError::Tonic(Box::new(s))), None))
+            }
+            Err(RecvError::Closed) => None,
+        }
+    })
+    .boxed()
+}
+
+#[tonic::async_trait]
+impl FlightService for ResearchFlight {
+    type HandshakeStream = BoxStream<'static, Result<HandshakeResponse, Status>>;
+    type ListFlightsStream = BoxStream<'static, Result<FlightInfo, Status>>;
+    type DoGetStream = BoxStream<'static, Result<FlightData, Status>>;
+    type DoPutStream = BoxStream<'static, Result<PutResult, Status>>;
+    type DoActionStream = BoxStream<'static, Result<arrow_flight::Result, Status>>;
+    type ListActionsStream = BoxStream<'static, Result<ActionType, Status>>;
+    type DoExchangeStream = BoxStream<'static, Result<FlightData, Status>>;
+
+    async fn handshake(
+        &self,
+        request: Request<Streaming<HandshakeRequest>>,
+    ) -> Result<Response<Self::HandshakeStream>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .ok_or_else(|| Status::unauthenticated("handshake with basic credentials"))?
+            .to_string();
+        let who = self.basic(&header)?;
+        let token = new_token();
+        {
+            let mut tokens = self.tokens.lock();
+            tokens.retain(|_, (_, at)| at.elapsed() < TOKEN_LIFETIME);
+            tokens.insert(token.clone(), (who.clone(), Instant::now()));
+        }
+        tracing::info!(researcher = %who, "research handshake");
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.clone().into_bytes().into(),
+        };
+        let mut response = Response::new(stream::iter([Ok(reply)]).boxed());
+        response.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Status::internal("token header"))?,
+        );
+        Ok(response)
+    }
+
+    async fn list_flights(
+        &self,
+        request: Request<Criteria>,
+    ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        let who = self.caller(request.metadata())?;
+        self.registry.reload();
+        let infos: Vec<Result<FlightInfo, Status>> = self
+            .registry
+            .all()
+            .iter()
+            .filter(|l| l.study.admits(&who))
+            .map(|l| self.info(l))
+            .collect();
+        Ok(Response::new(stream::iter(infos).boxed()))
+    }
+
+    async fn get_flight_info(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let who = self.caller(request.metadata())?;
+        let id = Self::descriptor_study(request.get_ref())?;
+        let live = self.study_for(&who, &id)?;
+        Ok(Response::new(self.info(&live)?))
+    }
+
+    async fn poll_flight_info(
+        &self,
+        _request: Request<FlightDescriptor>,
+    ) -> Result<Response<PollInfo>, Status> {
+        Err(Status::unimplemented(
+            "studies are streams: use GetFlightInfo and DoGet",
+        ))
+    }
+
+    async fn get_schema(
+        &self,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<SchemaResult>, Status> {
+        let who = self.caller(request.metadata())?;
+        let id = Self::descriptor_study(request.get_ref())?;
+        let live = self.study_for(&who, &id)?;
+        let options = arrow_ipc::writer::IpcWriteOptions::default();
+        let result: SchemaResult = SchemaAsIpc::new(&schema(&live.study), &options)
+            .try_into()
+            .map_err(|e: arrow::error::ArrowError| Status::internal(e.to_string()))?;
+        Ok(Response::new(result))
+    }
+
+    async fn do_get(
+        &self,
+        request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
+        let who = self.caller(request.metadata())?;
+        let ticket = TicketRequest::parse(&request.get_ref().ticket)?;
+        let live = self.study_for(&who, &ticket.study)?;
+        let batches: Batches = if ticket.is_live() {
+            if let Some(e) = live.ended() {
+                return Err(ended_status(&e));
+            }
+            live_batches(&live)
+        } else {
+            let from = ticket.from_ms.unwrap_or(0);
+            let to = ticket.to_ms.unwrap_or(u64::MAX);
+            let log = live.clone();
+            let replayed = tokio::task::spawn_blocking(move || log.replay(from, to))
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| Status::internal(e.to_string()))?;
+            stream::iter(replayed.into_iter().map(Ok)).boxed()
+        };
+        tracing::info!(study = %live.study.id, researcher = %who, live = ticket.is_live(), "research stream opened");
+        live.meter(
+            &who,
+            &ReaderUsage {
+                streams: 1,
+                ..Default::default()
+            },
+        );
+        let meter = Arc::new(Meter {
+            live: live.clone(),
+            researcher: who,
+        });
+        let counting = {
+            let meter = meter.clone();
+            batches.inspect(move |b| {
+                if let Ok(b) = b {
+                    meter.live.meter(
+                        &meter.researcher,
+                        &ReaderUsage {
+                            batches: 1,
+                            rows: b.num_rows() as u64,
+                            ..Default::default()
+                        },
+                    );
+                }
+            })
+        };
+        let encoded = FlightDataEncoderBuilder::new()
+            .with_schema(schema(&live.study))
+            .build(counting)
+            .map(move |d| {
+                let d = d.map_err(Status::from)?;
+                let bytes = d.data_header.len() + d.data_body.len() + d.app_metadata.len();
+                meter.live.meter(
+                    &meter.researcher,
+                    &ReaderUsage {
+                        bytes: bytes as u64,
+                        ..Default::default()
+                    },
+                );
+                Ok(d)
+            });
+        Ok(Response::new(encoded.boxed()))
+    }
+
+    async fn do_put(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoPutStream>, Status> {
+        Err(Status::unimplemented("studies are read-only"))
+    }
+
+    async fn do_action(
+        &self,
+        _request: Request<Action>,
+    ) -> Result<Response<Self::DoActionStream>, Status> {
+        Err(Status::unimplemented("no actions"))
+    }
+
+    async fn list_actions(
+        &self,
+        _request: Request<Empty>,
+    ) -> Result<Response<Self::ListActionsStream>, Status> {
+        Ok(Response::new(stream::empty().boxed()))
+    }
+
+    async fn do_exchange(
+        &self,
+        _request: Request<Streaming<FlightData>>,
+    ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        Err(Status::unimplemented("studies are read-only"))
+    }
+}
+
+/// Saves a stream's usage when it ends, however it ends.
+struct Meter {
+    live: Arc<Live>,
+    researcher: String,
+}
+
+impl Drop for Meter {
+    fn drop(&mut self) {
+        self.live.save_usage();
+    }
+}
+
+fn new_token() -> String {
+    use ring::rand::SecureRandom as _;
+    let mut raw = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut raw)
+        .expect("system random source");
+    raw.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serves the service on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: ResearchFlight,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await
+}

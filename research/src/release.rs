@@ -1,0 +1,390 @@
+//! One window's release for one study: from each consenting patient's
+//! readings in the window to a record batch of noisy, k-anonymous rows.
+//!
+//! Per metric, each patient contributes one value, the mean of their
+//! readings in the window clamped to the study's bounds, and a reading
+//! count capped at `max_readings`: so adding or removing one patient
+//! changes a row's patients by 1, its readings by at most `max_readings`,
+//! its centred sum by at most half the bounds' width `h`, and its centred
+//! sum of squares by at most `h²`. A patient is in one cohort cell per
+//! window (by their admission at the window's end) and so in `rows` rows:
+//! the cell, one margin per attribute when there are two or more, and the
+//! total. Each statistic family is a Gaussian mechanism over all rows with
+//! L2 sensitivity `Δ·√rows`, and each quantile an exponential mechanism of
+//! ε = √(2ρ/rows) per row ([`crate::privacy`]); the window's ρ is split
+//! evenly among the families, and charged before anything is released.
+//!
+//! Running totals (cumulative readings per row) use the binary tree
+//! mechanism, one tree per metric and row, charged once for the study's
+//! horizon; a row adds its window's readings to its tree only in windows
+//! where it is published, so a total never holds a suppressed count.
+//!
+//! What leaves: window bounds, the cohort values, the metric and the
+//! noisy statistics. No patient, device or bed id is in any row.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+use wardflow_model::Metric;
+
+use crate::privacy::{
+    Accountant, BinaryTree, Exhausted, Noise, dp_quantile, gaussian_sigma, pure_epsilon, rho_for,
+};
+use crate::spec::Study;
+use crate::suppress::{CellCount, plan};
+
+/// Who a patient is, for cohorting: their admission.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cohort {
+    pub age_years: Option<u16>,
+    pub sex: Option<String>,
+    pub unit: String,
+}
+
+/// One patient's readings in one window, per metric: (count, sum).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Contribution {
+    pub cohort: Cohort,
+    pub metrics: [(u32, f64); Metric::COUNT],
+}
+
+/// How a study's budget is spent: fixed by its file, so the same for
+/// every window whatever the data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BudgetPlan {
+    pub rho_total: f64,
+    /// Charged at every window.
+    pub rho_window: f64,
+    /// Charged once, for the running totals' whole horizon.
+    pub rho_tree: f64,
+    /// The rows one patient is in per window.
+    pub rows: usize,
+    /// Noise of each statistic, per metric (the clamp bounds differ).
+    pub sigma_patients: f64,
+    pub sigma_readings: f64,
+    pub sigma_sum: BTreeMap<Metric, f64>,
+    pub sigma_sumsq: BTreeMap<Metric, f64>,
+    /// ε of each quantile's exponential mechanism, per row.
+    pub quantile_epsilon: f64,
+    pub sigma_tree: f64,
+}
+
+impl BudgetPlan {
+    pub fn new(study: &Study) -> BudgetPlan {
+        let rho_total = rho_for(study.epsilon, study.delta);
+        let rho_tree = rho_total * study.running_total_share;
+        let rho_window = (rho_total - rho_tree) / study.windows as f64;
+        let d = study.group_by.len();
+        let rows = 1 + usize::from(d >= 1) + if d >= 2 { d } else { 0 };
+        let s = &study.statistics;
+        let per_metric = 1
+            + usize::from(s.count)
+            + usize::from(s.mean || s.std)
+            + usize::from(s.std)
+            + s.quantiles.len();
+        let families = per_metric * study.metrics.len();
+        let rho_family = rho_window / families as f64;
+        let sqrt_rows = (rows as f64).sqrt();
+        let sigma = |delta: f64| gaussian_sigma(delta * sqrt_rows, rho_family);
+        let half = |m: &Metric| {
+            let (lo, hi) = study.clamp[m];
+            (hi - lo) / 2.0
+        };
+        let sigma_tree = if study.running_totals {
+            BinaryTree::sigma_for(
+                f64::from(study.max_readings) * sqrt_rows,
+                rho_tree / study.metrics.len() as f64,
+                study.windows,
+            )
+        } else {
+            0.0
+        };
+        BudgetPlan {
+            rho_total,
+            rho_window,
+            rho_tree,
+            rows,
+            sigma_patients: sigma(1.0),
+            sigma_readings: sigma(f64::from(study.max_readings)),
+            sigma_sum: study.metrics.iter().map(|m| (*m, sigma(half(m)))).collect(),
+            sigma_sumsq: study
+                .metrics
+                .iter()
+                .map(|m| (*m, sigma(half(m) * half(m))))
+                .collect(),
+            quantile_epsilon: pure_epsilon(rho_family / rows as f64),
+            sigma_tree,
+        }
+    }
+}
+
+/// A study's privacy state, kept durably: what was charged, and the
+/// running totals' trees (their noise, once drawn, is kept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyState {
+    pub accountant: Accountant,
+    pub windows_released: u64,
+    /// The end of the last window released (ms).
+    pub last_end_ms: u64,
+    /// Whether the running totals' horizon was charged.
+    pub tree_charged: bool,
+    /// Per metric and row key (`metric|v1|v2…`).
+    pub trees: BTreeMap<String, BinaryTree>,
+    #[serde(default)]
+    pub closed: bool,
+}
+
+impl StudyState {
+    pub fn new(plan: &BudgetPlan) -> StudyState {
+        StudyState {
+            accountant: Accountant::new(plan.rho_total),
+            windows_released: 0,
+            last_end_ms: 0,
+            tree_charged: false,
+            trees: BTreeMap::new(),
+            closed: false,
+        }
+    }
+
+    /// Whether another window can be released.
+    pub fn can_release(&self, plan: &BudgetPlan) -> bool {
+        !self.closed
+            && self.accountant.can_charge(
+                plan.rho_window
+                    + if self.tree_charged {
+                        0.0
+                    } else {
+                        plan.rho_tree
+                    },
+            )
+    }
+}
+
+/// The columns of a study's rows.
+pub fn schema(study: &Study) -> SchemaRef {
+    let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    let mut fields = vec![
+        Field::new("window_start", ts(), false),
+        Field::new("window_end", ts(), false),
+    ];
+    for a in &study.group_by {
+        fields.push(Field::new(a.name(), DataType::Utf8, false));
+    }
+    fields.push(Field::new("metric", DataType::Utf8, false));
+    fields.push(Field::new("patients", DataType::Float64, false));
+    if study.statistics.count {
+        fields.push(Field::new("readings", DataType::Float64, false));
+    }
+    if study.statistics.mean {
+        fields.push(Field::new("mean", DataType::Float64, true));
+    }
+    if study.statistics.std {
+        fields.push(Field::new("std", DataType::Float64, true));
+    }
+    for (name, _) in &study.statistics.quantiles {
+        fields.push(Field::new(name, DataType::Float64, true));
+    }
+    if study.running_totals {
+        fields.push(Field::new("readings_total", DataType::Float64, true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// A window released.
+#[derive(Debug, Clone)]
+pub struct Released {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub batch: RecordBatch,
+    /// The patients whose data is in at least one published row: each
+    /// contributed one window (the basis of their compensation). Never
+    /// released.
+    pub contributors: BTreeSet<String>,
+    /// Rows the k rule withheld, and rows withheld to protect them.
+    pub suppressed: (usize, usize),
+}
+
+/// Releases one window: charges the budget, then computes the rows.
+/// `contributions` holds only patients whose research consent covered
+/// the window. On `Exhausted` nothing is charged or released.
+pub fn release_window(
+    study: &Study,
+    budget: &BudgetPlan,
+    state: &mut StudyState,
+    start_ms: u64,
+    end_ms: u64,
+    contributions: &BTreeMap<String, Contribution>,
+    noise: &mut Noise,
+) -> Result<Released, Exhausted> {
+    if !state.tree_charged && study.running_totals {
+        // The horizon's cost and the first window's go together, or neither.
+        let mut trial = state.accountant.clone();
+        trial.charge(budget.rho_tree)?;
+        trial.charge(budget.rho_window)?;
+        state.accountant = trial;
+        state.tree_charged = true;
+    } else {
+        state.accountant.charge(budget.rho_window)?;
+    }
+    state.windows_released += 1;
+    state.last_end_ms = end_ms;
+
+    let d = study.group_by.len();
+    let mut out = Columns::new(d);
+    let mut contributors = BTreeSet::new();
+    let mut suppressed = (0, 0);
+    for &metric in &study.metrics {
+        let (lo, hi) = study.clamp[&metric];
+        let mid = (lo + hi) / 2.0;
+        // Per fine cell: each patient's (capped readings, clamped value).
+        let mut cells: BTreeMap<Vec<String>, Vec<(&str, f64, f64)>> = BTreeMap::new();
+        for (patient, c) in contributions {
+            let (n, sum) = c.metrics[metric as usize];
+            if n == 0 {
+                continue;
+            }
+            let value = (sum / f64::from(n)).clamp(lo, hi);
+            let readings = f64::from(n.min(study.max_readings));
+            let key = study.cell_of(c.cohort.age_years, c.cohort.sex.as_deref(), &c.cohort.unit);
+            cells
+                .entry(key)
+                .or_default()
+                .push((patient.as_str(), readings, value));
+        }
+        let counts: Vec<CellCount> = cells
+            .iter()
+            .map(|(key, ps)| CellCount {
+                key: key.clone(),
+                patients: ps.len() as u64,
+            })
+            .collect();
+        let table = plan(&counts, d, study.k);
+        suppressed.0 += table.primary;
+        suppressed.1 += table.complementary;
+        for (key, patients) in table.published(&counts, d) {
+            // The members of a published row: the fine cells it sums.
+            let members: Vec<&(&str, f64, f64)> = cells
+                .iter()
+                .filter(|(cell, _)| cell.iter().zip(&key).all(|(c, k)| k == "*" || c == k))
+                .flat_map(|(_, ps)| ps.iter())
+                .collect();
+            debug_assert_eq!(members.len() as u64, patients);
+            contributors.extend(members.iter().map(|(p, _, _)| p.to_string()));
+            let n = members.len() as f64 + noise.gaussian(budget.sigma_patients);
+            let denom = n.max(1.0);
+            let readings: f64 = members.iter().map(|m| m.1).sum();
+            let centred: f64 = members.iter().map(|m| m.2 - mid).sum();
+            let sum = centred + noise.gaussian(budget.sigma_sum[&metric]);
+            let squares: f64 = members.iter().map(|m| (m.2 - mid).powi(2)).sum::<f64>()
+                + noise.gaussian(budget.sigma_sumsq[&metric]);
+            let mean = (mid + sum / denom).clamp(lo, hi);
+            let var = (squares / denom - (sum / denom).powi(2)).max(0.0);
+            let mut values: Vec<f64> = members.iter().map(|m| m.2).collect();
+            let quantiles: Vec<f64> = study
+                .statistics
+                .quantiles
+                .iter()
+                .map(|(_, q)| dp_quantile(&mut values, *q, lo, hi, budget.quantile_epsilon, noise))
+                .collect();
+            let total = study.running_totals.then(|| {
+                let tree_key = format!("{}|{}", metric.name(), key.join("|"));
+                let tree = state
+                    .trees
+                    .entry(tree_key)
+                    .or_insert_with(|| BinaryTree::new(budget.sigma_tree, study.windows));
+                tree.push(readings, noise)
+            });
+            out.push(Row {
+                key,
+                metric: metric.name(),
+                patients: n,
+                readings: readings + noise.gaussian(budget.sigma_readings),
+                mean,
+                std: var.sqrt().min(hi - lo),
+                quantiles,
+                total: total.flatten(),
+            });
+        }
+    }
+    Ok(Released {
+        start_ms,
+        end_ms,
+        batch: out.finish(study, start_ms, end_ms),
+        contributors,
+        suppressed,
+    })
+}
+
+struct Row {
+    key: Vec<String>,
+    metric: &'static str,
+    patients: f64,
+    readings: f64,
+    mean: f64,
+    std: f64,
+    quantiles: Vec<f64>,
+    total: Option<f64>,
+}
+
+/// Rows gathered column by column.
+struct Columns {
+    keys: Vec<Vec<String>>,
+    rows: Vec<Row>,
+}
+
+impl Columns {
+    fn new(d: usize) -> Columns {
+        Columns {
+            keys: vec![Vec::new(); d],
+            rows: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, row: Row) {
+        for (col, v) in self.keys.iter_mut().zip(&row.key) {
+            col.push(v.clone());
+        }
+        self.rows.push(row);
+    }
+
+    fn finish(self, study: &Study, start_ms: u64, end_ms: u64) -> RecordBatch {
+        let n = self.rows.len();
+        let ts = |v: u64| {
+            Arc::new(TimestampMillisecondArray::from(vec![v as i64; n]).with_timezone("UTC"))
+                as ArrayRef
+        };
+        let f64s = |f: &dyn Fn(&Row) -> f64| {
+            Arc::new(Float64Array::from_iter_values(self.rows.iter().map(f))) as ArrayRef
+        };
+        let mut cols: Vec<ArrayRef> = vec![ts(start_ms), ts(end_ms)];
+        for k in &self.keys {
+            cols.push(Arc::new(StringArray::from_iter_values(k)));
+        }
+        cols.push(Arc::new(StringArray::from_iter_values(
+            self.rows.iter().map(|r| r.metric),
+        )));
+        cols.push(f64s(&|r| r.patients));
+        if study.statistics.count {
+            cols.push(f64s(&|r| r.readings));
+        }
+        if study.statistics.mean {
+            cols.push(f64s(&|r| r.mean));
+        }
+        if study.statistics.std {
+            cols.push(f64s(&|r| r.std));
+        }
+        for i in 0..study.statistics.quantiles.len() {
+            cols.push(f64s(&|r| r.quantiles[i]));
+        }
+        if study.running_totals {
+            cols.push(Arc::new(Float64Array::from_iter(
+                self.rows.iter().map(|r| r.total),
+            )));
+        }
+        RecordBatch::try_new(schema(study), cols).expect("the columns match the schema")
+    }
+}
