@@ -87,6 +87,12 @@ pub enum Command {
     /// Break-glass: time-limited access to a patient's data without consent, and its review
     #[command(subcommand)]
     Emergency(crate::emergency::EmergencyCommand),
+    /// Research studies: register, list, show, close, and their usage
+    #[command(subcommand)]
+    Studies(crate::studies::StudiesCommand),
+    /// Researcher accounts for the Arrow Flight server
+    #[command(subcommand)]
+    Researchers(crate::studies::ResearchersCommand),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
 }
@@ -172,6 +178,9 @@ pub struct ServeArgs {
     /// First block read for consent records on a first start [ledger.consent_from_block, default 0]
     #[arg(long, value_name = "N")]
     pub consent_from_block: Option<u64>,
+    /// Serve research studies over Arrow Flight on this address [research.flight; default: off, demo: 127.0.0.1:8815]
+    #[arg(long, value_name = "ADDR")]
+    pub flight: Option<String>,
 }
 
 impl ServeArgs {
@@ -189,6 +198,7 @@ impl ServeArgs {
         set!(self.mqtt_max_inflight, c.mqtt.max_inflight);
         set!(self.mqtt_max_inflight_bytes, c.mqtt.max_inflight_bytes);
         set!(self.http, c.http.listen);
+        set!(self.flight, c.research.flight);
         set!(self.workers, c.dataflow.workers);
         set!(self.processes, c.dataflow.processes);
         set!(self.process, c.dataflow.process);
@@ -409,6 +419,8 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::News2 => crate::clinical_cli::news2(),
+        Command::Studies(cmd) => crate::studies::studies(&data_dir(&cli)?, cmd),
+        Command::Researchers(cmd) => crate::studies::researchers(&data_dir(&cli)?, cmd),
         Command::Patients(cmd) => crate::clinical_cli::patients(&data_dir(&cli)?, cmd),
         Command::Clinicians(cmd) => crate::clinical_cli::clinicians(&data_dir(&cli)?, cmd),
         Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),

@@ -24,6 +24,16 @@ pub struct Config {
     pub wal: WalSection,
     pub rules: RulesSection,
     pub ledger: LedgerSection,
+    pub research: ResearchSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResearchSection {
+    /// Address of the Arrow Flight server researchers read studies from
+    /// (process 0); empty: no Flight server, studies still release to
+    /// their logs.
+    pub flight: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +187,7 @@ impl Default for Config {
             wal: WalSection::default(),
             rules: RulesSection::default(),
             ledger: LedgerSection::default(),
+            research: ResearchSection::default(),
         }
     }
 }

@@ -25,7 +25,9 @@ use wardflow_ledger_bridge::consent::{
     AccountRegistry, ConsentRecord, Decision, Terms, check_terms, grant_id,
 };
 use wardflow_ledger_bridge::events::AccessRequest;
-use wardflow_ledger_bridge::follow::{ConsentEvent, ConsentFollower, Decided, load_book};
+use wardflow_ledger_bridge::follow::{
+    ConsentEvent, ConsentFollower, Decided, LocalRecord, load_book, local_log_path,
+};
 use wardflow_ledger_bridge::hex;
 
 use crate::config::Config;
@@ -36,74 +38,78 @@ use crate::ledger::LedgerEvent;
 /// configured).
 pub fn start_follower(
     config: &Config,
-    url: &str,
+    url: Option<&str>,
     changes: Sender<ConsentChange>,
     events: Sender<LedgerEvent>,
 ) -> anyhow::Result<ConsentFollower> {
-    let follower = ConsentFollower::start(
-        url.to_string(),
-        &config.ledger_dir(),
-        config.ledger.consent_from_block,
-        Duration::from_millis(500),
-        move |e| match e {
-            ConsentEvent::InForce(accesses) => {
-                for a in accesses {
-                    let _ = changes.send(ConsentChange::Open(a));
-                }
+    let report = move |e| match e {
+        ConsentEvent::InForce(accesses) => {
+            for a in accesses {
+                let _ = changes.send(ConsentChange::Open(a));
             }
-            ConsentEvent::Decided(d) => {
-                let Decided {
-                    seen,
-                    record,
-                    decision,
-                } = *d;
-                let (action, purpose, detail) = match (&decision, &record) {
-                    (Decision::Opened { access, .. }, Some(ConsentRecord::Delegate { .. })) => {
-                        ("consent-delegate", access.purpose.clone(), describe(access))
-                    }
-                    (Decision::Opened { access, .. }, _) => {
-                        ("consent-grant", access.purpose.clone(), describe(access))
-                    }
-                    (Decision::Closed { id, ended }, _) => (
-                        "consent-revoke",
-                        String::new(),
-                        format!("grant {id}, {} access(es) ended", ended.len()),
-                    ),
-                    (Decision::Refused { reason }, _) => {
-                        ("consent-refused", String::new(), reason.clone())
-                    }
-                };
-                match decision {
-                    Decision::Opened { access, .. } => {
-                        let _ = changes.send(ConsentChange::Open(access));
-                    }
-                    Decision::Closed { ended, .. } => {
-                        for a in ended {
-                            let _ = changes.send(ConsentChange::Close(a));
-                        }
-                    }
-                    Decision::Refused { .. } => {}
+        }
+        ConsentEvent::Decided(d) => {
+            let Decided {
+                seen,
+                record,
+                decision,
+            } = *d;
+            let (action, purpose, detail) = match (&decision, &record) {
+                (Decision::Opened { access, .. }, Some(ConsentRecord::Delegate { .. })) => {
+                    ("consent-delegate", access.purpose.clone(), describe(access))
                 }
-                let access = AccessRequest {
-                    id: format!("consent-{}-{}", seen.block, seen.extrinsic),
-                    at_ns: wardflow_model::now_ns(),
-                    patient: record
-                        .as_ref()
-                        .map(|r| r.patient().to_string())
-                        .unwrap_or_default(),
-                    actor: format!("account:{}", seen.signer),
-                    action: action.into(),
-                    purpose,
-                    detail: format!(
-                        "block #{} extrinsic {}: {detail}",
-                        seen.block, seen.extrinsic
-                    ),
-                };
-                let _ = events.send(LedgerEvent::Access(access));
+                (Decision::Opened { access, .. }, _) => {
+                    ("consent-grant", access.purpose.clone(), describe(access))
+                }
+                (Decision::Closed { id, ended }, _) => (
+                    "consent-revoke",
+                    String::new(),
+                    format!("grant {id}, {} access(es) ended", ended.len()),
+                ),
+                (Decision::Refused { reason }, _) => {
+                    ("consent-refused", String::new(), reason.clone())
+                }
+            };
+            match decision {
+                Decision::Opened { access, .. } => {
+                    let _ = changes.send(ConsentChange::Open(access));
+                }
+                Decision::Closed { ended, .. } => {
+                    for a in ended {
+                        let _ = changes.send(ConsentChange::Close(a));
+                    }
+                }
+                Decision::Refused { .. } => {}
             }
-        },
-    )?;
-    Ok(follower)
+            let access = AccessRequest {
+                id: format!("consent-{}-{}", seen.block, seen.extrinsic),
+                at_ns: wardflow_model::now_ns(),
+                patient: record
+                    .as_ref()
+                    .map(|r| r.patient().to_string())
+                    .unwrap_or_default(),
+                actor: format!("account:{}", seen.signer),
+                action: action.into(),
+                purpose,
+                detail: format!(
+                    "block #{} extrinsic {}: {detail}",
+                    seen.block, seen.extrinsic
+                ),
+            };
+            let _ = events.send(LedgerEvent::Access(access));
+        }
+    };
+    let dir = config.ledger_dir();
+    Ok(match url {
+        Some(url) => ConsentFollower::start(
+            url.to_string(),
+            &dir,
+            config.ledger.consent_from_block,
+            Duration::from_millis(500),
+            report,
+        )?,
+        None => ConsentFollower::start_local(&dir, Duration::from_millis(200), report)?,
+    })
 }
 
 fn describe(a: &wardflow_ledger_bridge::consent::Access) -> String {
@@ -338,15 +344,26 @@ fn terms(a: &TermsArgs) -> anyhow::Result<Terms> {
 }
 
 /// Signs `record` with the key file and submits it; waits for finality.
+/// Without a chain (local mode), appends it, signed, to the local consent
+/// log the engine follows.
 fn submit(config: &Config, chain: &ChainArgs, record: &ConsentRecord) -> anyhow::Result<()> {
-    let url = chain
-        .chain
-        .clone()
-        .or_else(|| config.ledger.url.clone())
-        .context("no chain: give --chain ws://… or set ledger.url")?;
     let key = read_key(&chain.key)?;
     let payload = record.payload();
     let id = grant_id(&key.public_key().0, &payload);
+    let Some(url) = chain.chain.clone().or_else(|| config.ledger.url.clone()) else {
+        let dir = config.ledger_dir();
+        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
+        wardflow_ledger_bridge::anchor::append_json_lines(
+            &local_log_path(&dir),
+            &[LocalRecord::sign(&key, &payload)],
+        )?;
+        match record {
+            ConsentRecord::Revoke { grant, .. } => println!("revocation of {grant}"),
+            _ => println!("grant {id}"),
+        }
+        println!("recorded in the local consent log (no chain configured)");
+        return Ok(());
+    };
     let (block_hash, block, extrinsic) = submit_remark_blocking(
         &url,
         &key,

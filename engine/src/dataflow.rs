@@ -108,6 +108,8 @@ pub struct DataflowContext {
     /// Consents opening and closing (from the chain, and break-glass
     /// access); worker 0 of process 0 takes them.
     pub consents: Mutex<Option<crossbeam_channel::Receiver<ConsentChange>>>,
+    /// The research stage (studies, census); none when no study may run.
+    pub research: Option<Arc<crate::research::ResearchContext>>,
 }
 
 /// A change to the accesses in force.
@@ -300,7 +302,11 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 });
             });
         }
-        consent_join(relayed, consents.to_collection(scope), ctx.alerts.out.clone(), leader)
+        let consent_collection = consents.to_collection(scope);
+        if let Some(research) = &ctx.research {
+            crate::research::research(validated.clone(), consent_collection.inner.clone(), research.clone());
+        }
+        consent_join(relayed, consent_collection, ctx.alerts.out.clone(), leader)
             .probe_with(&relay_done);
         let stored_stream = validated.unary_frontier::<CapacityContainerBuilder<Vec<()>>, _, _, _>(Pipeline, "Store", {
             let metrics = ctx.metrics.clone();

@@ -33,4 +33,6 @@ pub mod ledger;
 pub mod metrics;
 pub mod node;
 pub mod output;
+pub mod research;
+mod studies;
 mod verify;

@@ -43,6 +43,12 @@ pub struct EngineMetrics {
     pub consent_records: Gauge,
     pub consent_refused: Gauge,
     pub consent_errors: Gauge,
+    pub research_windows_released: Family<[(&'static str, String); 1], Gauge>,
+    pub research_epsilon_spent: Family<[(&'static str, String); 1], Gauge<f64, AtomicU64>>,
+    pub research_patients_contributing: Family<[(&'static str, String); 1], Gauge>,
+    pub research_rows_read: Family<[(&'static str, String); 2], Gauge>,
+    pub research_batches_read: Family<[(&'static str, String); 2], Gauge>,
+    pub research_bytes_read: Family<[(&'static str, String); 2], Gauge>,
 }
 
 impl Default for EngineMetrics {
@@ -77,6 +83,12 @@ impl Default for EngineMetrics {
             ledger_chain_errors: Gauge::default(),
             ledger_chain_last_block: Gauge::default(),
             ledger_chain_connected: Gauge::default(),
+            research_windows_released: Family::default(),
+            research_epsilon_spent: Family::default(),
+            research_patients_contributing: Family::default(),
+            research_rows_read: Family::default(),
+            research_batches_read: Family::default(),
+            research_bytes_read: Family::default(),
             consent_last_block: Gauge::default(),
             consent_records: Gauge::default(),
             consent_refused: Gauge::default(),
@@ -191,6 +203,36 @@ impl EngineMetrics {
         ] {
             r.register(name, help, g.clone());
         }
+        r.register(
+            "research_windows_released",
+            "Windows a study released",
+            self.research_windows_released.clone(),
+        );
+        r.register(
+            "research_epsilon_spent",
+            "Privacy budget a study spent, as epsilon at the study's delta (zCDP accounting)",
+            self.research_epsilon_spent.clone(),
+        );
+        r.register(
+            "research_patients_contributing",
+            "Patients who contributed to at least one released window of a study",
+            self.research_patients_contributing.clone(),
+        );
+        r.register(
+            "research_rows_read",
+            "Rows a researcher read from a study over Flight",
+            self.research_rows_read.clone(),
+        );
+        r.register(
+            "research_batches_read",
+            "Record batches a researcher read from a study over Flight",
+            self.research_batches_read.clone(),
+        );
+        r.register(
+            "research_bytes_read",
+            "Bytes of Flight data a researcher read from a study",
+            self.research_bytes_read.clone(),
+        );
         r.register(
             "readings_stored",
             "Readings written to the store",

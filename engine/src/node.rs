@@ -47,6 +47,9 @@ pub struct Node {
     ledger: Option<crate::ledger::LedgerThread>,
     consent: Option<wardflow_ledger_bridge::follow::ConsentFollower>,
     emergency: Option<JoinHandle<()>>,
+    /// The Arrow Flight server for research studies, if it runs here.
+    pub flight_addr: Option<SocketAddr>,
+    flight: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
 }
 
 struct NetThread {
@@ -168,11 +171,17 @@ impl Node {
         }
         let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
         let (consent_tx, consent_rx) = crossbeam_channel::unbounded();
-        // Consent records on the chain: process 0 reads them for the cluster.
-        let consent = match (&ledger, &config.ledger.url) {
-            (Some(l), Some(url)) if config.dataflow.process == 0 => Some(
-                crate::consent::start_follower(config, url, consent_tx.clone(), l.event_sender())
-                    .context("following the chain for consent records")?,
+        // Consent records on the chain (or the local consent log): process
+        // 0 reads them for the cluster.
+        let consent = match &ledger {
+            Some(l) if config.dataflow.process == 0 => Some(
+                crate::consent::start_follower(
+                    config,
+                    config.ledger.url.as_deref(),
+                    consent_tx.clone(),
+                    l.event_sender(),
+                )
+                .context("following consent records")?,
             ),
             _ => None,
         };
@@ -190,6 +199,14 @@ impl Node {
             out: alert_tx,
             restored,
         });
+        // Research studies: every process sums its readings per window;
+        // process 0 releases them and serves them over Flight.
+        let studies = wardflow_research::store::Registry::open(&data_dir);
+        let research = Arc::new(crate::research::ResearchContext {
+            registry: studies.clone(),
+            census: census.clone(),
+            releases: config.dataflow.process == 0,
+        });
         let (recovered_tx, recovered_rx) = crossbeam_channel::bounded(1);
         let ctx = Arc::new(DataflowContext {
             root: data_dir.clone(),
@@ -206,6 +223,7 @@ impl Node {
             commands: Mutex::new(Some(command_rx)),
             ledger: ledger.as_ref().map(|l| l.sender()),
             consents: Mutex::new(Some(consent_rx)),
+            research: Some(research),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -264,6 +282,7 @@ impl Node {
             rules: rules.clone(),
             chain: ledger.as_ref().and_then(|l| l.chain_status()),
             consent: consent.as_ref().map(|c| c.status.clone()),
+            studies: studies.clone(),
         });
         let api = Arc::new(crate::api::Api {
             census: census.clone(),
@@ -308,6 +327,20 @@ impl Node {
         } else {
             None
         };
+        let flight = if config.dataflow.process == 0 && !config.research.flight.is_empty() {
+            let stop = Arc::new(AtomicBool::new(false));
+            let (addr, join) = crate::research::start_flight(
+                &config.research.flight,
+                studies.clone(),
+                &data_dir,
+                stop.clone(),
+            )?;
+            tracing::info!(%addr, "research studies served over Arrow Flight");
+            Some((addr, (stop, join)))
+        } else {
+            None
+        };
+        let flight_addr = flight.as_ref().map(|f| f.0);
         tracing::info!(%mqtt_addr, %http_addr, data_dir = %data_dir.display(), workers, checkpoint, "wardflow is serving");
         Ok(Node {
             metrics,
@@ -323,6 +356,8 @@ impl Node {
             ledger,
             consent,
             emergency,
+            flight_addr,
+            flight: flight.map(|f| f.1),
         })
     }
 
@@ -334,6 +369,10 @@ impl Node {
     fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(c) = self.consent.take() {
             c.stop();
+        }
+        if let Some((stop, join)) = self.flight.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = join.join();
         }
         if let Some(mut net) = self.net.take() {
             if let Some(tx) = net.stop.take() {
@@ -387,6 +426,7 @@ struct Health {
     rules: Arc<RuleBook>,
     chain: Option<Arc<wardflow_ledger_bridge::chain::ChainStatus>>,
     consent: Option<Arc<wardflow_ledger_bridge::follow::FollowStatus>>,
+    studies: Arc<wardflow_research::store::Registry>,
 }
 
 /// Updates the gauges that are sampled rather than counted.
@@ -418,6 +458,31 @@ impl Health {
             e.consent_records.set(get(&c.records));
             e.consent_refused.set(get(&c.refused));
             e.consent_errors.set(get(&c.errors));
+        }
+        for live in self.studies.all() {
+            let study = live.study.id.clone();
+            let state = live.state();
+            e.research_windows_released
+                .get_or_create(&[("study", study.clone())])
+                .set(state.windows_released as i64);
+            e.research_epsilon_spent
+                .get_or_create(&[("study", study.clone())])
+                .set(state.accountant.spent_epsilon(live.study.delta));
+            e.research_patients_contributing
+                .get_or_create(&[("study", study.clone())])
+                .set(live.contributions().patients.len() as i64);
+            for (who, u) in live.usage().readers {
+                let labels = [("study", study.clone()), ("researcher", who)];
+                e.research_rows_read
+                    .get_or_create(&labels)
+                    .set(u.rows as i64);
+                e.research_batches_read
+                    .get_or_create(&labels)
+                    .set(u.batches as i64);
+                e.research_bytes_read
+                    .get_or_create(&labels)
+                    .set(u.bytes as i64);
+            }
         }
         if let Some(c) = &self.chain {
             e.ledger_chain_pending_batches.set(get(&c.pending_batches));

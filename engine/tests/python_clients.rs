@@ -57,3 +57,11 @@ fn news2_agrees_with_the_chart_oracle() {
 fn alert_feeds_with_real_clients() {
     run_python("test_alerts.py");
 }
+
+/// Research studies over Arrow Flight with pyarrow.flight while paho
+/// clients publish: schema, k, counts within the noise, revocation,
+/// replay, status codes, metering.
+#[test]
+fn research_streams_over_flight() {
+    run_python("test_research.py");
+}

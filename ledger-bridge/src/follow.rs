@@ -30,6 +30,64 @@ pub fn seen_log_path(dir: &Path) -> PathBuf {
     dir.join("consent-chain.jsonl")
 }
 
+/// Consent records signed by patients in local mode (no chain), in the
+/// ledger directory: the same records, with the patient's signature over
+/// the remark in place of the chain's.
+pub fn local_log_path(dir: &Path) -> PathBuf {
+    dir.join("consent-local.jsonl")
+}
+
+/// A consent record in local mode.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LocalRecord {
+    /// The signer's account, hex.
+    pub signer: String,
+    /// The remark, hex.
+    pub payload: String,
+    /// sr25519 signature of the remark, hex.
+    pub signature: String,
+    /// When it was signed, Unix milliseconds.
+    pub at_ms: u64,
+}
+
+impl LocalRecord {
+    /// Signs `payload` with `key`.
+    pub fn sign(key: &crate::chain::Keypair, payload: &[u8]) -> LocalRecord {
+        LocalRecord {
+            signer: hex(&key.public_key().0),
+            payload: hex(payload),
+            signature: hex(&key.sign(payload).0),
+            at_ms: crate::now_ms(),
+        }
+    }
+
+    /// The record as a local "block" `n` holds it, if its signature holds.
+    fn verified(&self, n: u64) -> Result<Seen, String> {
+        let signer: [u8; 32] = crate::consent::unhex(&self.signer)
+            .and_then(|b| b.try_into().ok())
+            .ok_or("the signer is not a 32-byte account")?;
+        let signature: [u8; 64] = crate::consent::unhex(&self.signature)
+            .and_then(|b| b.try_into().ok())
+            .ok_or("the signature is not 64 bytes")?;
+        let payload = crate::consent::unhex(&self.payload).ok_or("the payload is not hex")?;
+        if !subxt_signer::sr25519::verify(
+            &subxt_signer::sr25519::Signature(signature),
+            &payload,
+            &subxt_signer::sr25519::PublicKey(signer),
+        ) {
+            return Err("the signature does not match the signer".into());
+        }
+        Ok(Seen {
+            block: n,
+            block_hash: "local".into(),
+            extrinsic: 0,
+            block_ms: self.at_ms,
+            signer: self.signer.clone(),
+            payload: self.payload.clone(),
+        })
+    }
+}
+
 fn cursor_path(dir: &Path) -> PathBuf {
     dir.join("consent-cursor")
 }
@@ -112,6 +170,67 @@ impl ConsentFollower {
         let join = std::thread::Builder::new()
             .name("consent".into())
             .spawn(move || f.run(&mut report))
+            .map_err(io_err(dir))?;
+        Ok(ConsentFollower {
+            join: Some(join),
+            stop,
+            status,
+        })
+    }
+
+    /// Follows the local consent log instead of a chain (local mode): a
+    /// record's "block" is its line number in the log, its time the
+    /// patient's signing time, and its signature is checked against its
+    /// signer before the book sees it.
+    pub fn start_local(
+        dir: &Path,
+        poll: Duration,
+        mut report: impl FnMut(ConsentEvent) + Send + 'static,
+    ) -> Result<ConsentFollower, AnchorError> {
+        let (book, seen) = load_book(dir)?;
+        let done = seen.last().map_or(0, |s| s.block);
+        report(ConsentEvent::InForce(book.in_force(crate::now_ms())));
+        let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(FollowStatus::default());
+        status.connected.store(true, Ordering::Relaxed);
+        let mut f = Follower {
+            url: String::new(),
+            dir: dir.to_path_buf(),
+            book,
+            next: done + 1,
+            status: status.clone(),
+            stop: stop.clone(),
+            poll,
+        };
+        let join = std::thread::Builder::new()
+            .name("consent".into())
+            .spawn(move || {
+                let mut tail = crate::anchor::JsonLinesTail::new(local_log_path(&f.dir));
+                let mut line = 0u64;
+                while !f.stop.load(Ordering::Relaxed) {
+                    let mut found = Vec::new();
+                    for r in tail.poll::<LocalRecord>() {
+                        line += 1;
+                        if line < f.next {
+                            continue;
+                        }
+                        match r.verified(line) {
+                            Ok(seen) => found.push(seen),
+                            Err(why) => {
+                                f.status.refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(line, signer = %r.signer, "local consent record refused: {why}");
+                            }
+                        }
+                        f.next = line + 1;
+                    }
+                    if let Err(e) = f.decide(found, &mut report) {
+                        f.status.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!("consent: {e}");
+                    }
+                    f.status.last_block.store(line, Ordering::Relaxed);
+                    f.sleep(f.poll);
+                }
+            })
             .map_err(io_err(dir))?;
         Ok(ConsentFollower {
             join: Some(join),
@@ -234,40 +353,53 @@ impl Follower {
             } else {
                 Vec::new()
             };
-            if !found.is_empty() {
-                let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
-                let path = seen_log_path(&self.dir);
-                crate::anchor::append_json_lines(&path, &found).map_err(|e| e.to_string())?;
-                for seen in found {
-                    let record = crate::consent::unhex(&seen.payload)
-                        .and_then(|p| ConsentRecord::decode(&p))
-                        .and_then(Result::ok);
-                    let decision = self.book.apply(&seen, &registry);
-                    self.status.records.fetch_add(1, Ordering::Relaxed);
-                    match &decision {
-                        Decision::Refused { reason } => {
-                            self.status.refused.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(
-                                block = seen.block,
-                                extrinsic = seen.extrinsic,
-                                signer = %seen.signer,
-                                "consent record refused: {reason}"
-                            );
-                        }
-                        d => tracing::info!(block = seen.block, "consent record: {d:?}"),
-                    }
-                    report(ConsentEvent::Decided(Box::new(Decided {
-                        seen,
-                        record,
-                        decision,
-                    })));
-                }
-            }
+            self.decide(found, report)?;
             let cursor = cursor_path(&self.dir);
             std::fs::write(&cursor, format!("{n}\n"))
                 .map_err(|e| format!("{}: {e}", cursor.display()))?;
             self.status.last_block.store(n, Ordering::Relaxed);
             self.next = n + 1;
+        }
+        Ok(())
+    }
+}
+
+impl Follower {
+    /// Keeps the records found (fsynced), then decides and reports each.
+    fn decide(
+        &mut self,
+        found: Vec<Seen>,
+        report: &mut dyn FnMut(ConsentEvent),
+    ) -> Result<(), String> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
+        let path = seen_log_path(&self.dir);
+        crate::anchor::append_json_lines(&path, &found).map_err(|e| e.to_string())?;
+        for seen in found {
+            let record = crate::consent::unhex(&seen.payload)
+                .and_then(|p| ConsentRecord::decode(&p))
+                .and_then(Result::ok);
+            let decision = self.book.apply(&seen, &registry);
+            self.status.records.fetch_add(1, Ordering::Relaxed);
+            match &decision {
+                Decision::Refused { reason } => {
+                    self.status.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        block = seen.block,
+                        extrinsic = seen.extrinsic,
+                        signer = %seen.signer,
+                        "consent record refused: {reason}"
+                    );
+                }
+                d => tracing::info!(block = seen.block, "consent record: {d:?}"),
+            }
+            report(ConsentEvent::Decided(Box::new(Decided {
+                seen,
+                record,
+                decision,
+            })));
         }
         Ok(())
     }
