@@ -38,6 +38,13 @@ use crate::dataflow::Validated;
 /// Per metric: readings and their sum.
 type Sums = [(u32, f64); Metric::COUNT];
 
+/// A change to the accesses in force, as the consent collection carries it.
+type ConsentUpdate = ((String, Access), u64, isize);
+
+/// Open windows on one worker: (length, start) → the window's capability
+/// and each patient's sums.
+type OpenWindows = BTreeMap<(u64, u64), (Capability<u64>, HashMap<PatientId, Sums>)>;
+
 /// One patient's readings in one window, from one worker.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PatientWindow {
@@ -90,7 +97,7 @@ fn usable(q: Quality) -> bool {
 /// worker 0.
 pub fn research<'s>(
     validated: Stream<'s, u64, Vec<Validated>>,
-    consents: Stream<'s, u64, Vec<((String, Access), u64, isize)>>,
+    consents: Stream<'s, u64, Vec<ConsentUpdate>>,
     ctx: Arc<ResearchContext>,
 ) -> Stream<'s, u64, Vec<()>> {
     let windows = validated
@@ -105,10 +112,7 @@ pub fn research<'s>(
                         lengths: Vec::new(),
                     };
                     // (length, start) → the window's capability and its sums.
-                    let mut open: BTreeMap<
-                        (u64, u64),
-                        (Capability<u64>, HashMap<PatientId, Sums>),
-                    > = BTreeMap::new();
+                    let mut open: OpenWindows = BTreeMap::new();
                     move |(input, frontier), output| {
                         let lengths = lengths.get(&registry).to_vec();
                         input.for_each(|cap, data: &mut Vec<Validated>| {
@@ -167,7 +171,7 @@ pub fn research<'s>(
     windows.binary_frontier::<_, CapacityContainerBuilder<Vec<()>>, _, _, _, _>(
         consents,
         Exchange::new(|_: &PatientWindow| 0u64),
-        Exchange::new(|_: &((String, Access), u64, isize)| 0u64),
+        Exchange::new(|_: &ConsentUpdate| 0u64),
         "Release",
         move |_cap, _info| {
             let mut release = Releaser::new(ctx);
@@ -177,7 +181,7 @@ pub fn research<'s>(
                         release.add(w);
                     }
                 });
-                consents.for_each(|_, data: &mut Vec<((String, Access), u64, isize)>| {
+                consents.for_each(|_, data: &mut Vec<ConsentUpdate>| {
                     for ((_, a), t, diff) in data.drain(..) {
                         if a.purpose.starts_with("research:") {
                             release.consents.entry(t).or_default().push((a, diff));
