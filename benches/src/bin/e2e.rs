@@ -20,6 +20,15 @@
 //! cargo run --release -p wardflow-benches --bin e2e -- --baseline no-ledger --duration 10 --repeat 3
 //! ```
 //!
+//! With `--baseline no-research` the baseline is Wardflow with no study
+//! registered, and the measured run has `--studies N` (default 5) studies,
+//! each of every simulated patient's consent, releasing every second: the
+//! ratio is what the research stage costs ingest.
+//!
+//! ```text
+//! cargo run --release -p wardflow-benches --bin e2e -- --baseline no-research --duration 10 --repeat 3
+//! ```
+//!
 //! With `--chain ws://…` (and `WARDFLOW_LEDGER_SURI` naming a funded
 //! account) the batches are also anchored on that chain, and each run
 //! reports the anchoring extrinsics per minute at that ingest rate.
@@ -99,6 +108,9 @@ struct Options {
     /// chain), and report the anchoring extrinsics per minute.
     #[arg(long, value_name = "URL")]
     chain: Option<String>,
+    /// Studies running in the measured Wardflow (with `--baseline no-research`).
+    #[arg(long, default_value_t = 5)]
+    studies: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,6 +119,8 @@ enum Baseline {
     Mosquitto,
     /// Wardflow with its audit ledger off.
     NoLedger,
+    /// Wardflow with no research study running.
+    NoResearch,
 }
 
 fn scenario(name: &str) -> Result<Scenario, String> {
@@ -138,6 +152,9 @@ struct Outcome {
     extrinsics: u64,
     chain_pending: u64,
     run_s: f64,
+    /// With studies: windows released and patient contributions, summed
+    /// over the studies.
+    research: (u64, u64),
 }
 
 fn simulate(o: &Options, s: Scenario, port: u16, data: &Path, creds: &Path) -> Command {
@@ -268,15 +285,21 @@ fn run_mosquitto(o: &Options, s: Scenario, dir: &Path) -> anyhow::Result<Outcome
         extrinsics: 0,
         chain_pending: 0,
         run_s: 0.0,
+        research: (0, 0),
     })
 }
 
-fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::Result<Outcome> {
-    let data = dir.join(if ledger {
-        "wardflow-data"
-    } else {
-        "wardflow-data-no-ledger"
-    });
+fn run_wardflow(
+    o: &Options,
+    s: Scenario,
+    dir: &Path,
+    ledger: bool,
+    studies: usize,
+) -> anyhow::Result<Outcome> {
+    let data = dir.join(format!(
+        "wardflow-data-{}-{studies}",
+        if ledger { "ledger" } else { "no-ledger" }
+    ));
     let (mqtt, http) = (free_port(), free_port());
     let server = Command::new(&o.wardflow)
         .args(["--log", "warn", "--data-dir"])
@@ -326,6 +349,9 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
             String::from_utf8_lossy(&reg.stderr)
         );
     }
+    if studies > 0 {
+        research_setup(o, &data, &creds, studies)?;
+    }
     let stored = || {
         http_get(http, "/metrics")
             .and_then(|m| metric(&m, "wardflow_readings_stored_total"))
@@ -360,6 +386,16 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
     let extrinsics = get("wardflow_ledger_chain_extrinsics");
     let chain_pending = get("wardflow_ledger_chain_pending_batches");
     let run_s = start.elapsed().as_secs_f64();
+    let sum_of = |prefix: &str| -> u64 {
+        m.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let research = (
+        sum_of("wardflow_research_windows_released{"),
+        sum_of("wardflow_research_patients_contributing{"),
+    );
     stop(server);
     let readings = last.0 - base;
     Ok(Outcome {
@@ -371,7 +407,83 @@ fn run_wardflow(o: &Options, s: Scenario, dir: &Path, ledger: bool) -> anyhow::R
         extrinsics,
         chain_pending,
         run_s,
+        research,
     })
+}
+
+/// Registers `n` studies releasing every second, and every simulated
+/// patient's research consent to each (in the local consent log), as a
+/// hospital and its patients would with the CLI.
+fn research_setup(o: &Options, data: &Path, creds: &Path, n: usize) -> anyhow::Result<()> {
+    let cli = |args: &[&str]| -> anyhow::Result<String> {
+        let out = Command::new(&o.wardflow)
+            .args(["--log", "warn", "--data-dir"])
+            .arg(data)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "wardflow {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let text = std::fs::read_to_string(creds)?;
+    let mut patients: Vec<String> = Vec::new();
+    collect_patients(&serde_json::from_str(&text)?, &mut patients);
+    patients.sort();
+    patients.dedup();
+    cli(&["researchers", "add", "r-bench"])?;
+    for i in 0..n {
+        let file = data.join(format!("study-{i}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "id = \"bench-{i}\"\nresearchers = [\"r-bench\"]\nmetrics = [\"hr\", \"spo2\", \"rr\"]\nwindow = \"1s\"\nstatistics = [\"count\", \"mean\", \"std\", \"p50\", \"p90\"]\nk = 3\nrunning_totals = true\n[cohort]\ngroup_by = [\"sex\"]\n[privacy]\nepsilon = 10.0\ndelta = 1e-6\nwindows = 100000\n[clamp]\nhr = [30, 200]\nspo2 = [70, 100]\nrr = [4, 60]\nmax_readings = 1000\n"
+            ),
+        )?;
+        cli(&["studies", "add", &file.to_string_lossy()])?;
+    }
+    for p in &patients {
+        let key = data.join(format!("{p}.key"));
+        let key = key.to_string_lossy();
+        cli(&["consent", "keygen", "--out", &key])?;
+        cli(&["consent", "register", "--patient", p, "--key", &key])?;
+        for i in 0..n {
+            let study = format!("bench-{i}");
+            cli(&[
+                "consent",
+                "grant",
+                "--key",
+                &key,
+                "--patient",
+                p,
+                "--to",
+                &study,
+                "--purpose",
+                &format!("research:{study}"),
+                "--scope",
+                "vitals",
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+fn collect_patients(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                match (k.as_str(), x.as_str()) {
+                    ("patient", Some(p)) => out.push(p.to_string()),
+                    _ => collect_patients(x, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_patients(x, out)),
+        _ => {}
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -384,6 +496,7 @@ fn main() -> anyhow::Result<()> {
     let base_name = match o.baseline {
         Baseline::Mosquitto => "mosquitto",
         Baseline::NoLedger => "no-ledger",
+        Baseline::NoResearch => "no-research",
     };
     println!(
         "# wardflow e2e: {} devices, {} s per run, {} repeats, {base_name} then Wardflow each time\n",
@@ -397,9 +510,15 @@ fn main() -> anyhow::Result<()> {
             let dir = tempfile::tempdir()?;
             let m = match o.baseline {
                 Baseline::Mosquitto => run_mosquitto(&o, *s, dir.path())?,
-                Baseline::NoLedger => run_wardflow(&o, *s, dir.path(), false)?,
+                Baseline::NoLedger => run_wardflow(&o, *s, dir.path(), false, 0)?,
+                Baseline::NoResearch => run_wardflow(&o, *s, dir.path(), true, 0)?,
             };
-            let w = run_wardflow(&o, *s, dir.path(), true)?;
+            let studies = if o.baseline == Baseline::NoResearch {
+                o.studies
+            } else {
+                0
+            };
+            let w = run_wardflow(&o, *s, dir.path(), true, studies)?;
             println!(
                 "{:<16} run {}: {base_name} {:>11.0} readings/s ({} of {} sent, peak {:.0} MiB) | wardflow {:>11.0} readings/s stored ({} of {} sent, peak {:.0} MiB, {} audit batches) | ratio {:.2}",
                 s.name,
@@ -415,6 +534,15 @@ fn main() -> anyhow::Result<()> {
                 w.batches,
                 w.per_s / m.per_s
             );
+            if studies > 0 {
+                println!(
+                    "{:<16} run {}: {studies} studies released {} windows, with {} patients contributing",
+                    s.name,
+                    r + 1,
+                    w.research.0,
+                    w.research.1
+                );
+            }
             if o.chain.is_some() {
                 println!(
                     "{:<16} run {}: chain: {} anchoring extrinsics in {:.0} s ({:.1} per minute), {} batches queued at the end",
