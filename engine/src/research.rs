@@ -288,10 +288,14 @@ impl Releaser {
             }
             let len = live.study.window_ms;
             let next = *self.next.entry(live.study.id.clone()).or_insert_with(|| {
-                // The first whole window after the study starts running,
-                // and never one released before a restart.
-                frontier
-                    .div_ceil(len)
+                // The first whole window after the study starts running
+                // here (by the wall clock, which the epochs follow: the
+                // dataflow's time starts at 0 before the log's first
+                // epoch), and never one released before a restart; the
+                // time the engine was down is not released as empty
+                // windows.
+                let now = (wardflow_model::now_ns() / 1_000_000).max(0) as u64;
+                now.div_ceil(len)
                     .saturating_mul(len)
                     .max(live.state().last_end_ms)
             });

@@ -86,6 +86,9 @@ pub struct ResearchFlight {
     registry: Arc<Registry>,
     auth: Arc<Authenticator>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// Set when the server shuts down: live streams end, so the graceful
+    /// shutdown does not wait for them forever.
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl ResearchFlight {
@@ -94,6 +97,7 @@ impl ResearchFlight {
             registry,
             auth,
             tokens: Mutex::new(HashMap::new()),
+            closing: Arc::new(tokio::sync::watch::channel(false).0),
         }
     }
 
@@ -200,12 +204,21 @@ fn ended_status(e: &Ended) -> Status {
 
 type Batches = BoxStream<'static, Result<RecordBatch, FlightError>>;
 
-/// The live windows of a study, ending with its end status.
-fn live_batches(live: &Arc<Live>) -> Batches {
+/// The live windows of a study, ending with its end status, or when the
+/// server shuts down.
+fn live_batches(live: &Arc<Live>, closing: tokio::sync::watch::Receiver<bool>) -> Batches {
     let rx = live.subscribe();
-    stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
-        match rx.recv().await {
+    stream::unfold(Some((rx, closing)), |state| async move {
+        let (mut rx, mut closing) = state?;
+        let next = tokio::select! {
+            r = rx.recv() => r,
+            _ = closing.wait_for(|c| *c) => {
+                let s = Status::unavailable("the server is shutting down");
+                return Some((Err(FlightError::Tonic(Box::new(s))), None));
+            }
+        };
+        let rx = (rx, closing);
+        match next {
             Ok(Event::Window(r)) => Some((Ok(r.batch.clone()), Some(rx))),
             Ok(Event::End(e)) => Some((Err(FlightError::Tonic(Box::new(ended_status(&e)))), None)),
             Err(RecvError::Lagged(n)) => {
@@ -323,7 +336,7 @@ impl FlightService for ResearchFlight {
             if let Some(e) = live.ended() {
                 return Err(ended_status(&e));
             }
-            live_batches(&live)
+            live_batches(&live, self.closing.subscribe())
         } else {
             let from = ticket.from_ms.unwrap_or(0);
             let to = ticket.to_ms.unwrap_or(u64::MAX);
@@ -361,7 +374,15 @@ impl FlightService for ResearchFlight {
                 }
             })
         };
+        // The encoder splits batches it estimates above this size; its
+        // estimate counts whole shared buffers (each column of a batch
+        // read back from the release log shares its message's buffer, so
+        // a 200 kB batch is estimated at megabytes) and at the 2 MiB
+        // default it split every replayed batch. Flight clients (pyarrow
+        // among them) accept messages far larger; release batches are
+        // small.
         let encoded = FlightDataEncoderBuilder::new()
+            .with_max_flight_data_size(32 << 20)
             .with_schema(schema(&live.study))
             .build(counting)
             .map(move |d| {
@@ -435,6 +456,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let closing = service.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing.send(true);
+    };
     tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
