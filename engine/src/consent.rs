@@ -343,6 +343,22 @@ fn terms(a: &TermsArgs) -> anyhow::Result<Terms> {
     Ok(t)
 }
 
+/// Appends `record`, signed with `key`, to the local consent log (no
+/// chain); returns the grant id it creates.
+pub fn record_locally(
+    ledger_dir: &Path,
+    key: &wardflow_ledger_bridge::chain::Keypair,
+    record: &ConsentRecord,
+) -> anyhow::Result<String> {
+    let payload = record.payload();
+    std::fs::create_dir_all(ledger_dir).with_context(|| ledger_dir.display().to_string())?;
+    wardflow_ledger_bridge::anchor::append_json_lines(
+        &local_log_path(ledger_dir),
+        &[LocalRecord::sign(key, &payload)],
+    )?;
+    Ok(grant_id(&key.public_key().0, &payload))
+}
+
 /// Signs `record` with the key file and submits it; waits for finality.
 /// Without a chain (local mode), appends it, signed, to the local consent
 /// log the engine follows.
@@ -351,12 +367,7 @@ fn submit(config: &Config, chain: &ChainArgs, record: &ConsentRecord) -> anyhow:
     let payload = record.payload();
     let id = grant_id(&key.public_key().0, &payload);
     let Some(url) = chain.chain.clone().or_else(|| config.ledger.url.clone()) else {
-        let dir = config.ledger_dir();
-        std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-        wardflow_ledger_bridge::anchor::append_json_lines(
-            &local_log_path(&dir),
-            &[LocalRecord::sign(&key, &payload)],
-        )?;
+        record_locally(&config.ledger_dir(), &key, record)?;
         match record {
             ConsentRecord::Revoke { grant, .. } => println!("revocation of {grant}"),
             _ => println!("grant {id}"),

@@ -3,7 +3,32 @@
 //! in two units; two more patients follow a script (a desaturation and a
 //! tachycardia) so the default alert rules have something to say, and a
 //! clinician account covering both units is printed with the commands to
-//! follow its alert feed.
+//! follow its alert feed. Every simulated patient consents (in the local
+//! consent log) to a research study, `demo-vitals`, which the demo serves
+//! over Arrow Flight to the researcher account it prints.
+
+/// The demo's research study.
+const DEMO_STUDY: &str = r#"
+id = "demo-vitals"
+title = "Heart rate of the ward, every 10 s"
+researchers = ["demo-researcher"]
+metrics = ["hr"]
+window = "10s"
+statistics = ["count", "mean"]
+k = 5
+
+# The budget covers 10 minutes of windows; then the stream ends with
+# RESOURCE_EXHAUSTED. One patient per row, 50 patients: the noise on the
+# mean is a few beats per minute.
+[privacy]
+epsilon = 20.0
+delta = 1e-6
+windows = 60
+
+[clamp]
+hr = [40, 140]
+max_readings = 12
+"#;
 
 /// The scripted patients of the demo (simulator scenario format).
 const DEMO_SCENARIO: &str = r#"
@@ -53,11 +78,57 @@ use crate::cli::{Cli, DemoArgs, effective_config, stop_flag};
 use crate::node::Node;
 use crate::output::{format_time, parse_duration};
 
+/// Registers the demo study, its researcher (returns the secret, once) and
+/// every simulated patient's consent to it, signed with a key of their own.
+fn demo_study(
+    config: &crate::config::Config,
+    creds: &[wardflow_simulator::Credential],
+) -> anyhow::Result<Option<String>> {
+    use wardflow_ledger_bridge::consent::{AccountRegistry, ConsentRecord, Terms};
+    use wardflow_research::store::{Researchers, StoreError, add_study};
+    let data = &config.data_dir;
+    let secret = match Researchers::add(data, "demo-researcher", None) {
+        Ok(s) => Some(s),
+        Err(StoreError::ResearcherExists(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let file = data.join("demo-vitals.toml");
+    std::fs::write(&file, DEMO_STUDY)?;
+    match add_study(data, &file) {
+        Ok(_) | Err(StoreError::Exists(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if secret.is_none() {
+        return Ok(None); // consents were given on the first run
+    }
+    let ledger = config.ledger_dir();
+    let keys = data.join("demo-patient-keys");
+    std::fs::create_dir_all(&keys)?;
+    for c in creds {
+        let patient = c.patient.as_str();
+        let suri = wardflow_ledger_bridge::chain::load_or_create_suri(&keys.join(patient))?;
+        let key = wardflow_ledger_bridge::chain::load_signer(&suri).map_err(anyhow::Error::msg)?;
+        AccountRegistry::register(&ledger, &format!("patient:{patient}"), &key.public_key().0)?;
+        let terms = Terms {
+            patient: patient.to_string(),
+            grantee: "demo-vitals".into(),
+            purpose: "research:demo-vitals".into(),
+            scope: vec!["vitals".into()],
+            not_after_ms: wardflow_ledger_bridge::now_ms() + 30 * 24 * 3600 * 1000,
+            may_delegate: false,
+            nonce: 0,
+        };
+        crate::consent::record_locally(&ledger, &key, &ConsentRecord::Grant(terms))?;
+    }
+    Ok(secret)
+}
+
 pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
     let mut serve = args.serve.clone();
     // Ephemeral ports unless asked otherwise, so the demo runs beside anything.
     serve.mqtt.get_or_insert_with(|| "127.0.0.1:0".into());
     serve.http.get_or_insert_with(|| "127.0.0.1:0".into());
+    serve.flight.get_or_insert_with(|| "127.0.0.1:0".into());
     let mut config = effective_config(cli, &serve)?;
     let temp = match &cli.data_dir {
         Some(_) => None,
@@ -113,6 +184,7 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         Err(wardflow_ingest::census::CensusError::ClinicianExists(_)) => None,
         Err(e) => return Err(e.into()),
     };
+    let researcher = demo_study(&config, &creds)?;
     println!(
         "wardflow demo: {} simulated patients in units icu-a and icu-b on MQTT {}, metrics on http://{}/metrics, data in {}",
         args.patients,
@@ -132,6 +204,14 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         println!(
             "  curl -N -H 'Authorization: Bearer demo-rn:{secret}' http://{}/v1/alerts/stream",
             node.http_addr
+        );
+    }
+    if let (Some(secret), Some(addr)) = (&researcher, node.flight_addr) {
+        println!(
+            "read the research study demo-vitals (every patient consented; a batch every 10 s, for 10 minutes of privacy budget) as demo-researcher:"
+        );
+        println!(
+            "  python3 -c \"import pyarrow.flight as f; c = f.connect('grpc://{addr}'); o = f.FlightCallOptions(headers=[c.authenticate_basic_token('demo-researcher', '{secret}')]); [print(b.data.to_pylist()) for b in c.do_get(f.Ticket(b'{{\\\"study\\\": \\\"demo-vitals\\\"}}'), o)]\""
         );
     }
     println!("one line a second; Ctrl-C stops");

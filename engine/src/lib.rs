@@ -25,7 +25,7 @@ mod api;
 pub mod cli;
 mod clinical_cli;
 pub mod config;
-mod consent;
+pub(crate) mod consent;
 pub mod dataflow;
 mod demo;
 mod emergency;

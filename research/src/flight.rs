@@ -41,7 +41,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::release::schema;
-use crate::store::{Authenticator, Ended, Event, Live, ReaderUsage, Registry};
+use crate::store::{
+    Authenticator, Ended, Event, Live, ReaderUsage, Registry, for_each_raw_release,
+};
 
 /// How long a handshake's token is good for.
 const TOKEN_LIFETIME: Duration = Duration::from_secs(12 * 3600);
@@ -332,21 +334,6 @@ impl FlightService for ResearchFlight {
         let who = self.caller(request.metadata())?;
         let ticket = TicketRequest::parse(&request.get_ref().ticket)?;
         let live = self.study_for(&who, &ticket.study)?;
-        let batches: Batches = if ticket.is_live() {
-            if let Some(e) = live.ended() {
-                return Err(ended_status(&e));
-            }
-            live_batches(&live, self.closing.subscribe())
-        } else {
-            let from = ticket.from_ms.unwrap_or(0);
-            let to = ticket.to_ms.unwrap_or(u64::MAX);
-            let log = live.clone();
-            let replayed = tokio::task::spawn_blocking(move || log.replay(from, to))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?
-                .map_err(|e| Status::internal(e.to_string()))?;
-            stream::iter(replayed.into_iter().map(Ok)).boxed()
-        };
         tracing::info!(study = %live.study.id, researcher = %who, live = ticket.is_live(), "research stream opened");
         live.meter(
             &who,
@@ -359,6 +346,13 @@ impl FlightService for ResearchFlight {
             live: live.clone(),
             researcher: who,
         });
+        if !ticket.is_live() {
+            return Ok(Response::new(replay(&live, &ticket, meter)));
+        }
+        if let Some(e) = live.ended() {
+            return Err(ended_status(&e));
+        }
+        let batches = live_batches(&live, self.closing.subscribe());
         let counting = {
             let meter = meter.clone();
             batches.inspect(move |b| {
@@ -374,15 +368,7 @@ impl FlightService for ResearchFlight {
                 }
             })
         };
-        // The encoder splits batches it estimates above this size; its
-        // estimate counts whole shared buffers (each column of a batch
-        // read back from the release log shares its message's buffer, so
-        // a 200 kB batch is estimated at megabytes) and at the 2 MiB
-        // default it split every replayed batch. Flight clients (pyarrow
-        // among them) accept messages far larger; release batches are
-        // small.
         let encoded = FlightDataEncoderBuilder::new()
-            .with_max_flight_data_size(32 << 20)
             .with_schema(schema(&live.study))
             .build(counting)
             .map(move |d| {
@@ -429,6 +415,50 @@ impl FlightService for ResearchFlight {
     }
 }
 
+/// Replays the windows released in the ticket's range from the release
+/// log: the study's schema, then each batch's IPC message as written,
+/// read as it is sent (a bounded channel from a blocking reader).
+fn replay(
+    live: &Live,
+    ticket: &TicketRequest,
+    meter: Arc<Meter>,
+) -> BoxStream<'static, Result<FlightData, Status>> {
+    let (from, to) = (
+        ticket.from_ms.unwrap_or(0),
+        ticket.to_ms.unwrap_or(u64::MAX),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<FlightData, Status>>(8);
+    let options = arrow_ipc::writer::IpcWriteOptions::default();
+    let first = FlightData::from(SchemaAsIpc::new(&schema(&live.study), &options));
+    let dir = live.releases_dir();
+    tokio::task::spawn_blocking(move || {
+        if tx.blocking_send(Ok(first)).is_err() {
+            return;
+        }
+        // Metered once at the end: the meter's locks stay off the path
+        // of every batch.
+        let mut read_so_far = ReaderUsage::default();
+        let read = for_each_raw_release(&dir, from, to, |b| {
+            read_so_far.batches += 1;
+            read_so_far.rows += b.rows;
+            read_so_far.bytes += (b.header.len() + b.body.len()) as u64;
+            let data = FlightData {
+                data_header: b.header,
+                data_body: b.body,
+                ..Default::default()
+            };
+            tx.blocking_send(Ok(data)).is_ok()
+        });
+        meter.live.meter(&meter.researcher, &read_so_far);
+        if let Err(e) = read {
+            let _ = tx.blocking_send(Err(Status::internal(format!(
+                "reading the release log: {e}"
+            ))));
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+}
+
 /// Saves a stream's usage when it ends, however it ends.
 struct Meter {
     live: Arc<Live>,
@@ -464,7 +494,7 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await

@@ -19,12 +19,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
-use arrow_ipc::reader::StreamReader;
 use arrow_ipc::writer::StreamWriter;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -468,16 +467,35 @@ impl Live {
         }
     }
 
-    /// The windows released whose start lies in `[from_ms, to_ms)`, from
-    /// the release log.
-    pub fn replay(&self, from_ms: u64, to_ms: u64) -> Result<Vec<RecordBatch>, StoreError> {
-        read_releases(&self.dir.join("releases"), from_ms, to_ms)
+    /// Where the release log is.
+    pub fn releases_dir(&self) -> PathBuf {
+        self.dir.join("releases")
     }
 }
 
-/// Reads the release log's batches whose windows start in `[from, to)`.
-/// A stream cut short by a crash is read up to its last whole batch.
-pub fn read_releases(dir: &Path, from_ms: u64, to_ms: u64) -> Result<Vec<RecordBatch>, StoreError> {
+/// One record batch of the release log, as its IPC message: what Flight
+/// sends for it, without decoding and encoding it again.
+#[derive(Debug, Clone)]
+pub struct RawBatch {
+    /// The flatbuffer `Message` (with its padding).
+    pub header: bytes::Bytes,
+    pub body: bytes::Bytes,
+    pub rows: u64,
+}
+
+/// Hands each record batch of the release log whose window starts in
+/// `[from, to)` to `f` as its IPC message, in order, until `f` says stop.
+/// The window's start is read from the first value of the batch's first
+/// column (`window_start`), so nothing is decoded; batches without rows
+/// (windows nobody qualified for) are skipped. A stream cut short by a crash is read up to its last
+/// whole message.
+pub fn for_each_raw_release(
+    dir: &Path,
+    from_ms: u64,
+    to_ms: u64,
+    mut f: impl FnMut(RawBatch) -> bool,
+) -> Result<(), StoreError> {
+    use arrow_ipc::MessageHeader;
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -487,31 +505,86 @@ pub fn read_releases(dir: &Path, from_ms: u64, to_ms: u64) -> Result<Vec<RecordB
         Err(e) => return Err(io_err(dir)(e)),
     };
     files.sort();
-    let mut out = Vec::new();
+    let invalid = |path: &Path, message: String| StoreError::Arrow {
+        path: path.to_path_buf(),
+        message,
+    };
     for path in files {
         let file = File::open(&path).map_err(io_err(&path))?;
-        let reader = match StreamReader::try_new(BufReader::new(file), None) {
-            Ok(r) => r,
-            Err(_) => continue, // created, nothing written yet
+        if file.metadata().map_err(io_err(&path))?.len() == 0 {
+            continue;
+        }
+        // SAFETY: release logs are only ever appended to, by this process
+        // (one writer per study), never truncated or rewritten; a mapping
+        // sees the length the file had when it was made.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&path))?;
+        let all = bytes::Bytes::from_owner(map);
+        let mut at = 0usize;
+        let take = |at: &mut usize, n: usize| -> Option<bytes::Bytes> {
+            let end = at.checked_add(n).filter(|e| *e <= all.len())?;
+            let b = all.slice(*at..end);
+            *at = end;
+            Some(b)
         };
-        for batch in reader {
-            let Ok(batch) = batch else { break };
-            let start = window_start_ms(&batch);
+        loop {
+            // Encapsulated messages (Arrow IPC format): 0xFFFFFFFF, the
+            // metadata length, the flatbuffer Message, the body.
+            let Some(mut word) = take(&mut at, 4) else {
+                break;
+            };
+            if word[..] == [0xff; 4] {
+                match take(&mut at, 4) {
+                    Some(w) => word = w,
+                    None => break,
+                }
+            }
+            let len = u32::from_le_bytes(word[..].try_into().expect("4 bytes")) as usize;
+            if len == 0 {
+                break; // end of stream
+            }
+            let Some(meta) = take(&mut at, len) else {
+                break;
+            };
+            let message = arrow_ipc::root_as_message(&meta)
+                .map_err(|e| invalid(&path, format!("a message that does not parse: {e}")))?;
+            let body_len = usize::try_from(message.bodyLength())
+                .map_err(|_| invalid(&path, "a negative body length".into()))?;
+            let Some(body) = take(&mut at, body_len) else {
+                break;
+            };
+            if message.header_type() != MessageHeader::RecordBatch {
+                continue; // the schema: Flight sends the study's own first
+            }
+            let batch = message
+                .header_as_record_batch()
+                .ok_or_else(|| invalid(&path, "a record batch without its header".into()))?;
+            if batch.compression().is_some() {
+                return Err(invalid(
+                    &path,
+                    "compressed batches are not written here".into(),
+                ));
+            }
+            let rows = batch.length().max(0) as u64;
+            // Buffer 1 is the values of column 0 (buffer 0 its validity).
+            let start = batch
+                .buffers()
+                .filter(|_| rows > 0)
+                .and_then(|b| (b.len() > 1).then(|| b.get(1)))
+                .and_then(|b| body.get(b.offset() as usize..b.offset() as usize + 8))
+                .map(|v| i64::from_le_bytes(v.try_into().expect("8 bytes")).max(0) as u64);
             if start.is_some_and(|s| s >= from_ms && s < to_ms) {
-                out.push(batch);
+                let raw = RawBatch {
+                    header: meta.clone(),
+                    body,
+                    rows,
+                };
+                if !f(raw) {
+                    return Ok(());
+                }
             }
         }
     }
-    Ok(out)
-}
-
-fn window_start_ms(batch: &RecordBatch) -> Option<u64> {
-    use arrow::array::{Array as _, TimestampMillisecondArray};
-    let col = batch
-        .column(0)
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()?;
-    (!col.is_empty()).then(|| col.value(0).max(0) as u64)
+    Ok(())
 }
 
 /// The studies the engine runs, reloaded from disk as they are added or
