@@ -202,6 +202,7 @@ impl Node {
         // Research studies: every process sums its readings per window;
         // process 0 releases them and serves them over Flight.
         let studies = wardflow_research::store::Registry::open(&data_dir);
+        studies.spawn_poller(Duration::from_secs(1));
         let research = Arc::new(crate::research::ResearchContext {
             registry: studies.clone(),
             census: census.clone(),

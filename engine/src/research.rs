@@ -62,8 +62,8 @@ pub struct ResearchContext {
     pub releases: bool,
 }
 
-/// The window lengths of the studies running, reloaded at most once a
-/// second.
+/// The window lengths of the studies running, looked up at most once a
+/// second (the registry reloads itself, [`Registry::spawn_poller`]).
 struct Lengths {
     at: Instant,
     lengths: Vec<u64>,
@@ -73,7 +73,6 @@ impl Lengths {
     fn get(&mut self, registry: &Registry) -> &[u64] {
         if self.at.elapsed() >= Duration::from_secs(1) {
             self.at = Instant::now();
-            registry.reload();
             let mut l: Vec<u64> = registry
                 .all()
                 .iter()
@@ -100,6 +99,9 @@ pub fn research<'s>(
     consents: Stream<'s, u64, Vec<ConsentUpdate>>,
     ctx: Arc<ResearchContext>,
 ) -> Stream<'s, u64, Vec<()>> {
+    // Everything is exchanged to worker 0, which alone releases; the
+    // Release operator's other instances see nothing and release nothing.
+    let worker_zero = validated.scope().index() == 0;
     let windows = validated
         .unary_frontier::<CapacityContainerBuilder<Vec<PatientWindow>>, _, _, _>(
             Pipeline,
@@ -174,7 +176,7 @@ pub fn research<'s>(
         Exchange::new(|_: &ConsentUpdate| 0u64),
         "Release",
         move |_cap, _info| {
-            let mut release = Releaser::new(ctx);
+            let mut release = Releaser::new(ctx, worker_zero);
             move |(windows, wf), (consents, cf), _output| {
                 windows.for_each(|_, data: &mut Vec<PatientWindow>| {
                     for w in data.drain(..) {
@@ -204,6 +206,8 @@ pub fn research<'s>(
 /// Worker 0's side: windows to release, and the research consents.
 struct Releaser {
     ctx: Arc<ResearchContext>,
+    /// Whether this is global worker 0 (of process 0).
+    releases: bool,
     /// (length, start) → patient → sums, merged across workers.
     pending: BTreeMap<(u64, u64), HashMap<String, Sums>>,
     /// Consent changes not yet applied, by time.
@@ -216,8 +220,9 @@ struct Releaser {
 }
 
 impl Releaser {
-    fn new(ctx: Arc<ResearchContext>) -> Releaser {
+    fn new(ctx: Arc<ResearchContext>, worker_zero: bool) -> Releaser {
         Releaser {
+            releases: ctx.releases && worker_zero,
             ctx,
             pending: BTreeMap::new(),
             consents: BTreeMap::new(),
@@ -275,7 +280,7 @@ impl Releaser {
 
     /// Releases every window that ends at or before `frontier`.
     fn close_before(&mut self, frontier: u64) {
-        if !self.ctx.releases {
+        if !self.releases {
             self.pending.clear();
             self.consents.clear();
             return;

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
-use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use arrow_flight::flight_service_server::{FlightService, FlightServiceServer};
 use arrow_flight::{
@@ -352,38 +351,34 @@ impl FlightService for ResearchFlight {
         if let Some(e) = live.ended() {
             return Err(ended_status(&e));
         }
-        let batches = live_batches(&live, self.closing.subscribe());
-        let counting = {
-            let meter = meter.clone();
-            batches.inspect(move |b| {
-                if let Ok(b) = b {
-                    meter.live.meter(
-                        &meter.researcher,
-                        &ReaderUsage {
-                            batches: 1,
-                            rows: b.num_rows() as u64,
-                            ..Default::default()
-                        },
-                    );
-                }
-            })
-        };
-        let encoded = FlightDataEncoderBuilder::new()
-            .with_schema(schema(&live.study))
-            .build(counting)
-            .map(move |d| {
-                let d = d.map_err(Status::from)?;
-                let bytes = d.data_header.len() + d.data_body.len() + d.app_metadata.len();
-                meter.live.meter(
-                    &meter.researcher,
-                    &ReaderUsage {
-                        bytes: bytes as u64,
-                        ..Default::default()
-                    },
-                );
-                Ok(d)
-            });
-        Ok(Response::new(encoded.boxed()))
+        // Encoded here rather than by arrow-flight's encoder, which drops
+        // batches without rows: a window nobody qualified for is still a
+        // window, and its empty batch tells the reader it passed.
+        let options = arrow_ipc::writer::IpcWriteOptions::default();
+        let first = FlightData::from(SchemaAsIpc::new(&schema(&live.study), &options));
+        let generator = arrow_ipc::writer::IpcDataGenerator::default();
+        let mut tracker = arrow_ipc::writer::DictionaryTracker::new(false);
+        let mut context = arrow_ipc::writer::IpcWriteContext::default();
+        let windows = live_batches(&live, self.closing.subscribe()).map(move |b| {
+            let b = b.map_err(Status::from)?;
+            let (_, encoded) = generator
+                .encode(&b, &mut tracker, &options, &mut context)
+                .map_err(|e| Status::internal(e.to_string()))?;
+            let data = FlightData::from(encoded);
+            meter.live.meter(
+                &meter.researcher,
+                &ReaderUsage {
+                    batches: 1,
+                    rows: b.num_rows() as u64,
+                    bytes: (data.data_header.len() + data.data_body.len()) as u64,
+                    ..Default::default()
+                },
+            );
+            Ok(data)
+        });
+        Ok(Response::new(
+            stream::iter([Ok(first)]).chain(windows).boxed(),
+        ))
     }
 
     async fn do_put(

@@ -650,6 +650,24 @@ impl Registry {
         }
     }
 
+    /// Reloads every `period` on a background thread for as long as the
+    /// registry lives: studies added and closed take effect within it.
+    pub fn spawn_poller(self: &Arc<Self>, period: std::time::Duration) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("studies".into())
+            .spawn(move || {
+                while let Some(r) = weak.upgrade() {
+                    r.reload();
+                    drop(r);
+                    std::thread::sleep(period);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("studies will not be reloaded: {e}");
+        }
+    }
+
     pub fn get(&self, id: &str) -> Option<Arc<Live>> {
         self.studies.lock().get(id).cloned()
     }

@@ -199,6 +199,10 @@ class ResearchStreams(unittest.TestCase):
         # The stream's first window may be partial (the publishers started
         # during it); skip one.
         batches = self.live(7)[1:]
+        # One batch per window, each window once, one after the other.
+        bounds = [(b.column("window_start")[0].as_py(), b.column("window_end")[0].as_py()) for b in batches]
+        for (_, end), (start, _) in zip(bounds, bounds[1:]):
+            self.assertEqual(start, end, bounds)
         received = 0
         sent = 0
         sexes = {"F": "f", "M": "m", "X": "x"}
@@ -308,6 +312,25 @@ class ResearchStreams(unittest.TestCase):
         metrics = self.server.metrics()
         self.assertIn(f'wardflow_research_rows_read{{study="{STUDY}",researcher="r-one"}}', metrics)
         self.assertRegex(metrics, rf'wardflow_research_epsilon_spent{{study="{STUDY}"}} [0-9.]+')
+
+    def test_7_closing_a_study_ends_its_streams(self):
+        study = os.path.join(self.server.tmp.name, "closable.toml")
+        with open(study, "w") as f:
+            f.write(SPENT_TOML.replace('"short"', '"closable"').replace("windows = 2", "windows = 1000"))
+        wardflow(self.server.data, "studies", "add", study)
+        self.assertTrue(wait_for(lambda: any(f.descriptor.path[0] == b"closable" for f in
+                                             self.client.list_flights(options=self.options)), timeout=10))
+        reader = self.client.do_get(flight.Ticket(b'{"study": "closable"}'), self.options)
+        reader.read_chunk()
+        wardflow(self.server.data, "studies", "close", "closable")
+        started = time.time()
+        with self.assertRaises(pa.ArrowException) as ended:
+            while True:
+                reader.read_chunk()
+        self.assertIn("closed", str(ended.exception))
+        self.assertLess(time.time() - started, 10)
+        listing = wardflow(self.server.data, "studies", "list").stdout
+        self.assertRegex(listing, r"closable\tclosed\t")
 
 
 if __name__ == "__main__":
