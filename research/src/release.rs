@@ -440,6 +440,17 @@ max_readings = 10
             .collect()
     }
 
+    fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
+        b.column_by_name(name)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap().to_string())
+            .collect()
+    }
+
     fn column(b: &RecordBatch, name: &str) -> Vec<f64> {
         b.column_by_name(name)
             .unwrap()
@@ -468,17 +479,7 @@ max_readings = 10
         for _ in 0..4000 {
             let mut state = StudyState::new(&plan);
             let r = release_window(&s, &plan, &mut state, 0, 10_000, &data, &mut noise).unwrap();
-            let sex = r
-                .batch
-                .column_by_name("sex")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .iter()
-                .map(|v| v.unwrap().to_string())
-                .collect::<Vec<_>>();
-            assert_eq!(sex, ["F", "M", "*"]);
+            assert_eq!(strings(&r.batch, "sex"), ["F", "M", "*"]);
             let truth = [12.0, 8.0, 20.0];
             for (i, p) in column(&r.batch, "patients").into_iter().enumerate() {
                 patients.push(p - truth[i]);
@@ -559,16 +560,7 @@ max_readings = 10
             &mut Noise::seeded(1),
         )
         .unwrap();
-        let sex: Vec<_> = r
-            .batch
-            .column_by_name("sex")
-            .unwrap()
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .unwrap()
-            .iter()
-            .map(|v| v.unwrap().to_string())
-            .collect();
+        let sex = strings(&r.batch, "sex");
         // M (2) is withheld; F alone would give M away through the total,
         // so F is withheld too, and the total (14) stays.
         assert_eq!(sex, ["*"]);
