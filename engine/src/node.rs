@@ -203,11 +203,11 @@ impl Node {
         // process 0 releases them and serves them over Flight.
         let studies = wardflow_research::store::Registry::open(&data_dir);
         studies.spawn_poller(Duration::from_secs(1));
-        let research = Arc::new(crate::research::ResearchContext {
-            registry: studies.clone(),
-            census: census.clone(),
-            releases: config.dataflow.process == 0,
-        });
+        let research = crate::research::ResearchContext::new(
+            studies.clone(),
+            census.clone(),
+            config.dataflow.process == 0,
+        )?;
         let (recovered_tx, recovered_rx) = crossbeam_channel::bounded(1);
         let ctx = Arc::new(DataflowContext {
             root: data_dir.clone(),

@@ -60,6 +60,75 @@ pub struct ResearchContext {
     pub census: Arc<CensusWatcher>,
     /// Whether this process releases (process 0).
     pub releases: bool,
+    /// Closed windows, to the release thread.
+    jobs: crossbeam_channel::Sender<ReleaseJob>,
+}
+
+/// A closed window of one study, with the contributions that qualified.
+struct ReleaseJob {
+    live: Arc<wardflow_research::store::Live>,
+    start: u64,
+    end: u64,
+    contributions: BTreeMap<String, Contribution>,
+}
+
+impl ResearchContext {
+    /// The context, and (when this process releases) the thread that
+    /// releases windows: charging the budget, writing the state and the
+    /// release log (fsyncs) happen there, not on the dataflow's worker,
+    /// whose other operators raise alerts.
+    pub fn new(
+        registry: Arc<Registry>,
+        census: Arc<CensusWatcher>,
+        releases: bool,
+    ) -> anyhow::Result<Arc<ResearchContext>> {
+        let (jobs, rx) = crossbeam_channel::unbounded::<ReleaseJob>();
+        if releases {
+            std::thread::Builder::new()
+                .name("research-release".into())
+                .spawn(move || {
+                    let mut noise = Noise::from_os();
+                    for job in rx {
+                        let ReleaseJob {
+                            live,
+                            start,
+                            end,
+                            contributions,
+                        } = job;
+                        let result = live.release(|study, budget, state| {
+                            release_window(
+                                study,
+                                budget,
+                                state,
+                                start,
+                                end,
+                                &contributions,
+                                &mut noise,
+                            )
+                            .map_err(|e| e.to_string())
+                        });
+                        match result {
+                            Ok(r) => tracing::debug!(
+                                study = %live.study.id,
+                                start,
+                                rows = r.batch.num_rows(),
+                                patients = contributions.len(),
+                                "research window released"
+                            ),
+                            Err(e) => {
+                                tracing::debug!(study = %live.study.id, start, "not released: {e}")
+                            }
+                        }
+                    }
+                })?;
+        }
+        Ok(Arc::new(ResearchContext {
+            registry,
+            census,
+            releases,
+            jobs,
+        }))
+    }
 }
 
 /// The window lengths of the studies running, looked up at most once a
@@ -126,8 +195,10 @@ pub fn research<'s>(
                                 let start = t - t % len;
                                 let entry = open.entry((len, start)).or_insert_with(|| {
                                     (
-                                        cap.retain_least(output.output_index())
-                                            .expect("a capability"),
+                                        // Held at the window's end, not at its
+                                        // first reading: a long window must not
+                                        // hold back the shorter ones.
+                                        cap.delayed(&(start + len), output.output_index()),
                                         HashMap::new(),
                                     )
                                 });
@@ -216,7 +287,6 @@ struct Releaser {
     in_force: HashMap<(String, String), Vec<(Access, u64)>>,
     /// Per study, the start of the next window to release.
     next: HashMap<String, u64>,
-    noise: Noise,
 }
 
 impl Releaser {
@@ -228,7 +298,6 @@ impl Releaser {
             consents: BTreeMap::new(),
             in_force: HashMap::new(),
             next: HashMap::new(),
-            noise: Noise::from_os(),
         }
     }
 
@@ -299,7 +368,9 @@ impl Releaser {
                 // epoch), and never one released before a restart; the
                 // time the engine was down is not released as empty
                 // windows.
-                let now = (wardflow_model::now_ns() / 1_000_000).max(0) as u64;
+                // Two seconds on, so every worker has picked the study up
+                // (they look at least once a second) before it begins.
+                let now = (wardflow_model::now_ns() / 1_000_000).max(0) as u64 + 2000;
                 now.div_ceil(len)
                     .saturating_mul(len)
                     .max(live.state().last_end_ms)
@@ -339,20 +410,14 @@ impl Releaser {
                         );
                     }
                 }
-                let noise = &mut self.noise;
-                let result = live.release(|study, budget, state| {
-                    release_window(study, budget, state, start, end, &contributions, noise)
-                        .map_err(|e| e.to_string())
-                });
-                match result {
-                    Ok(r) => tracing::debug!(
-                        study = %live.study.id,
-                        start,
-                        rows = r.batch.num_rows(),
-                        patients = contributions.len(),
-                        "research window released"
-                    ),
-                    Err(e) => tracing::warn!(study = %live.study.id, "research stream ended: {e}"),
+                let job = ReleaseJob {
+                    live: live.clone(),
+                    start,
+                    end,
+                    contributions,
+                };
+                if self.ctx.jobs.send(job).is_err() {
+                    tracing::error!("the research release thread stopped");
                 }
                 start = end;
             }

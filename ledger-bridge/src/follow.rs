@@ -207,8 +207,10 @@ impl ConsentFollower {
             .spawn(move || {
                 let mut tail = crate::anchor::JsonLinesTail::new(local_log_path(&f.dir));
                 let mut line = 0u64;
+                // Records read but not yet decided (a failed decision is
+                // tried again at the next poll, never dropped).
+                let mut found = Vec::new();
                 while !f.stop.load(Ordering::Relaxed) {
-                    let mut found = Vec::new();
                     for r in tail.poll::<LocalRecord>() {
                         line += 1;
                         if line < f.next {
@@ -223,11 +225,14 @@ impl ConsentFollower {
                         }
                         f.next = line + 1;
                     }
-                    if let Err(e) = f.decide(found, &mut report) {
-                        f.status.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("consent: {e}");
+                    match f.decide(std::mem::take(&mut found), &mut report) {
+                        Ok(()) => f.status.last_block.store(line, Ordering::Relaxed),
+                        Err((e, undecided)) => {
+                            found = undecided;
+                            f.status.errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("consent: {e}; retrying");
+                        }
                     }
-                    f.status.last_block.store(line, Ordering::Relaxed);
                     f.sleep(f.poll);
                 }
             })
@@ -353,7 +358,7 @@ impl Follower {
             } else {
                 Vec::new()
             };
-            self.decide(found, report)?;
+            self.decide(found, report).map_err(|(e, _)| e)?;
             let cursor = cursor_path(&self.dir);
             std::fs::write(&cursor, format!("{n}\n"))
                 .map_err(|e| format!("{}: {e}", cursor.display()))?;
@@ -366,17 +371,24 @@ impl Follower {
 
 impl Follower {
     /// Keeps the records found (fsynced), then decides and reports each.
+    /// On failure nothing was decided, and the records come back with the
+    /// error.
     fn decide(
         &mut self,
         found: Vec<Seen>,
         report: &mut dyn FnMut(ConsentEvent),
-    ) -> Result<(), String> {
+    ) -> Result<(), (String, Vec<Seen>)> {
         if found.is_empty() {
             return Ok(());
         }
-        let registry = AccountRegistry::load(&self.dir).map_err(|e| e.to_string())?;
+        let registry = match AccountRegistry::load(&self.dir) {
+            Ok(r) => r,
+            Err(e) => return Err((e.to_string(), found)),
+        };
         let path = seen_log_path(&self.dir);
-        crate::anchor::append_json_lines(&path, &found).map_err(|e| e.to_string())?;
+        if let Err(e) = crate::anchor::append_json_lines(&path, &found) {
+            return Err((e.to_string(), found));
+        }
         for seen in found {
             let record = crate::consent::unhex(&seen.payload)
                 .and_then(|p| ConsentRecord::decode(&p))

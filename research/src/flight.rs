@@ -138,7 +138,17 @@ impl ResearchFlight {
             .ok_or_else(|| Status::unauthenticated("authorization: Bearer <token> expected"))?;
         let mut tokens = self.tokens.lock();
         match tokens.get(token.trim()) {
-            Some((who, at)) if at.elapsed() < TOKEN_LIFETIME => Ok(who.clone()),
+            Some((who, at)) if at.elapsed() < TOKEN_LIFETIME => {
+                if self.auth.exists(who) {
+                    Ok(who.clone())
+                } else {
+                    let who = who.clone();
+                    tokens.retain(|_, (w, _)| *w != who);
+                    Err(Status::unauthenticated(format!(
+                        "researcher {who:?} was removed"
+                    )))
+                }
+            }
             Some(_) => {
                 tokens.remove(token.trim());
                 Err(Status::unauthenticated(
@@ -207,8 +217,10 @@ type Batches = BoxStream<'static, Result<RecordBatch, FlightError>>;
 
 /// The live windows of a study, ending with its end status, or when the
 /// server shuts down.
-fn live_batches(live: &Arc<Live>, closing: tokio::sync::watch::Receiver<bool>) -> Batches {
-    let rx = live.subscribe();
+fn live_batches(
+    rx: tokio::sync::broadcast::Receiver<Event>,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> Batches {
     stream::unfold(Some((rx, closing)), |state| async move {
         let (mut rx, mut closing) = state?;
         let next = tokio::select! {
@@ -346,8 +358,16 @@ impl FlightService for ResearchFlight {
             researcher: who,
         });
         if !ticket.is_live() {
-            return Ok(Response::new(replay(&live, &ticket, meter)));
+            return Ok(Response::new(replay(
+                &live,
+                &ticket,
+                meter,
+                self.closing.subscribe(),
+            )));
         }
+        // Subscribed before the check: an end between the two is then
+        // either seen by the check or delivered to the subscription.
+        let events = live.subscribe();
         if let Some(e) = live.ended() {
             return Err(ended_status(&e));
         }
@@ -359,7 +379,7 @@ impl FlightService for ResearchFlight {
         let generator = arrow_ipc::writer::IpcDataGenerator::default();
         let mut tracker = arrow_ipc::writer::DictionaryTracker::new(false);
         let mut context = arrow_ipc::writer::IpcWriteContext::default();
-        let windows = live_batches(&live, self.closing.subscribe()).map(move |b| {
+        let windows = live_batches(events, self.closing.subscribe()).map(move |b| {
             let b = b.map_err(Status::from)?;
             let (_, encoded) = generator
                 .encode(&b, &mut tracker, &options, &mut context)
@@ -417,6 +437,7 @@ fn replay(
     live: &Live,
     ticket: &TicketRequest,
     meter: Arc<Meter>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
 ) -> BoxStream<'static, Result<FlightData, Status>> {
     let (from, to) = (
         ticket.from_ms.unwrap_or(0),
@@ -451,7 +472,11 @@ fn replay(
             ))));
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx).boxed()
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+        .take_until(async move {
+            let _ = closing.wait_for(|c| *c).await;
+        })
+        .boxed()
 }
 
 /// Saves a stream's usage when it ends, however it ends.

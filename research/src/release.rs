@@ -17,7 +17,12 @@
 //! Running totals (cumulative readings per row) use the binary tree
 //! mechanism, one tree per metric and row, charged once for the study's
 //! horizon; a row adds its window's readings to its tree only in windows
-//! where it is published, so a total never holds a suppressed count.
+//! where it is published, so a total never holds a suppressed count. The
+//! unit of privacy is the same one patient: each patient adds at most
+//! `max_readings_total` readings per metric to the totals over the whole
+//! study (then no more), and since the nodes of one tree level partition
+//! its leaves, one patient moves the nodes of a level by at most that much
+//! in L2, and the whole tree by `√levels` times it.
 //!
 //! What leaves: window bounds, the cohort values, the metric and the
 //! noisy statistics. No patient, device or bed id is in any row.
@@ -96,7 +101,7 @@ impl BudgetPlan {
         };
         let sigma_tree = if study.running_totals {
             BinaryTree::sigma_for(
-                f64::from(study.max_readings) * sqrt_rows,
+                study.max_readings_total as f64 * sqrt_rows,
                 rho_tree / study.metrics.len() as f64,
                 study.windows,
             )
@@ -136,6 +141,10 @@ pub struct StudyState {
     pub trees: BTreeMap<String, BinaryTree>,
     #[serde(default)]
     pub closed: bool,
+    /// Per `metric|patient`: readings added to the running totals so far
+    /// (bounded by the study's `max_readings_total`). Never released.
+    #[serde(default)]
+    pub totals_used: BTreeMap<String, u64>,
 }
 
 impl StudyState {
@@ -147,6 +156,7 @@ impl StudyState {
             tree_charged: false,
             trees: BTreeMap::new(),
             closed: false,
+            totals_used: BTreeMap::new(),
         }
     }
 
@@ -242,6 +252,13 @@ pub fn release_window(
         let mid = (lo + hi) / 2.0;
         // Per fine cell: each patient's (capped readings, clamped value).
         let mut cells: BTreeMap<Vec<String>, Vec<(&str, f64, f64)>> = BTreeMap::new();
+        // What each patient may still add to the running totals.
+        let totals_key = |p: &str| format!("{}|{p}", metric.name());
+        let room = |p: &str, readings: f64| -> f64 {
+            let used = state.totals_used.get(&totals_key(p)).copied().unwrap_or(0);
+            readings.min(study.max_readings_total.saturating_sub(used) as f64)
+        };
+        let mut added: BTreeMap<&str, f64> = BTreeMap::new();
         for (patient, c) in contributions {
             let (n, sum) = c.metrics[metric as usize];
             if n == 0 {
@@ -250,11 +267,15 @@ pub fn release_window(
             let value = (sum / f64::from(n)).clamp(lo, hi);
             let readings = f64::from(n.min(study.max_readings));
             let key = study.cell_of(c.cohort.age_years, c.cohort.sex.as_deref(), &c.cohort.unit);
+            if study.running_totals {
+                added.insert(patient.as_str(), room(patient, readings));
+            }
             cells
                 .entry(key)
                 .or_default()
                 .push((patient.as_str(), readings, value));
         }
+        let mut in_totals = BTreeSet::new();
         let counts: Vec<CellCount> = cells
             .iter()
             .map(|(key, ps)| CellCount {
@@ -292,12 +313,14 @@ pub fn release_window(
                 .map(|(_, q)| dp_quantile(&mut values, *q, lo, hi, budget.quantile_epsilon, noise))
                 .collect();
             let total = study.running_totals.then(|| {
+                let leaf: f64 = members.iter().map(|m| added[m.0]).sum();
+                in_totals.extend(members.iter().map(|m| m.0));
                 let tree_key = format!("{}|{}", metric.name(), key.join("|"));
                 let tree = state
                     .trees
                     .entry(tree_key)
                     .or_insert_with(|| BinaryTree::new(budget.sigma_tree, study.windows));
-                tree.push(readings, noise).map(|t| t.max(0.0))
+                tree.push(leaf, noise).map(|t| t.max(0.0))
             });
             out.push(Row {
                 key,
@@ -309,6 +332,11 @@ pub fn release_window(
                 quantiles,
                 total: total.flatten(),
             });
+        }
+        // Charged to each patient's allowance once per window, however
+        // many published rows hold them.
+        for p in in_totals {
+            *state.totals_used.entry(totals_key(p)).or_default() += added[p] as u64;
         }
     }
     Ok(Released {
@@ -413,6 +441,7 @@ windows = 5
 [clamp]
 hr = [30, 200]
 max_readings = 10
+max_readings_total = 1000
 "#;
 
     fn study() -> Study {
@@ -534,6 +563,39 @@ max_readings = 10
         assert!(release_window(&s, &plan, &mut state, 0, 1, &data, &mut noise).is_err());
         assert_eq!(state, before);
         assert_eq!(state.windows_released, s.windows);
+    }
+
+    /// Each patient adds at most `max_readings_total` to the running
+    /// totals over the study: 10 readings a window against an allowance of
+    /// 1000 stops after 100 windows' worth; here, after a few windows
+    /// with the allowance lowered to 25, every patient has used exactly 25.
+    #[test]
+    fn running_totals_respect_each_patients_allowance() {
+        let mut s = study();
+        s.max_readings_total = 25;
+        s.windows = 10;
+        let plan = BudgetPlan::new(&s);
+        let mut state = StudyState::new(&plan);
+        let data = contributions();
+        let mut noise = Noise::seeded(5);
+        for w in 0..4 {
+            release_window(
+                &s,
+                &plan,
+                &mut state,
+                w * 10_000,
+                (w + 1) * 10_000,
+                &data,
+                &mut noise,
+            )
+            .unwrap();
+        }
+        assert_eq!(state.totals_used.len(), 20);
+        assert!(
+            state.totals_used.values().all(|&n| n == 25),
+            "{:?}",
+            state.totals_used
+        );
     }
 
     /// A cell below k is withheld, and so is one more to protect it.

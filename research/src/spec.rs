@@ -26,6 +26,7 @@
 //! hr = [30, 200]
 //! spo2 = [70, 100]
 //! max_readings = 120                   # readings counted per patient, window and metric
+//! max_readings_total = 20000           # readings one patient adds to the running totals, ever
 //! ```
 //!
 //! The sex attribute is released as recorded at admission (F, M, X) or
@@ -100,6 +101,9 @@ pub struct Study {
     /// Per metric, the bounds each patient's window value is clamped to.
     pub clamp: BTreeMap<Metric, (f64, f64)>,
     pub max_readings: u32,
+    /// With running totals: the readings one patient may add to them over
+    /// the study's whole horizon (0 without running totals).
+    pub max_readings_total: u64,
 }
 
 impl Study {
@@ -117,6 +121,7 @@ impl Study {
             .map_err(|e| at(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
         let id = raw.id.get_ref().clone();
         if id.is_empty()
+            || id.chars().all(|c| c == '.')
             || id.len() > 64
             || !id
                 .chars()
@@ -241,6 +246,16 @@ impl Study {
             }
             if let Some(u) = &c.unit_types {
                 for (ty, units) in u.get_ref() {
+                    // `*` marks a margin in released rows; `|` joins keys.
+                    if ty.is_empty() || ty == "*" || ty.contains('|') || ty == "other" {
+                        return Err(field(
+                            u.span(),
+                            "cohort.unit_types",
+                            &format!(
+                                "{ty:?}: a unit type is named, not \"*\", \"other\" or with \"|\""
+                            ),
+                        ));
+                    }
                     for unit in units {
                         if let Some(other) = unit_types.insert(unit.clone(), ty.clone()) {
                             return Err(field(
@@ -296,7 +311,24 @@ impl Study {
 
         let mut clamp = BTreeMap::new();
         let mut max_readings = None;
+        let mut max_readings_total = None;
         for (name, value) in raw.clamp.get_ref() {
+            if name == "max_readings_total" {
+                max_readings_total = value
+                    .get_ref()
+                    .as_integer()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| {
+                        field(
+                            value.span(),
+                            "clamp.max_readings_total",
+                            "a whole number, at least 1",
+                        )
+                    })
+                    .map(Some)?;
+                continue;
+            }
             if name == "max_readings" {
                 max_readings = value
                     .get_ref()
@@ -352,6 +384,18 @@ impl Study {
             )
         })?;
 
+        let max_readings_total = match (raw.running_totals, max_readings_total) {
+            (true, Some(n)) => n,
+            (true, None) => {
+                return Err(field(
+                    raw.clamp.span(),
+                    "clamp.max_readings_total",
+                    "running totals need it: the readings one patient may add to them over the whole study (the noise is calibrated to it)",
+                ));
+            }
+            (false, _) => 0,
+        };
+
         Ok(Study {
             id: id.clone(),
             title: raw.title,
@@ -370,6 +414,7 @@ impl Study {
             running_total_share,
             clamp,
             max_readings,
+            max_readings_total,
         })
     }
 
@@ -499,6 +544,7 @@ windows = 1440
 hr = [30, 200]
 spo2 = [70, 100]
 max_readings = 120
+max_readings_total = 20000
 "#;
 
     fn parse(text: &str) -> Result<Study, SpecError> {

@@ -154,6 +154,12 @@ impl Authenticator {
         }
     }
 
+    /// Whether the account exists now (a removed researcher's tokens stop
+    /// working at their next call).
+    pub fn exists(&self, id: &str) -> bool {
+        Researchers::load(&self.data).is_ok_and(|r| r.researchers.contains_key(id))
+    }
+
     pub fn check(&self, id: &str, secret: &[u8]) -> bool {
         let Ok(all) = Researchers::load(&self.data) else {
             return false;
@@ -208,6 +214,14 @@ pub struct StudyFiles {
 
 /// Every registered study, by id.
 pub fn list_studies(data: &Path) -> Result<Vec<StudyFiles>, StoreError> {
+    list_study_ids(data)?
+        .iter()
+        .map(|id| read_study(data, id))
+        .collect()
+}
+
+/// The ids of the registered studies.
+fn list_study_ids(data: &Path) -> Result<Vec<String>, StoreError> {
     let root = research_dir(data).join("studies");
     let mut ids: Vec<String> = match std::fs::read_dir(&root) {
         Ok(rd) => rd
@@ -219,7 +233,7 @@ pub fn list_studies(data: &Path) -> Result<Vec<StudyFiles>, StoreError> {
         Err(e) => return Err(io_err(&root)(e)),
     };
     ids.sort();
-    ids.iter().map(|id| read_study(data, id)).collect()
+    Ok(ids)
 }
 
 pub fn read_study(data: &Path, id: &str) -> Result<StudyFiles, StoreError> {
@@ -368,13 +382,20 @@ impl Live {
         };
         if let Err(e) = write_json(&self.dir, "state.json", &next) {
             // Nothing was released: the charge is not kept either.
-            let why = format!("study state not saved, window not released: {e}");
-            tracing::error!(study = %self.study.id, "{why}");
-            return Err(Ended::Failed(why));
+            // Its streams end rather than skip the window in silence.
+            let why = Ended::Failed(format!(
+                "study {:?}: its state could not be saved, so the window was not released: {e}",
+                self.study.id
+            ));
+            drop(state);
+            self.end(why.clone());
+            return Err(why);
         }
         *state = next;
         drop(state);
         if let Err(e) = self.append(&released.batch) {
+            // The next window starts a new file, after no torn message.
+            *self.log.lock() = None;
             tracing::error!(study = %self.study.id, "release log: {e}; the window is released live only");
         }
         {
@@ -420,6 +441,10 @@ impl Live {
                 .join("releases")
                 .join(format!("{:020}.arrows", wardflow_model::now_ns()));
             let file = File::create(&path).map_err(io_err(&path))?;
+            let dir = self.dir.join("releases");
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err(&dir))?;
             let w = StreamWriter::try_new(file, &schema(&self.study)).map_err(|e| {
                 StoreError::Arrow {
                     path: path.clone(),
@@ -461,8 +486,9 @@ impl Live {
 
     /// Writes the usage counters (called after a stream, and periodically).
     pub fn save_usage(&self) {
-        let u = self.usage.lock().clone();
-        if let Err(e) = write_json(&self.dir, "usage.json", &u) {
+        // Written under the lock: two saves cannot land out of order.
+        let u = self.usage.lock();
+        if let Err(e) = write_json(&self.dir, "usage.json", &*u) {
             tracing::warn!(study = %self.study.id, "usage not saved: {e}");
         }
     }
@@ -545,10 +571,15 @@ pub fn for_each_raw_release(
             let Some(meta) = take(&mut at, len) else {
                 break;
             };
-            let message = arrow_ipc::root_as_message(&meta)
-                .map_err(|e| invalid(&path, format!("a message that does not parse: {e}")))?;
-            let body_len = usize::try_from(message.bodyLength())
-                .map_err(|_| invalid(&path, "a negative body length".into()))?;
+            // A message that does not parse ends this file (a write cut
+            // short); the next file starts afresh.
+            let Ok(message) = arrow_ipc::root_as_message(&meta) else {
+                tracing::warn!(path = %path.display(), "release log: a torn message; the rest of this file is skipped");
+                break;
+            };
+            let Ok(body_len) = usize::try_from(message.bodyLength()) else {
+                break;
+            };
             let Some(body) = take(&mut at, body_len) else {
                 break;
             };
@@ -606,13 +637,24 @@ impl Registry {
 
     /// Picks up studies added and closed since the last call.
     pub fn reload(&self) {
-        let found = match list_studies(&self.data) {
-            Ok(f) => f,
+        let ids = match list_study_ids(&self.data) {
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!("studies not reloaded: {e}");
                 return;
             }
         };
+        // One study that cannot be read leaves the others running.
+        let found: Vec<StudyFiles> = ids
+            .iter()
+            .filter_map(|id| match read_study(&self.data, id) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(study = %id, "study not loaded: {e}");
+                    None
+                }
+            })
+            .collect();
         let mut studies = self.studies.lock();
         for f in found {
             if let Some(live) = studies.get(&f.study.id) {

@@ -54,6 +54,7 @@ windows = 400
 [clamp]
 hr = [30, 200]
 max_readings = 12
+max_readings_total = 100000
 """
 
 SPENT_TOML = """

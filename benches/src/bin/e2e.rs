@@ -440,7 +440,7 @@ fn research_setup(o: &Options, data: &Path, creds: &Path, n: usize) -> anyhow::R
         std::fs::write(
             &file,
             format!(
-                "id = \"bench-{i}\"\nresearchers = [\"r-bench\"]\nmetrics = [\"hr\", \"spo2\", \"rr\"]\nwindow = \"1s\"\nstatistics = [\"count\", \"mean\", \"std\", \"p50\", \"p90\"]\nk = 3\nrunning_totals = true\n[cohort]\ngroup_by = [\"sex\"]\n[privacy]\nepsilon = 10.0\ndelta = 1e-6\nwindows = 100000\n[clamp]\nhr = [30, 200]\nspo2 = [70, 100]\nrr = [4, 60]\nmax_readings = 1000\n"
+                "id = \"bench-{i}\"\nresearchers = [\"r-bench\"]\nmetrics = [\"hr\", \"spo2\", \"rr\"]\nwindow = \"1s\"\nstatistics = [\"count\", \"mean\", \"std\", \"p50\", \"p90\"]\nk = 3\nrunning_totals = true\n[cohort]\ngroup_by = [\"sex\"]\n[privacy]\nepsilon = 10.0\ndelta = 1e-6\nwindows = 100000\n[clamp]\nhr = [30, 200]\nspo2 = [70, 100]\nrr = [4, 60]\nmax_readings = 1000\nmax_readings_total = 1000000\n"
             ),
         )?;
         cli(&["studies", "add", &file.to_string_lossy()])?;
