@@ -195,10 +195,13 @@ pub fn research<'s>(
                                 let start = t - t % len;
                                 let entry = open.entry((len, start)).or_insert_with(|| {
                                     (
-                                        // Held at the window's end, not at its
-                                        // first reading: a long window must not
-                                        // hold back the shorter ones.
-                                        cap.delayed(&(start + len), output.output_index()),
+                                        // Held at the window's last millisecond,
+                                        // not at its first reading: a long window
+                                        // must not hold back the shorter ones. The
+                                        // sums go out at that time, so once the
+                                        // frontier reaches the window's end they
+                                        // have arrived.
+                                        cap.delayed(&(start + len - 1), output.output_index()),
                                         HashMap::new(),
                                     )
                                 });
