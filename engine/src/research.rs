@@ -185,13 +185,13 @@ pub fn research<'s>(
                     // (length, start) → the window's capability and its sums.
                     let mut open: OpenWindows = BTreeMap::new();
                     move |(input, frontier), output| {
-                        let lengths = lengths.get(&registry).to_vec();
+                        let lengths = lengths.get(&registry);
                         input.for_each(|cap, data: &mut Vec<Validated>| {
                             let Some(&t) = cap.least() else { return };
                             if lengths.is_empty() {
                                 return;
                             }
-                            for &len in &lengths {
+                            for &len in lengths {
                                 let start = t - t % len;
                                 let entry = open.entry((len, start)).or_insert_with(|| {
                                     (

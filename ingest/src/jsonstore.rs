@@ -68,6 +68,25 @@ where
     F: DeserializeOwned + Serialize + Default,
     E: From<StoreError>,
 {
+    let lock = lock(dir, name)?;
+    let mut contents: F = load(dir, name)?;
+    let out = change(&mut contents)?;
+    write_locked(dir, name, &contents)?;
+    drop(lock);
+    Ok(out)
+}
+
+/// Replaces the file's contents with `value`, under its lock, atomically,
+/// without reading what was there (for a file only this process writes).
+pub fn replace<F: Serialize>(dir: &Path, name: &str, value: &F) -> Result<(), StoreError> {
+    let lock = lock(dir, name)?;
+    write_locked(dir, name, value)?;
+    drop(lock);
+    Ok(())
+}
+
+/// Takes the file's exclusive lock (a lock file beside it).
+fn lock(dir: &Path, name: &str) -> Result<File, StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let lock_path = dir.join(format!("{}.lock", name.trim_end_matches(".json")));
     let lock = OpenOptions::new()
@@ -77,20 +96,22 @@ where
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
     lock.lock().map_err(io_err(&lock_path))?;
-    let mut contents: F = load(dir, name)?;
-    let out = change(&mut contents)?;
+    Ok(lock)
+}
+
+/// Writes a temporary file, fsyncs it, renames it over the file, and
+/// fsyncs the directory. The caller holds the lock.
+fn write_locked<F: Serialize>(dir: &Path, name: &str, contents: &F) -> Result<(), StoreError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    serde_json::to_writer_pretty(&mut f, &contents).map_err(|e| io_err(&tmp)(e.into()))?;
+    serde_json::to_writer_pretty(&mut f, contents).map_err(|e| io_err(&tmp)(e.into()))?;
     f.write_all(b"\n").map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    drop(lock);
-    Ok(out)
+        .map_err(io_err(dir))
 }
 
 type Stamp = Option<(u64, SystemTime, u64)>;

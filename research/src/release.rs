@@ -469,6 +469,18 @@ max_readings_total = 1000
             .collect()
     }
 
+    /// Releases window `w` (10 s windows from 0).
+    fn release_nth(
+        s: &Study,
+        plan: &BudgetPlan,
+        state: &mut StudyState,
+        w: u64,
+        data: &BTreeMap<String, Contribution>,
+        noise: &mut Noise,
+    ) -> Released {
+        release_window(s, plan, state, w * 10_000, (w + 1) * 10_000, data, noise).unwrap()
+    }
+
     fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
         b.column_by_name(name)
             .unwrap()
@@ -544,16 +556,7 @@ max_readings_total = 1000
         let data = contributions();
         for w in 0..s.windows {
             assert!(state.can_release(&plan));
-            release_window(
-                &s,
-                &plan,
-                &mut state,
-                w * 10_000,
-                (w + 1) * 10_000,
-                &data,
-                &mut noise,
-            )
-            .unwrap();
+            release_nth(&s, &plan, &mut state, w, &data, &mut noise);
             let expected = plan.rho_tree + (w + 1) as f64 * plan.rho_window;
             assert!((state.accountant.spent_rho - expected).abs() < 1e-9 * plan.rho_total);
             assert!(state.accountant.spent_epsilon(s.delta) <= s.epsilon * (1.0 + 1e-9));
@@ -579,16 +582,7 @@ max_readings_total = 1000
         let data = contributions();
         let mut noise = Noise::seeded(5);
         for w in 0..4 {
-            release_window(
-                &s,
-                &plan,
-                &mut state,
-                w * 10_000,
-                (w + 1) * 10_000,
-                &data,
-                &mut noise,
-            )
-            .unwrap();
+            release_nth(&s, &plan, &mut state, w, &data, &mut noise);
         }
         assert_eq!(state.totals_used.len(), 20);
         assert!(

@@ -256,10 +256,7 @@ pub fn read_study(data: &Path, id: &str) -> Result<StudyFiles, StoreError> {
 }
 
 fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), StoreError> {
-    jsonstore::update(dir, name, |v: &mut serde_json::Value| {
-        *v = serde_json::to_value(value).expect("serializes");
-        Ok::<_, StoreError>(())
-    })
+    Ok(jsonstore::replace(dir, name, value)?)
 }
 
 // ---- metering ----
