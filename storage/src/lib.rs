@@ -41,6 +41,7 @@ pub mod layout;
 pub mod leaves;
 pub mod query;
 pub mod schema;
+pub mod seal;
 pub mod writer;
 
 pub use writer::{FlushStats, Origin, ShardWriter, StoreConfig};
