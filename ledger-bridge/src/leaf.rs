@@ -30,6 +30,8 @@ pub enum LeafKind {
     AlertTransition = 0x03,
     Access = 0x04,
     ConsentDecision = 0x05,
+    SealedReading = 0x06,
+    SealedDeadLetter = 0x07,
 }
 
 /// A stored reading, as in the `readings` table.
@@ -58,6 +60,39 @@ pub struct DeadLetterLeaf<'a> {
     pub raw: &'a str,
     pub time_ns: Option<i64>,
     pub seq: Option<u64>,
+}
+
+/// A reading stored sealed (encryption at rest): the leaf commits to the
+/// ciphertext as stored, so it can be checked without the keys, and after
+/// the patient's key was destroyed, and reveals nothing of the value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedReadingLeaf<'a> {
+    pub time_ns: i64,
+    pub patient: Option<&'a str>,
+    pub device: &'a str,
+    pub metric: &'a str,
+    /// The value's 8 bytes, encrypted.
+    pub value_sealed: &'a [u8],
+    pub unit: &'a str,
+    pub seq: Option<u64>,
+    pub quality: u8,
+    pub received_ns: i64,
+    /// Key generation, nonce and tag, on the first row of a sealed run.
+    pub seal: Option<&'a [u8]>,
+}
+
+/// A dead letter stored sealed: detail and raw payload are in `sealed`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SealedDeadLetterLeaf<'a> {
+    pub received_ns: i64,
+    pub device: &'a str,
+    pub patient: Option<&'a str>,
+    pub reason: &'a str,
+    pub metric: Option<&'a str>,
+    pub time_ns: Option<i64>,
+    pub seq: Option<u64>,
+    pub seal: &'a [u8],
+    pub sealed: &'a [u8],
 }
 
 /// An alert transition: the exact line the alert log holds for it (its
@@ -169,6 +204,43 @@ impl DeadLetterLeaf<'_> {
             .str(self.raw)
             .opt(self.time_ns, Enc::i64)
             .opt(self.seq, Enc::u64);
+    }
+}
+
+impl SealedReadingLeaf<'_> {
+    /// Fields: `i64 time, opt<str> patient, str device, str metric,
+    /// bytes value_sealed, str unit, opt<u64> seq, u8 quality, i64 received,
+    /// opt<bytes> seal` (`bytes` encodes as `str` does).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        Enc::start(out, LeafKind::SealedReading)
+            .i64(self.time_ns)
+            .opt(self.patient, Enc::str)
+            .str(self.device)
+            .str(self.metric)
+            .bytes(self.value_sealed)
+            .str(self.unit)
+            .opt(self.seq, Enc::u64)
+            .u8(self.quality)
+            .i64(self.received_ns)
+            .opt(self.seal, Enc::bytes);
+    }
+}
+
+impl SealedDeadLetterLeaf<'_> {
+    /// Fields: `i64 received, str device, opt<str> patient, str reason,
+    /// opt<str> metric, opt<i64> time, opt<u64> seq, bytes seal, bytes
+    /// sealed`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        Enc::start(out, LeafKind::SealedDeadLetter)
+            .i64(self.received_ns)
+            .str(self.device)
+            .opt(self.patient, Enc::str)
+            .str(self.reason)
+            .opt(self.metric, Enc::str)
+            .opt(self.time_ns, Enc::i64)
+            .opt(self.seq, Enc::u64)
+            .bytes(self.seal)
+            .bytes(self.sealed);
     }
 }
 

@@ -18,7 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::StorageError;
 use crate::layout::{self, DEAD_LETTERS_DIR, DataFile, FileName, READINGS_DIR};
 use crate::schema::{self, dead_letters as dl, readings as rd};
-use crate::writer::{write_parquet_file, writer_properties};
+use crate::writer::{sealed_writer_properties, write_parquet_file, writer_properties};
 
 /// When and how much to compact.
 #[derive(Debug, Clone, Copy)]
@@ -72,13 +72,18 @@ pub fn compact(
             }
             let mut run: Vec<(DataFile, usize)> = Vec::new();
             let mut run_rows = 0;
+            let mut run_sealed = false;
             for f in files {
-                let rows = row_count(&f.path)?;
-                if !run.is_empty() && run_rows + rows > policy.max_rows {
+                let (rows, sealed) = row_count(&f.path)?;
+                // Sealed and clear files (encryption turned on or off) are
+                // merged apart: their schemas differ.
+                if !run.is_empty() && (run_rows + rows > policy.max_rows || sealed != run_sealed)
+                {
                     merge_run(&dir, process, std::mem::take(&mut run), sort, &mut stats)?;
                     run_rows = 0;
                 }
                 run_rows += rows;
+                run_sealed = sealed;
                 run.push((f, rows));
             }
             merge_run(&dir, process, run, sort, &mut stats)?;
@@ -93,14 +98,18 @@ enum Sort {
     DeadLetters,
 }
 
-fn row_count(path: &Path) -> Result<usize, StorageError> {
+/// A file's rows, and whether it is sealed.
+fn row_count(path: &Path) -> Result<(usize, bool), StorageError> {
     let file = File::open(path).map_err(StorageError::io(path))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StorageError::Corrupt {
             path: path.to_path_buf(),
             what: e.to_string(),
         })?;
-    Ok(builder.metadata().file_metadata().num_rows() as usize)
+    Ok((
+        builder.metadata().file_metadata().num_rows() as usize,
+        schema::is_sealed(builder.schema()),
+    ))
 }
 
 fn merge_run(
@@ -135,32 +144,43 @@ fn merge_run(
             })?);
         }
     }
-    let schema = match sort {
-        Sort::Readings => schema::READINGS.clone(),
-        Sort::DeadLetters => schema::DEAD_LETTERS.clone(),
+    let Some(schema) = batches.first().map(|b| b.schema()) else {
+        return Ok(());
     };
+    let sealed = schema::is_sealed(&schema);
     let enc = |e: arrow::error::ArrowError| StorageError::Encode(e.to_string());
     let all = concat_batches(&schema, &batches).map_err(enc)?;
     drop(batches);
-    let keys: Vec<usize> = match sort {
-        Sort::Readings => vec![rd::PATIENT, rd::METRIC, rd::TIME],
-        Sort::DeadLetters => vec![dl::RECEIVED, dl::DEVICE],
+    let keys: Vec<usize> = match (sort, sealed) {
+        (Sort::Readings, false) => vec![rd::PATIENT, rd::METRIC, rd::TIME],
+        // A sealed run (one patient's rows of one file) stays whole and in
+        // order: rows are grouped by patient, runs kept in file order.
+        (Sort::Readings, true) => vec![rd::PATIENT],
+        (Sort::DeadLetters, _) => vec![dl::RECEIVED, dl::DEVICE],
     };
-    let columns: Vec<SortColumn> = keys
+    let mut columns: Vec<SortColumn> = keys
         .iter()
         .map(|&k| SortColumn {
             values: all.column(k).clone(),
             options: None,
         })
         .collect();
+    if sealed && matches!(sort, Sort::Readings) {
+        columns.push(SortColumn {
+            values: std::sync::Arc::new(arrow::array::UInt64Array::from_iter_values(
+                0..all.num_rows() as u64,
+            )),
+            options: None,
+        });
+    }
     let order = lexsort_to_indices(&columns, None).map_err(enc)?;
     let sorted: RecordBatch = take_record_batch(&all, &order).map_err(enc)?;
     let name = FileName::Compacted { min, max, process };
-    write_parquet_file(
-        &dir.join(name.render("parquet")),
-        &sorted,
-        writer_properties(),
-    )?;
+    let props = match (sort, sealed) {
+        (Sort::Readings, true) => sealed_writer_properties(),
+        _ => writer_properties(),
+    };
+    write_parquet_file(&dir.join(name.render("parquet")), &sorted, props)?;
     layout::sync_dir(dir).map_err(StorageError::io(dir))?;
     for (f, _) in &run {
         std::fs::remove_file(&f.path).map_err(StorageError::io(&f.path))?;

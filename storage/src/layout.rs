@@ -379,3 +379,11 @@ mod tests {
         assert_eq!(hour_of(-1), -1);
     }
 }
+
+/// A time as RFC 3339 in UTC with milliseconds, for messages.
+pub fn format_ns(ns: TimestampNs) -> String {
+    match Timestamp::from_nanosecond(ns as i128) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        Err(_) => ns.to_string(),
+    }
+}

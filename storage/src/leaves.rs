@@ -5,7 +5,7 @@
 //! which assigns it to a ledger batch.
 
 use arrow::array::{
-    Array, Float64Array, StringArray, TimestampNanosecondArray, UInt8Array, UInt64Array,
+    Array, BinaryArray, FixedSizeBinaryArray, Float64Array, StringArray, TimestampNanosecondArray, UInt8Array, UInt64Array,
 };
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use wardflow_ledger_bridge::Hash;
-use wardflow_ledger_bridge::leaf::{DeadLetterLeaf, ReadingLeaf};
+use wardflow_ledger_bridge::leaf::{
+    DeadLetterLeaf, ReadingLeaf, SealedDeadLetterLeaf, SealedReadingLeaf,
+};
 
 use crate::StorageError;
 use crate::layout::{self, DEAD_LETTERS_DIR, READINGS_DIR};
@@ -216,6 +218,9 @@ fn column<'a, T: 'static>(
 
 /// Appends `(log_epoch, leaf hash)` for every row of a `readings` batch.
 pub fn reading_leaves(batch: &RecordBatch, out: &mut Vec<(u64, Hash)>) -> Result<(), StorageError> {
+    if crate::schema::is_sealed(&batch.schema()) {
+        return sealed_reading_leaves(batch, out);
+    }
     let time: &TimestampNanosecondArray = column(batch, rd::TIME, "time")?;
     let patient: &StringArray = column(batch, rd::PATIENT, "patient_id")?;
     let device: &StringArray = column(batch, rd::DEVICE, "device_id")?;
@@ -246,11 +251,50 @@ pub fn reading_leaves(batch: &RecordBatch, out: &mut Vec<(u64, Hash)>) -> Result
     Ok(())
 }
 
+fn sealed_reading_leaves(
+    batch: &RecordBatch,
+    out: &mut Vec<(u64, Hash)>,
+) -> Result<(), StorageError> {
+    let time: &TimestampNanosecondArray = column(batch, rd::TIME, "time")?;
+    let patient: &StringArray = column(batch, rd::PATIENT, "patient_id")?;
+    let device: &StringArray = column(batch, rd::DEVICE, "device_id")?;
+    let metric: &StringArray = column(batch, rd::METRIC, "metric")?;
+    let value: &FixedSizeBinaryArray = column(batch, rd::VALUE, "value_sealed")?;
+    let unit: &StringArray = column(batch, rd::UNIT, "unit")?;
+    let seq: &UInt64Array = column(batch, rd::SEQ, "seq")?;
+    let quality: &UInt8Array = column(batch, rd::QUALITY, "quality")?;
+    let received: &TimestampNanosecondArray = column(batch, rd::RECEIVED, "received_at")?;
+    let epoch: &UInt64Array = column(batch, rd::LOG_EPOCH, "log_epoch")?;
+    let seal: &FixedSizeBinaryArray = column(batch, rd::SEAL, "seal")?;
+    let mut buf = Vec::with_capacity(128);
+    out.reserve(batch.num_rows());
+    for i in 0..batch.num_rows() {
+        SealedReadingLeaf {
+            time_ns: time.value(i),
+            patient: opt_str(patient, i),
+            device: device.value(i),
+            metric: metric.value(i),
+            value_sealed: value.value(i),
+            unit: unit.value(i),
+            seq: opt_u64(seq, i),
+            quality: quality.value(i),
+            received_ns: received.value(i),
+            seal: seal.is_valid(i).then(|| seal.value(i)),
+        }
+        .encode(&mut buf);
+        out.push((epoch.value(i), wardflow_ledger_bridge::leaf_hash(&buf)));
+    }
+    Ok(())
+}
+
 /// Appends `(log_epoch, leaf hash)` for every row of a `deadletters` batch.
 pub fn dead_letter_leaves(
     batch: &RecordBatch,
     out: &mut Vec<(u64, Hash)>,
 ) -> Result<(), StorageError> {
+    if crate::schema::is_sealed(&batch.schema()) {
+        return sealed_dead_letter_leaves(batch, out);
+    }
     let received: &TimestampNanosecondArray = column(batch, dl::RECEIVED, "received_at")?;
     let device: &StringArray = column(batch, dl::DEVICE, "device_id")?;
     let patient: &StringArray = column(batch, dl::PATIENT, "patient_id")?;
@@ -437,4 +481,37 @@ mod tests {
         stored_leaves(dir.path(), 1, epoch..epoch + 1, 1000, &mut got).unwrap();
         assert!(got.is_empty(), "other epochs, another process: {got:?}");
     }
+}
+
+fn sealed_dead_letter_leaves(
+    batch: &RecordBatch,
+    out: &mut Vec<(u64, Hash)>,
+) -> Result<(), StorageError> {
+    let received: &TimestampNanosecondArray = column(batch, dl::RECEIVED, "received_at")?;
+    let device: &StringArray = column(batch, dl::DEVICE, "device_id")?;
+    let patient: &StringArray = column(batch, dl::PATIENT, "patient_id")?;
+    let reason: &StringArray = column(batch, dl::REASON, "reason")?;
+    let metric: &StringArray = column(batch, dl::METRIC, "metric")?;
+    let time: &TimestampNanosecondArray = column(batch, dl::TIME, "time")?;
+    let seq: &UInt64Array = column(batch, dl::SEQ, "seq")?;
+    let epoch: &UInt64Array = column(batch, dl::LOG_EPOCH, "log_epoch")?;
+    let seal: &FixedSizeBinaryArray = column(batch, dl::SEAL, "seal")?;
+    let sealed: &BinaryArray = column(batch, dl::SEALED, "sealed")?;
+    let mut buf = Vec::with_capacity(256);
+    for i in 0..batch.num_rows() {
+        SealedDeadLetterLeaf {
+            received_ns: received.value(i),
+            device: device.value(i),
+            patient: opt_str(patient, i),
+            reason: reason.value(i),
+            metric: opt_str(metric, i),
+            time_ns: time.is_valid(i).then(|| time.value(i)),
+            seq: opt_u64(seq, i),
+            seal: seal.value(i),
+            sealed: sealed.value(i),
+        }
+        .encode(&mut buf);
+        out.push((epoch.value(i), wardflow_ledger_bridge::leaf_hash(&buf)));
+    }
+    Ok(())
 }

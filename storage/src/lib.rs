@@ -58,6 +58,10 @@ pub enum StorageError {
     Corrupt { path: PathBuf, what: String },
     #[error("encoding: {0}")]
     Encode(String),
+    #[error(transparent)]
+    Keys(#[from] seal::KeyError),
+    #[error("{0}")]
+    Withheld(String),
 }
 
 impl StorageError {

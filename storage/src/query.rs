@@ -10,8 +10,8 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, BooleanArray};
-use arrow::compute::filter_record_batch;
 use arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
+use arrow::compute::concat_batches;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::RowGroupMetaData;
@@ -21,7 +21,10 @@ use wardflow_model::{Metric, TimestampNs};
 
 use crate::StorageError;
 use crate::layout::{self, DEAD_LETTERS_DIR, READINGS_DIR};
-use crate::schema::{dead_letters as dl, readings as rd};
+use crate::schema::{self, dead_letters as dl, readings as rd};
+use crate::seal::{self, DataKey, Keyring, UNBOUND, Unavailable};
+use crate::writer::{DEAD_LETTERS_KIND, READINGS_KIND};
+use std::sync::Arc;
 
 /// Which readings to return.
 #[derive(Debug, Clone, Default)]
@@ -91,11 +94,12 @@ fn may_contain(rg: &RowGroupMetaData, column: usize, value: &str) -> bool {
 }
 
 /// Reads the live files of the partitions `keep` selects, handing each
-/// batch (after row-group pruning) to `each`.
+/// file's batches (after row-group pruning; `prune` is told whether the
+/// file is sealed) to `each` as one batch.
 fn scan(
     table: &Path,
     keep: impl Fn(i64) -> bool,
-    prune: impl Fn(&RowGroupMetaData) -> bool,
+    prune: impl Fn(&RowGroupMetaData, bool) -> bool,
     mut each: impl FnMut(RecordBatch) -> Result<(), StorageError>,
 ) -> Result<(), StorageError> {
     for (hour, dir) in layout::partitions(table).map_err(StorageError::io(table))? {
@@ -114,23 +118,30 @@ fn scan(
                 what: e.to_string(),
             };
             let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(corrupt)?;
+            let sealed = schema::is_sealed(builder.schema());
             let groups: Vec<usize> = builder
                 .metadata()
                 .row_groups()
                 .iter()
                 .enumerate()
-                .filter(|(_, rg)| prune(rg))
+                .filter(|(_, rg)| prune(rg, sealed))
                 .map(|(i, _)| i)
                 .collect();
             if groups.is_empty() {
                 continue;
             }
+            let file_schema = builder.schema().clone();
             let reader = builder.with_row_groups(groups).build().map_err(corrupt)?;
-            for batch in reader {
-                let batch = batch.map_err(|e| StorageError::Corrupt {
+            let batches = reader
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StorageError::Corrupt {
                     path: f.path.clone(),
                     what: e.to_string(),
                 })?;
+            // A sealed run is opened whole: the file's rows in one batch.
+            let batch = concat_batches(&file_schema, &batches)
+                .map_err(|e| StorageError::Encode(e.to_string()))?;
+            if batch.num_rows() > 0 {
                 each(batch)?;
             }
         }
@@ -147,20 +158,182 @@ fn string_at(batch: &RecordBatch, col: usize, i: usize) -> Option<&str> {
     (!a.is_null(i)).then(|| a.value(i))
 }
 
-/// Readings matching `q`, ordered by time (then patient and metric).
-pub fn query_readings(root: &Path, q: &ReadingQuery) -> Result<Vec<StoredReading>, StorageError> {
-    let mut out = Vec::new();
+/// Why stored rows could not be returned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum WithheldReason {
+    /// The patient's data key was destroyed on request (crypto-shredding).
+    Erased {
+        generation: u32,
+        erased_at_ns: i64,
+    },
+    /// The rows are sealed and no master key was given.
+    NoKey,
+    /// The keyring has no such key (files from another keyring).
+    UnknownKey { generation: u32 },
+}
+
+/// Rows matching a query that could not be opened.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Withheld {
+    pub patient: Option<String>,
+    pub rows: u64,
+    #[serde(flatten)]
+    pub reason: WithheldReason,
+}
+
+impl std::fmt::Display for Withheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let who = self.patient.as_deref().unwrap_or("unbound devices");
+        match &self.reason {
+            WithheldReason::Erased {
+                generation,
+                erased_at_ns,
+            } => write!(
+                f,
+                "{} readings of {who} were erased at {} (data key generation {generation} destroyed)",
+                self.rows,
+                crate::layout::format_ns(*erased_at_ns)
+            ),
+            WithheldReason::NoKey => write!(
+                f,
+                "{} readings of {who} are sealed at rest and no master key was given",
+                self.rows
+            ),
+            WithheldReason::UnknownKey { generation } => write!(
+                f,
+                "{} readings of {who} are sealed with a data key (generation {generation}) this keyring does not hold",
+                self.rows
+            ),
+        }
+    }
+}
+
+/// What a query found: the rows it could read, and what it could not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Answer<T> {
+    pub rows: Vec<T>,
+    pub withheld: Vec<Withheld>,
+}
+
+impl<T> Default for Answer<T> {
+    fn default() -> Self {
+        Self {
+            rows: Vec::new(),
+            withheld: Vec::new(),
+        }
+    }
+}
+
+impl<T> Answer<T> {
+    fn withhold(&mut self, patient: Option<&str>, reason: WithheldReason, rows: u64) {
+        match self
+            .withheld
+            .iter_mut()
+            .find(|w| w.patient.as_deref() == patient && w.reason == reason)
+        {
+            Some(w) => w.rows += rows,
+            None => self.withheld.push(Withheld {
+                patient: patient.map(str::to_string),
+                rows,
+                reason,
+            }),
+        }
+    }
+
+    /// The rows, or an error naming what was withheld.
+    pub fn all(self) -> Result<Vec<T>, StorageError> {
+        match self.withheld.first() {
+            None => Ok(self.rows),
+            Some(w) => Err(StorageError::Withheld(w.to_string())),
+        }
+    }
+}
+
+/// Looks up the key of a sealed run (or row).
+fn key_of(
+    keys: Option<&Keyring>,
+    patient: Option<&str>,
+    seal: &[u8],
+) -> Result<Result<Arc<DataKey>, WithheldReason>, StorageError> {
+    let Some(keys) = keys else {
+        return Ok(Err(WithheldReason::NoKey));
+    };
+    let generation = seal::seal_generation(seal).unwrap_or(0);
+    Ok(
+        match keys.key_for_read(patient.unwrap_or(UNBOUND), generation)? {
+            Ok(k) => Ok(k),
+            Err(Unavailable::Erased(e)) => Err(WithheldReason::Erased {
+                generation,
+                erased_at_ns: e.erased_at_ns,
+            }),
+            Err(Unavailable::Unknown) => Err(WithheldReason::UnknownKey { generation }),
+        },
+    )
+}
+
+/// The values of a `readings` batch: in the clear, or opened run by run.
+fn reading_values(
+    batch: &RecordBatch,
+    keys: Option<&Keyring>,
+) -> Result<Vec<Result<f64, WithheldReason>>, StorageError> {
+    if !schema::is_sealed(&batch.schema()) {
+        let value = batch.column(rd::VALUE).as_primitive::<Float64Type>();
+        return Ok(value.values().iter().map(|&v| Ok(v)).collect());
+    }
+    let sealed = batch.column(rd::VALUE).as_fixed_size_binary();
+    let seals = batch.column(rd::SEAL).as_fixed_size_binary();
+    let mut out = Vec::with_capacity(batch.num_rows());
+    let mut i = 0;
+    while i < batch.num_rows() {
+        if seals.is_null(i) {
+            return Err(StorageError::Encode(format!(
+                "row {i} of a sealed batch is not in a run (its first row is missing)"
+            )));
+        }
+        let end = (i + 1..batch.num_rows())
+            .find(|&j| seals.is_valid(j))
+            .unwrap_or(batch.num_rows());
+        let patient = string_at(batch, rd::PATIENT, i);
+        match key_of(keys, patient, seals.value(i))? {
+            Ok(key) => {
+                let mut buf: Vec<u8> = (i..end).flat_map(|j| sealed.value(j).to_vec()).collect();
+                key.open(READINGS_KIND, seals.value(i), &mut buf)?;
+                out.extend(
+                    buf.chunks_exact(8)
+                        .map(|c| Ok(f64::from_le_bytes(c.try_into().expect("8 bytes")))),
+                );
+            }
+            Err(reason) => out.extend((i..end).map(|_| Err(reason.clone()))),
+        }
+        i = end;
+    }
+    Ok(out)
+}
+
+/// Readings matching `q`, ordered by time (then patient and metric). A
+/// sealed store needs `keys`; rows that cannot be opened are counted in
+/// [`Answer::withheld`] (an erased patient's, for one).
+pub fn read_readings(
+    root: &Path,
+    keys: Option<&Keyring>,
+    q: &ReadingQuery,
+) -> Result<Answer<StoredReading>, StorageError> {
+    let mut answer = Answer::default();
     let metric = q.metric.map(Metric::name);
     scan(
         &root.join(READINGS_DIR),
         hours_in(q.from_ns, q.to_ns),
-        |rg| {
+        |rg, sealed| {
             q.patient
                 .as_deref()
                 .is_none_or(|p| may_contain(rg, rd::PATIENT, p))
-                && metric.is_none_or(|m| may_contain(rg, rd::METRIC, m))
+                // A sealed run holds every metric of its patient: a row
+                // group is kept whole so the run is.
+                && (sealed || metric.is_none_or(|m| may_contain(rg, rd::METRIC, m)))
         },
         |batch| {
+            let values = reading_values(&batch, keys)?;
             let time = batch
                 .column(rd::TIME)
                 .as_primitive::<TimestampNanosecondType>();
@@ -176,48 +349,93 @@ pub fn query_readings(root: &Path, q: &ReadingQuery) -> Result<Vec<StoredReading
                         .is_none_or(|d| string_at(&batch, rd::DEVICE, i) == Some(d))
                     && metric.is_none_or(|m| string_at(&batch, rd::METRIC, i) == Some(m))
             });
-            let b = filter_record_batch(&batch, &keep)
-                .map_err(|e| StorageError::Encode(e.to_string()))?;
-            let time = b.column(rd::TIME).as_primitive::<TimestampNanosecondType>();
-            let value = b.column(rd::VALUE).as_primitive::<Float64Type>();
-            let seq = b.column(rd::SEQ).as_primitive::<UInt64Type>();
-            let quality = b.column(rd::QUALITY).as_primitive::<UInt8Type>();
-            let received = b
+            let seq = batch.column(rd::SEQ).as_primitive::<UInt64Type>();
+            let quality = batch.column(rd::QUALITY).as_primitive::<UInt8Type>();
+            let received = batch
                 .column(rd::RECEIVED)
                 .as_primitive::<TimestampNanosecondType>();
-            for i in 0..b.num_rows() {
-                out.push(StoredReading {
-                    time_ns: time.value(i),
-                    patient: string_at(&b, rd::PATIENT, i).map(str::to_string),
-                    device: string_at(&b, rd::DEVICE, i).unwrap_or_default().to_string(),
-                    metric: string_at(&b, rd::METRIC, i).unwrap_or_default().to_string(),
-                    value: value.value(i),
-                    unit: string_at(&b, rd::UNIT, i).unwrap_or_default().to_string(),
-                    seq: (!seq.is_null(i)).then(|| seq.value(i)),
-                    quality: quality.value(i),
-                    received_ns: received.value(i),
-                });
+            for i in (0..batch.num_rows()).filter(|&i| keep.value(i)) {
+                let patient = string_at(&batch, rd::PATIENT, i);
+                match &values[i] {
+                    Ok(value) => answer.rows.push(StoredReading {
+                        time_ns: time.value(i),
+                        patient: patient.map(str::to_string),
+                        device: string_at(&batch, rd::DEVICE, i)
+                            .unwrap_or_default()
+                            .to_string(),
+                        metric: string_at(&batch, rd::METRIC, i)
+                            .unwrap_or_default()
+                            .to_string(),
+                        value: *value,
+                        unit: string_at(&batch, rd::UNIT, i).unwrap_or_default().to_string(),
+                        seq: (!seq.is_null(i)).then(|| seq.value(i)),
+                        quality: quality.value(i),
+                        received_ns: received.value(i),
+                    }),
+                    Err(reason) => answer.withhold(patient, reason.clone(), 1),
+                }
             }
             Ok(())
         },
     )?;
-    out.sort_by(|a, b| {
+    answer.rows.sort_by(|a, b| {
         (a.time_ns, &a.patient, &a.metric, &a.device, a.seq)
             .cmp(&(b.time_ns, &b.patient, &b.metric, &b.device, b.seq))
     });
-    Ok(out)
+    Ok(answer)
 }
 
-/// Dead letters matching `q`, newest first.
+/// Readings matching `q` in a store without sealed rows (or an error
+/// saying what could not be read); see [`read_readings`].
+pub fn query_readings(root: &Path, q: &ReadingQuery) -> Result<Vec<StoredReading>, StorageError> {
+    read_readings(root, None, q)?.all()
+}
+
+/// Detail and raw payload of a dead letter, opened if sealed.
+fn dead_letter_payload(
+    b: &RecordBatch,
+    i: usize,
+    keys: Option<&Keyring>,
+) -> Result<Result<(String, String), WithheldReason>, StorageError> {
+    if !schema::is_sealed(&b.schema()) {
+        return Ok(Ok((
+            string_at(b, dl::DETAIL, i).unwrap_or_default().to_string(),
+            string_at(b, dl::RAW, i).unwrap_or_default().to_string(),
+        )));
+    }
+    let seal = b.column(dl::SEAL).as_fixed_size_binary().value(i);
+    let key = match key_of(keys, string_at(b, dl::PATIENT, i), seal)? {
+        Ok(k) => k,
+        Err(reason) => return Ok(Err(reason)),
+    };
+    let mut buf = b.column(dl::SEALED).as_binary::<i32>().value(i).to_vec();
+    key.open(DEAD_LETTERS_KIND, seal, &mut buf)?;
+    serde_json::from_slice(&buf)
+        .map(Ok)
+        .map_err(|e| StorageError::Encode(format!("a sealed dead letter: {e}")))
+}
+
+/// Dead letters matching `q`, newest first, in a store without sealed
+/// rows; see [`read_dead_letters`].
 pub fn query_dead_letters(
     root: &Path,
     q: &DeadLetterQuery,
 ) -> Result<Vec<StoredDeadLetter>, StorageError> {
-    let mut out = Vec::new();
+    read_dead_letters(root, None, q)?.all()
+}
+
+/// Dead letters matching `q`, newest first; sealed ones are opened with
+/// `keys`, or withheld.
+pub fn read_dead_letters(
+    root: &Path,
+    keys: Option<&Keyring>,
+    q: &DeadLetterQuery,
+) -> Result<Answer<StoredDeadLetter>, StorageError> {
+    let mut answer = Answer::default();
     scan(
         &root.join(DEAD_LETTERS_DIR),
         hours_in(q.from_ns, q.to_ns),
-        |rg| {
+        |rg, _| {
             q.device
                 .as_deref()
                 .is_none_or(|d| may_contain(rg, dl::DEVICE, d))
@@ -240,14 +458,22 @@ pub fn query_dead_letters(
                 {
                     continue;
                 }
-                out.push(StoredDeadLetter {
+                let patient = string_at(&b, dl::PATIENT, i);
+                let (detail, raw) = match dead_letter_payload(&b, i, keys)? {
+                    Ok(x) => x,
+                    Err(why) => {
+                        answer.withhold(patient, why, 1);
+                        continue;
+                    }
+                };
+                answer.rows.push(StoredDeadLetter {
                     received_ns: r,
                     device: device.to_string(),
-                    patient: string_at(&b, dl::PATIENT, i).map(str::to_string),
+                    patient: patient.map(str::to_string),
                     reason: reason.to_string(),
-                    detail: string_at(&b, dl::DETAIL, i).unwrap_or_default().to_string(),
+                    detail,
                     metric: string_at(&b, dl::METRIC, i).map(str::to_string),
-                    raw: string_at(&b, dl::RAW, i).unwrap_or_default().to_string(),
+                    raw,
                     time_ns: (!time.is_null(i)).then(|| time.value(i)),
                     seq: (!seq.is_null(i)).then(|| seq.value(i)),
                 });
@@ -255,10 +481,10 @@ pub fn query_dead_letters(
             Ok(())
         },
     )?;
-    out.sort_by(|a, b| {
+    answer.rows.sort_by(|a, b| {
         b.received_ns
             .cmp(&a.received_ns)
             .then_with(|| a.device.cmp(&b.device))
     });
-    Ok(out)
+    Ok(answer)
 }

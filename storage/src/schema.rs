@@ -24,6 +24,21 @@ pub static READINGS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// `readings` sealed at rest (see [`crate::seal`]): `value` becomes
+/// `value_sealed`, the value's 8 bytes (f64, little-endian) encrypted, and
+/// `seal` holds, on the first row of each run of one patient's rows, the
+/// run's key generation, nonce and tag (null on the other rows).
+pub static READINGS_SEALED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields: Vec<Field> = READINGS.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[readings::VALUE] = Field::new("value_sealed", DataType::FixedSizeBinary(8), false);
+    fields.push(Field::new(
+        "seal",
+        DataType::FixedSizeBinary(crate::seal::SEAL_LEN as i32),
+        true,
+    ));
+    Arc::new(Schema::new(fields))
+});
+
 pub mod readings {
     pub const TIME: usize = 0;
     pub const PATIENT: usize = 1;
@@ -35,6 +50,13 @@ pub mod readings {
     pub const QUALITY: usize = 7;
     pub const RECEIVED: usize = 8;
     pub const LOG_EPOCH: usize = 9;
+    /// In [`super::READINGS_SEALED`] only.
+    pub const SEAL: usize = 10;
+}
+
+/// Whether a `readings` or `deadletters` batch is sealed at rest.
+pub fn is_sealed(schema: &Schema) -> bool {
+    schema.fields().len() > 10 && schema.field(10).name() == "seal"
 }
 
 /// `deadletters`: one row per rejected reading or payload.
@@ -53,6 +75,20 @@ pub static DEAD_LETTERS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
+/// `deadletters` sealed at rest: `detail` and `raw` (which may hold the
+/// patient's values) are empty strings, and `seal` holds key generation,
+/// nonce and tag and `sealed` the encrypted JSON array `[detail, raw]`.
+pub static DEAD_LETTERS_SEALED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields: Vec<Field> = DEAD_LETTERS.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(
+        "seal",
+        DataType::FixedSizeBinary(crate::seal::SEAL_LEN as i32),
+        false,
+    ));
+    fields.push(Field::new("sealed", DataType::Binary, false));
+    Arc::new(Schema::new(fields))
+});
+
 pub mod dead_letters {
     pub const RECEIVED: usize = 0;
     pub const DEVICE: usize = 1;
@@ -64,4 +100,7 @@ pub mod dead_letters {
     pub const TIME: usize = 7;
     pub const SEQ: usize = 8;
     pub const LOG_EPOCH: usize = 9;
+    /// In [`super::DEAD_LETTERS_SEALED`] only.
+    pub const SEAL: usize = 10;
+    pub const SEALED: usize = 11;
 }

@@ -17,8 +17,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::array::{
-    ArrayRef, Float64Array, StringBuilder, TimestampNanosecondArray, UInt8Array, UInt64Array,
+    ArrayRef, BinaryArray, FixedSizeBinaryArray, Float64Array, StringArray, StringBuilder,
+    TimestampNanosecondArray, UInt8Array, UInt64Array,
 };
+use arrow::buffer::{Buffer, NullBuffer};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -29,7 +31,12 @@ use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Reading, Timestamp
 
 use crate::StorageError;
 use crate::layout::{self, DEAD_LETTERS_DIR, FileName, READINGS_DIR, STATE_DIR};
-use crate::schema;
+use crate::schema::{self, dead_letters as dl};
+use crate::seal::{Keyring, SEAL_LEN, UNBOUND};
+
+/// What sealed values are bound to (associated data and nonce input).
+pub(crate) const READINGS_KIND: &[u8] = b"wardflow/readings/value";
+pub(crate) const DEAD_LETTERS_KIND: &[u8] = b"wardflow/deadletters/payload";
 
 /// Store settings shared by all writers of a process.
 #[derive(Debug, Clone)]
@@ -70,6 +77,21 @@ pub(crate) fn writer_properties() -> WriterProperties {
                 nulls_first: false,
             },
         ]))
+        .build()
+}
+
+/// The properties of a compacted sealed `readings` file: sorted by patient
+/// only (its runs keep the order they were sealed in).
+pub(crate) fn sealed_writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(1 << 20))
+        .set_sorting_columns(Some(vec![SortingColumn {
+            column_idx: schema::readings::PATIENT as i32,
+            descending: false,
+            nulls_first: false,
+        }]))
         .build()
 }
 
@@ -167,6 +189,8 @@ pub struct ShardWriter<S> {
     props: WriterProperties,
     /// The leaves of rows written, when collected.
     leaves: Option<Vec<(u64, wardflow_ledger_bridge::Hash)>>,
+    /// Seals values at rest when set.
+    keys: Option<Arc<Keyring>>,
 }
 
 impl<S: Serialize> ShardWriter<S> {
@@ -178,7 +202,15 @@ impl<S: Serialize> ShardWriter<S> {
             pending: BTreeMap::new(),
             props: writer_properties(),
             leaves: None,
+            keys: None,
         }
+    }
+
+    /// Seals every value written from now on under its patient's data key
+    /// ([`crate::seal`]).
+    pub fn with_keyring(mut self, keys: Option<Arc<Keyring>>) -> Self {
+        self.keys = keys;
+        self
     }
 
     /// Makes every flush compute the audit-trail leaves of the rows it
@@ -273,6 +305,7 @@ impl<S: Serialize> ShardWriter<S> {
             pending: complete,
             props: self.props.clone(),
             leaves: self.leaves.as_ref().map(|_| Vec::new()),
+            keys: self.keys.clone(),
         }
     }
 
@@ -292,6 +325,10 @@ impl<S: Serialize> ShardWriter<S> {
         let started = Instant::now();
         let mut stats = FlushStats::default();
         let mut dirs = Vec::new();
+        if let Some(keys) = &self.keys {
+            // An erasure made from the command line takes effect here.
+            keys.refresh()?;
+        }
         while let Some((&start, _)) = self.pending.first_key_value() {
             if frontier.is_some_and(|f| start + self.config.interval_ms > f) {
                 break;
@@ -354,20 +391,36 @@ impl<S: Serialize> ShardWriter<S> {
             .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
         {
             let hour = layout::hour_of(group[0].time_ns);
-            let dir = root.join(READINGS_DIR).join(layout::partition_dir(hour));
+            let part = layout::partition_dir(hour);
+            let dir = root.join(READINGS_DIR).join(&part);
+            let sealed = match &self.keys {
+                Some(keys) => Some(seal_values(
+                    keys,
+                    group,
+                    &buf.patients,
+                    &format!("{part}/{}", name.render("parquet")),
+                )?),
+                None => None,
+            };
             // Arrow arrays are built a slice at a time, so a large interval
             // does not hold a second copy of itself while it is encoded.
-            let batches = group.chunks(BATCH_ROWS).map(|rows| {
-                let batch = readings_batch(rows, &buf.patients, &buf.devices)?;
+            let batches = group.chunks(BATCH_ROWS).enumerate().map(|(i, rows)| {
+                let at = i * BATCH_ROWS;
+                let sealed = sealed.as_ref().map(|s| s.slice(at, rows.len()));
+                let batch = readings_batch(rows, &buf.patients, &buf.devices, sealed)?;
                 if let Some(out) = leaves.as_mut() {
                     crate::leaves::reading_leaves(&batch, out)?;
                 }
                 Ok(batch)
             });
+            let schema = match sealed {
+                Some(_) => schema::READINGS_SEALED.clone(),
+                None => schema::READINGS.clone(),
+            };
             stats.bytes += write_parquet_batches(
                 &dir,
                 &name,
-                schema::READINGS.clone(),
+                schema,
                 batches,
                 self.props.clone(),
             )?;
@@ -382,7 +435,12 @@ impl<S: Serialize> ShardWriter<S> {
             layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)
         }) {
             let hour = layout::hour_of(group[0].1.received_ns);
-            let batch = dead_letters_batch(group)?;
+            let context = format!(
+                "{}/{}",
+                layout::partition_dir(hour),
+                name.render("parquet")
+            );
+            let batch = dead_letters_batch(group, self.keys.as_deref(), &context)?;
             if let Some(out) = leaves.as_mut() {
                 crate::leaves::dead_letter_leaves(&batch, out)?;
             }
@@ -499,10 +557,72 @@ pub(crate) struct StateFile<S> {
     pub devices: Vec<(DeviceId, S)>,
 }
 
+/// An hour group's values sealed: the ciphertext, 8 bytes per row, and
+/// the seal of each run by the index of its first row.
+struct SealedValues {
+    ciphertext: Vec<u8>,
+    seals: Vec<(usize, [u8; SEAL_LEN])>,
+}
+
+struct SealedSlice<'a> {
+    ciphertext: &'a [u8],
+    /// Seals by row index within the slice.
+    seals: Vec<(usize, &'a [u8; SEAL_LEN])>,
+}
+
+impl SealedValues {
+    fn slice(&self, at: usize, len: usize) -> SealedSlice<'_> {
+        let lo = self.seals.partition_point(|(i, _)| *i < at);
+        let hi = self.seals.partition_point(|(i, _)| *i < at + len);
+        SealedSlice {
+            ciphertext: &self.ciphertext[at * 8..(at + len) * 8],
+            seals: self.seals[lo..hi].iter().map(|(i, s)| (i - at, s)).collect(),
+        }
+    }
+}
+
+/// Seals the values of sorted rows, one run per patient (one AES-256-GCM
+/// call each; see [`crate::seal`]). `context` names the file.
+fn seal_values(
+    keys: &Keyring,
+    rows: &[Row],
+    patients: &Interner,
+    context: &str,
+) -> Result<SealedValues, StorageError> {
+    let mut ciphertext = Vec::with_capacity(rows.len() * 8);
+    let mut seals = Vec::new();
+    let mut at = 0;
+    for (run, group) in rows.chunk_by(|a, b| a.patient == b.patient).enumerate() {
+        let name = match group[0].patient {
+            NO_PATIENT => UNBOUND,
+            p => patients.names[p as usize].as_str(),
+        };
+        let key = keys.key_for_write(name)?;
+        let start = ciphertext.len();
+        for r in group {
+            ciphertext.extend_from_slice(&r.value.to_le_bytes());
+        }
+        let ctx = format!("{context}#{run}");
+        let seal = key.seal(READINGS_KIND, ctx.as_bytes(), &mut ciphertext[start..]);
+        seals.push((at, seal));
+        at += group.len();
+    }
+    Ok(SealedValues { ciphertext, seals })
+}
+
+fn fixed_binary(size: usize, values: Vec<u8>, nulls: Option<NullBuffer>) -> ArrayRef {
+    Arc::new(FixedSizeBinaryArray::new(
+        size as i32,
+        Buffer::from_vec(values),
+        nulls,
+    ))
+}
+
 fn readings_batch(
     rows: &[Row],
     patients: &Interner,
     devices: &Interner,
+    sealed: Option<SealedSlice<'_>>,
 ) -> Result<RecordBatch, StorageError> {
     let n = rows.len();
     let mut patient = StringBuilder::with_capacity(n, n * 8);
@@ -527,7 +647,10 @@ fn readings_batch(
         Arc::new(patient.finish()),
         Arc::new(device.finish()),
         Arc::new(metric.finish()),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
+        match &sealed {
+            Some(s) => fixed_binary(8, s.ciphertext.to_vec(), None),
+            None => Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
+        },
         Arc::new(unit.finish()),
         Arc::new(UInt64Array::from_iter(rows.iter().map(|r| r.seq))),
         Arc::new(UInt8Array::from_iter_values(rows.iter().map(|r| r.quality))),
@@ -537,11 +660,31 @@ fn readings_batch(
         ),
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.epoch))),
     ];
-    RecordBatch::try_new(schema::READINGS.clone(), columns)
+    let Some(sealed) = sealed else {
+        return RecordBatch::try_new(schema::READINGS.clone(), columns)
+            .map_err(|e| StorageError::Encode(e.to_string()));
+    };
+    let mut columns = columns;
+    let mut seal_bytes = vec![0u8; n * SEAL_LEN];
+    let mut valid = vec![false; n];
+    for (i, s) in &sealed.seals {
+        seal_bytes[i * SEAL_LEN..(i + 1) * SEAL_LEN].copy_from_slice(*s);
+        valid[*i] = true;
+    }
+    columns.push(fixed_binary(
+        SEAL_LEN,
+        seal_bytes,
+        Some(NullBuffer::from(valid)),
+    ));
+    RecordBatch::try_new(schema::READINGS_SEALED.clone(), columns)
         .map_err(|e| StorageError::Encode(e.to_string()))
 }
 
-fn dead_letters_batch(rows: &[(u64, DeadLetter)]) -> Result<RecordBatch, StorageError> {
+fn dead_letters_batch(
+    rows: &[(u64, DeadLetter)],
+    keys: Option<&Keyring>,
+    context: &str,
+) -> Result<RecordBatch, StorageError> {
     let strings = |f: &dyn Fn(&DeadLetter) -> Option<&str>| -> ArrayRef {
         let mut b = StringBuilder::new();
         for (_, d) in rows {
@@ -568,6 +711,28 @@ fn dead_letters_batch(rows: &[(u64, DeadLetter)]) -> Result<RecordBatch, Storage
         Arc::new(UInt64Array::from_iter(rows().map(|d| d.seq))),
         Arc::new(epochs),
     ];
-    RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns)
+    let Some(keys) = keys else {
+        return RecordBatch::try_new(schema::DEAD_LETTERS.clone(), columns)
+            .map_err(|e| StorageError::Encode(e.to_string()));
+    };
+    // Detail and raw payload may carry the patient's values: sealed, one
+    // row at a time (dead letters are few), and left empty in the clear.
+    let mut columns = columns;
+    let empty: ArrayRef = Arc::new(StringArray::from_iter_values(rows().map(|_| "")));
+    columns[dl::DETAIL] = empty.clone();
+    columns[dl::RAW] = empty;
+    let mut seals = Vec::with_capacity(rows().len() * SEAL_LEN);
+    let mut sealed = Vec::with_capacity(rows().len());
+    for (i, d) in rows().enumerate() {
+        let key = keys.key_for_write(d.patient.as_ref().map_or(UNBOUND, |p| p.as_str()))?;
+        let mut buf = serde_json::to_vec(&(&d.detail, &d.raw))
+            .map_err(|e| StorageError::Encode(e.to_string()))?;
+        let ctx = format!("{context}#{i}");
+        seals.extend_from_slice(&key.seal(DEAD_LETTERS_KIND, ctx.as_bytes(), &mut buf));
+        sealed.push(buf);
+    }
+    columns.push(fixed_binary(SEAL_LEN, seals, None));
+    columns.push(Arc::new(BinaryArray::from_iter_values(sealed)));
+    RecordBatch::try_new(schema::DEAD_LETTERS_SEALED.clone(), columns)
         .map_err(|e| StorageError::Encode(e.to_string()))
 }
