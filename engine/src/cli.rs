@@ -13,7 +13,7 @@ use wardflow_ingest::registry::Registry;
 use wardflow_model::{DeviceId, Metric, PatientId};
 use wardflow_simulator::scenario::Scenario;
 use wardflow_simulator::{Credential, PayloadKind, SimConfig};
-use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, query_dead_letters, query_readings};
+use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, read_dead_letters, read_readings};
 
 use crate::config::Config;
 use crate::node::Node;
@@ -38,6 +38,9 @@ pub struct Cli {
     /// TOML configuration file (see `wardflow config` for every key)
     #[arg(long, global = true, env = "WARDFLOW_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Master key of the encryption at rest: file:PATH, env:VARIABLE or command:COMMAND [storage.master_key]
+    #[arg(long, global = true, env = "WARDFLOW_MASTER_KEY_SOURCE", value_name = "SOURCE")]
+    pub master_key: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `warn`, `wardflow_ingest=debug`
     #[arg(long, global = true, env = "WARDFLOW_LOG", default_value = DEFAULT_LOG)]
     pub log: String,
@@ -95,6 +98,9 @@ pub enum Command {
     Researchers(crate::studies::ResearchersCommand),
     /// Score NEWS2 (RCP 2017) for JSON Lines observation sets on stdin
     News2,
+    /// Encryption at rest: make a master key, rotate it, show the keyring
+    #[command(subcommand)]
+    Keys(crate::keys::KeysCommand),
 }
 
 /// Flags that override the configuration file, key by key.
@@ -390,6 +396,9 @@ pub fn effective_config(cli: &Cli, serve: &ServeArgs) -> anyhow::Result<Config> 
     if let Some(d) = &cli.data_dir {
         c.data_dir = d.clone();
     }
+    if cli.master_key.is_some() {
+        c.storage.master_key = cli.master_key.clone();
+    }
     serve.apply(&mut c);
     c.validate()?;
     Ok(c)
@@ -412,8 +421,10 @@ pub fn main() -> anyhow::Result<()> {
         Command::Demo(args) => crate::demo::run(&cli, args),
         Command::Devices(cmd) => devices(&data_dir(&cli)?, cmd),
         Command::Simulate(args) => simulate(&cli, args),
-        Command::Query(args) => query(&data_dir(&cli)?, args),
-        Command::Deadletters(cmd) => deadletters(&data_dir(&cli)?, cmd),
+        Command::Query(args) => query(&effective_config(&cli, &ServeArgs::default())?, args),
+        Command::Deadletters(cmd) => {
+            deadletters(&effective_config(&cli, &ServeArgs::default())?, cmd)
+        }
         Command::Config(args) => {
             print!("{}", effective_config(&cli, args)?.to_toml());
             Ok(())
@@ -421,7 +432,18 @@ pub fn main() -> anyhow::Result<()> {
         Command::News2 => crate::clinical_cli::news2(),
         Command::Studies(cmd) => crate::studies::studies(&data_dir(&cli)?, cmd),
         Command::Researchers(cmd) => crate::studies::researchers(&data_dir(&cli)?, cmd),
+        Command::Patients(crate::clinical_cli::PatientsCommand::Erase {
+            patient,
+            reason,
+            by,
+        }) => crate::keys::erase(
+            &effective_config(&cli, &ServeArgs::default())?,
+            patient,
+            reason,
+            by.as_deref(),
+        ),
         Command::Patients(cmd) => crate::clinical_cli::patients(&data_dir(&cli)?, cmd),
+        Command::Keys(cmd) => crate::keys::run(&effective_config(&cli, &ServeArgs::default())?, cmd),
         Command::Clinicians(cmd) => crate::clinical_cli::clinicians(&data_dir(&cli)?, cmd),
         Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),
         Command::Alerts(cmd) => crate::clinical_cli::alerts(&data_dir(&cli)?, cmd),
@@ -561,7 +583,17 @@ pub(crate) fn print_rows<T: Serialize>(
     Ok(())
 }
 
-fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
+/// Says on stderr what a query could not read (an erased patient's rows,
+/// rows sealed without the key given).
+pub(crate) fn report_withheld(withheld: &[wardflow_storage::query::Withheld]) {
+    for w in withheld {
+        eprintln!("wardflow: {w}");
+    }
+}
+
+fn query(config: &Config, args: &QueryArgs) -> anyhow::Result<()> {
+    let data_dir = &config.data_dir;
+    let keys = config.keyring()?;
     let metric = match &args.metric {
         Some(m) => Some(Metric::from_name(m).with_context(|| {
             let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
@@ -587,7 +619,9 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
             .map(|s| parse_time("--to", s))
             .transpose()?,
     };
-    let mut rows = query_readings(data_dir, &q)?;
+    let answer = read_readings(data_dir, keys.as_deref(), &q)?;
+    report_withheld(&answer.withheld);
+    let mut rows = answer.rows;
     if let Some(limit) = args.limit {
         let skip = rows.len().saturating_sub(limit);
         rows.drain(..skip);
@@ -645,7 +679,8 @@ fn query(data_dir: &Path, args: &QueryArgs) -> anyhow::Result<()> {
     print_rows(args.format, &text, &rows)
 }
 
-fn deadletters(data_dir: &Path, cmd: &DeadlettersCommand) -> anyhow::Result<()> {
+fn deadletters(config: &Config, cmd: &DeadlettersCommand) -> anyhow::Result<()> {
+    let keys = config.keyring()?;
     let DeadlettersCommand::List {
         device,
         reason,
@@ -675,7 +710,9 @@ fn deadletters(data_dir: &Path, cmd: &DeadlettersCommand) -> anyhow::Result<()> 
             .transpose()?,
         to_ns: to.as_deref().map(|s| parse_time("--to", s)).transpose()?,
     };
-    let mut rows = query_dead_letters(data_dir, &q)?;
+    let answer = read_dead_letters(&config.data_dir, keys.as_deref(), &q)?;
+    report_withheld(&answer.withheld);
+    let mut rows = answer.rows;
     let total = rows.len();
     rows.truncate(*limit);
     let text = Rows {

@@ -148,6 +148,16 @@ pub enum PatientsCommand {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+    /// Erase a patient's stored data by destroying their data key (crypto-shredding; needs --master-key)
+    Erase {
+        patient: String,
+        /// Why (recorded on the audit trail), e.g. "the patient's request of 2026-11-20"
+        #[arg(long)]
+        reason: String,
+        /// Who erases, for the audit trail [default: cli:$USER]
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -254,6 +264,9 @@ pub fn patients(dir: &Path, cmd: &PatientsCommand) -> anyhow::Result<()> {
                 "patient {} discharged from {} bed {}",
                 a.patient, a.unit, a.bed
             );
+        }
+        PatientsCommand::Erase { .. } => {
+            unreachable!("erasure needs the configuration; the CLI routes it to keys::erase")
         }
         PatientsCommand::List { format } => {
             let c = Census::load(dir)?;

@@ -145,6 +145,12 @@ pub struct StorageSection {
     pub compaction_min_files: usize,
     /// Most rows in one compacted file.
     pub compaction_max_rows: usize,
+    /// Seal stored values under per-patient data keys wrapped by this
+    /// master key: `file:PATH`, `env:VARIABLE` or `command:COMMAND` (64
+    /// hexadecimal digits; never inside the data directory). Unset: values
+    /// are stored in the clear.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub master_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,6 +236,7 @@ impl Default for StorageSection {
             flush_interval_ms: 1000,
             compaction_min_files: 16,
             compaction_max_rows: 1 << 20,
+            master_key: None,
         }
     }
 }
@@ -310,6 +317,11 @@ impl Config {
         if self.storage.flush_interval_ms == 0 {
             return bad("storage.flush_interval_ms must be at least 1".into());
         }
+        if let Some(k) = &self.storage.master_key
+            && let Err(e) = k.parse::<wardflow_storage::seal::MasterKeySource>()
+        {
+            return bad(format!("storage.master_key: {e}"));
+        }
         if self.dataflow.processes == 0 || self.dataflow.process >= self.dataflow.processes {
             return bad(format!(
                 "dataflow.process is {} but must be below dataflow.processes ({})",
@@ -332,6 +344,31 @@ impl Config {
     }
 
     /// Where the ledger keeps its anchor logs and leaf indexes.
+    /// The keyring of the data directory, when a master key is configured.
+    /// A store that has a keyring is refused without its master key: new
+    /// values would otherwise be written in the clear.
+    pub fn keyring(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<wardflow_storage::seal::Keyring>>> {
+        use wardflow_storage::seal::{KEYS_DIR, Keyring, MasterKey, MasterKeySource};
+        let Some(source) = &self.storage.master_key else {
+            if self.data_dir.join(KEYS_DIR).join("keyring.json").exists() {
+                anyhow::bail!(
+                    "{} is encrypted at rest: give its master key (--master-key or storage.master_key)",
+                    self.data_dir.display()
+                );
+            }
+            return Ok(None);
+        };
+        let source: MasterKeySource = source.parse().map_err(anyhow::Error::msg)?;
+        std::fs::create_dir_all(&self.data_dir)?;
+        let master = MasterKey::load(&source, &self.data_dir)?;
+        Ok(Some(std::sync::Arc::new(Keyring::open(
+            &self.data_dir,
+            master,
+        )?)))
+    }
+
     pub fn ledger_dir(&self) -> PathBuf {
         self.data_dir.join("ledger")
     }

@@ -110,6 +110,8 @@ pub struct DataflowContext {
     pub consents: Mutex<Option<crossbeam_channel::Receiver<ConsentChange>>>,
     /// The research stage (studies, census); none when no study may run.
     pub research: Option<Arc<crate::research::ResearchContext>>,
+    /// Data keys for sealing values at rest; none stores them in the clear.
+    pub keys: Option<Arc<wardflow_storage::seal::Keyring>>,
 }
 
 /// A change to the accesses in force.
@@ -315,7 +317,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 drop(initial);
                 let ledger = ctx.ledger.clone();
                 let mut writer: ShardWriter<DeviceState> =
-                    ShardWriter::new(store_config, index).collect_leaves(ledger.is_some());
+                    ShardWriter::new(store_config, index)
+                        .collect_leaves(ledger.is_some())
+                        .with_keyring(ctx.keys.clone());
                 let interval_ms = writer.config().interval_ms;
                 let activator = scope.activator_for(info.address.clone());
                 // Complete intervals are encoded and written on a thread of

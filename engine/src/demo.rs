@@ -72,7 +72,7 @@ use anyhow::Context as _;
 use wardflow_ingest::census::{Census, Clinicians};
 use wardflow_simulator::scenario::Scenario;
 use wardflow_simulator::{PayloadKind, SimConfig};
-use wardflow_storage::query::{ReadingQuery, query_readings};
+use wardflow_storage::query::{ReadingQuery, read_readings};
 
 use crate::cli::{Cli, DemoArgs, effective_config, stop_flag};
 use crate::node::Node;
@@ -318,7 +318,8 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         patient: Some("bed-patient-0000".into()),
         ..Default::default()
     };
-    if let Some(last) = query_readings(&data_dir, &q)?.last() {
+    let keys = config.keyring()?;
+    if let Some(last) = read_readings(&data_dir, keys.as_deref(), &q)?.rows.last() {
         println!(
             "latest stored reading of bed-patient-0000: {} {} = {} {}",
             format_time(last.time_ns),

@@ -120,6 +120,7 @@ impl Node {
         let http_listener = bind("HTTP", &config.http.listen)?;
         let (mqtt_addr, http_addr) = (mqtt_listener.local_addr()?, http_listener.local_addr()?);
 
+        let keys = config.keyring()?;
         let registry = RegistryWatcher::open(&data_dir)?;
         registry.spawn_poller(Duration::from_millis(500));
         let census = CensusWatcher::open(&data_dir)?;
@@ -225,6 +226,7 @@ impl Node {
             ledger: ledger.as_ref().map(|l| l.sender()),
             consents: Mutex::new(Some(consent_rx)),
             research: Some(research),
+            keys: keys.clone(),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -243,6 +245,9 @@ impl Node {
         wal_config.segment_bytes = config.wal.segment_mb << 20;
         // No new publish may fall into an epoch range already sealed.
         wal_config.min_epoch = ledger.as_ref().map_or(0, |l| l.min_epoch());
+        // The log holds payloads in the clear: with encryption at rest, what
+        // was logged before this start goes once it is stored.
+        wal_config.fresh_segment_on_start = keys.is_some();
         let ledger = match ledger {
             Some(l) => {
                 Some(l.start(config, checkpoint, progress.clone(), metrics.engine.clone())?)
@@ -302,6 +307,7 @@ impl Node {
                 wal.handle.control(),
             );
             let root = data_dir.clone();
+            let keys = keys.clone();
             let process = config.dataflow.process;
             let policy = CompactionPolicy {
                 min_files: config.storage.compaction_min_files,
@@ -313,7 +319,7 @@ impl Node {
                     // Compaction rewrites Parquet: it runs behind ingest and alerts.
                     crate::dataflow::lower_priority();
                     housekeeping(
-                        stop, progress, metrics, handle, budget, root, process, policy,
+                        stop, progress, metrics, handle, budget, root, process, policy, keys,
                     )
                 })?
         };
@@ -606,10 +612,26 @@ fn housekeeping(
     root: PathBuf,
     process: usize,
     policy: CompactionPolicy,
+    keys: Option<Arc<wardflow_storage::seal::Keyring>>,
 ) {
     let mut last_compaction = Instant::now();
+    let mut erasures = keys.as_ref().map_or(0, |k| k.erasure_count());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
+        if let Some(k) = &keys {
+            // An erasure from the command line: the log's current segment
+            // may hold the patient's payloads in the clear; a new one lets
+            // it go as soon as the store has what it held.
+            match k.refresh() {
+                Ok(()) if k.erasure_count() != erasures => {
+                    erasures = k.erasure_count();
+                    tracing::info!("a data key was erased; starting a new write-ahead log segment");
+                    wal.roll();
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!("rereading the keyring: {e}"),
+            }
+        }
         wal.truncate_below(progress.truncate_below.load(Ordering::Relaxed));
         refresh_gauges(&metrics, &progress, &budget);
         if last_compaction.elapsed() >= Duration::from_secs(5) {

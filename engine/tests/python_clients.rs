@@ -65,3 +65,12 @@ fn alert_feeds_with_real_clients() {
 fn research_streams_over_flight() {
     run_python("test_research.py");
 }
+
+/// Encryption at rest with a master key, and crypto-shredding: values are
+/// in no file of the data directory, sealed runs open with the documented
+/// format from Python's `cryptography`, and after `patients erase` no
+/// remaining key opens the erased patient's runs.
+#[test]
+fn encryption_at_rest_and_erasure() {
+    run_python("test_encryption.py");
+}

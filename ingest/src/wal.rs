@@ -103,6 +103,10 @@ pub struct WalConfig {
     /// New commits get epochs at or after this one (besides the replay
     /// point and every logged epoch): the audit ledger's sealed ranges.
     pub min_epoch: u64,
+    /// Begin writing in a new segment rather than the last one found, so
+    /// what was logged before the start is deleted once stored (encryption
+    /// at rest turns this on: the log holds payloads in the clear).
+    pub fresh_segment_on_start: bool,
 }
 
 impl WalConfig {
@@ -113,6 +117,7 @@ impl WalConfig {
             idle_tick: Duration::from_millis(20),
             max_batch_bytes: 8 << 20,
             min_epoch: 0,
+            fresh_segment_on_start: false,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct WalRequest {
 
 struct WalShared {
     failed: AtomicBool,
+    /// Asks the writer to start a new segment.
+    roll: AtomicBool,
     truncate_below: AtomicU64,
     durable_lsn: AtomicU64,
     epoch: AtomicU64,
@@ -258,6 +265,13 @@ pub struct WalControl {
 }
 
 impl WalControl {
+    /// Starts a new segment, so the current one is deleted once the
+    /// checkpoint passes it: after a patient's data key is destroyed, the
+    /// publishes logged before are gone from the log within a flush or two.
+    pub fn roll(&self) {
+        self.shared.roll.store(true, Ordering::Relaxed);
+    }
+
     /// Allows segments whose records all have epochs below `epoch` to be deleted.
     pub fn truncate_below(&self, epoch: u64) {
         self.shared
@@ -313,6 +327,7 @@ impl Wal {
         let next_lsn = segments.last().map_or(0, |s| s.base_lsn + s.len);
         let shared = Arc::new(WalShared {
             failed: AtomicBool::new(false),
+            roll: AtomicBool::new(config.fresh_segment_on_start),
             truncate_below: AtomicU64::new(0),
             durable_lsn: AtomicU64::new(next_lsn),
             epoch: AtomicU64::new(last_epoch),
@@ -623,6 +638,12 @@ impl Writer {
     fn run(&mut self) {
         let mut batch: Vec<WalRequest> = Vec::new();
         loop {
+            if self.shared.roll.swap(false, Ordering::Relaxed)
+                && self.segments.last().is_some_and(|s| s.len > 0)
+                && let Err(e) = self.start_segment()
+            {
+                tracing::warn!("could not start a new write-ahead log segment: {e}");
+            }
             self.maybe_truncate();
             self.poll_helper();
             let first = match self.rx.recv_timeout(self.config.idle_tick) {
@@ -1145,6 +1166,52 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(count(), 1, "all but the current segment go");
+        wal.shutdown();
+    }
+
+    #[test]
+    fn a_rolled_segment_goes_below_the_checkpoint_even_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(1 << 20);
+        let metrics = Arc::new(IngestMetrics::default());
+        let (shards, _sources) = Shards::new(1);
+        let wal = Wal::start(
+            WalConfig::new(dir.path().into()),
+            0,
+            shards,
+            budget.clone(),
+            metrics,
+        )
+        .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut req = request(&budget, "mon-1", b"[\"secret-72.125\"]");
+        req.done = Some(tx);
+        wal.handle.submit(req).unwrap();
+        rx.blocking_recv().unwrap().unwrap();
+        let holds_it = || {
+            fs::read_dir(dir.path()).unwrap().any(|e| {
+                e.ok()
+                    .and_then(|e| fs::read(e.path()).ok())
+                    .is_some_and(|b| b.windows(13).any(|w| w == b"secret-72.125"))
+            })
+        };
+        assert!(holds_it());
+        // Without a roll, the current segment stays however far the
+        // checkpoint goes; after one, it is deleted with no new publish.
+        let control = wal.handle.control();
+        control.truncate_below(u64::MAX - 1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(holds_it(), "the current segment is never deleted");
+        control.roll();
+        std::thread::sleep(Duration::from_millis(100));
+        control.truncate_below(u64::MAX);
+        for _ in 0..200 {
+            if !holds_it() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!holds_it(), "the rolled segment is deleted");
         wal.shutdown();
     }
 

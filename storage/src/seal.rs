@@ -635,6 +635,12 @@ impl Keyring {
         Ok(Some(erasure))
     }
 
+    /// How many data keys have been erased, all patients together.
+    pub fn erasure_count(&self) -> usize {
+        let st = self.state.lock().expect("keyring lock");
+        st.file.erased.values().map(Vec::len).sum()
+    }
+
     /// How many data keys the keyring holds.
     pub fn len(&self) -> usize {
         self.state.lock().expect("keyring lock").file.keys.len()
