@@ -154,6 +154,10 @@ class EncryptionAtRest(unittest.TestCase):
         for root in stored:
             self.assertEqual(holders(root, self.values_of(0) + self.values_of(1) + [987.654321]), [])
 
+        # The search finds what is there: the log's current segment holds
+        # the payloads as they were received.
+        self.assertTrue(holders(os.path.join(self.server.data, "wal"), self.values_of(0)[:3]))
+
         # Dead letters read back with the key, sealed payload opened.
         dls = json.loads(self.cli("deadletters", "list", "--format", "json").stdout)
         self.assertTrue(any("987.654321" in d["raw"] for d in dls), dls)
