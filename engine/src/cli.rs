@@ -39,7 +39,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "WARDFLOW_CONFIG")]
     pub config: Option<PathBuf>,
     /// Master key of the encryption at rest: file:PATH, env:VARIABLE or command:COMMAND [storage.master_key]
-    #[arg(long, global = true, env = "WARDFLOW_MASTER_KEY_SOURCE", value_name = "SOURCE")]
+    #[arg(
+        long,
+        global = true,
+        env = "WARDFLOW_MASTER_KEY_SOURCE",
+        value_name = "SOURCE"
+    )]
     pub master_key: Option<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info`, `warn`, `wardflow_ingest=debug`
     #[arg(long, global = true, env = "WARDFLOW_LOG", default_value = DEFAULT_LOG)]
@@ -443,7 +448,9 @@ pub fn main() -> anyhow::Result<()> {
             by.as_deref(),
         ),
         Command::Patients(cmd) => crate::clinical_cli::patients(&data_dir(&cli)?, cmd),
-        Command::Keys(cmd) => crate::keys::run(&effective_config(&cli, &ServeArgs::default())?, cmd),
+        Command::Keys(cmd) => {
+            crate::keys::run(&effective_config(&cli, &ServeArgs::default())?, cmd)
+        }
         Command::Clinicians(cmd) => crate::clinical_cli::clinicians(&data_dir(&cli)?, cmd),
         Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),
         Command::Alerts(cmd) => crate::clinical_cli::alerts(&data_dir(&cli)?, cmd),

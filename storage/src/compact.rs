@@ -77,8 +77,7 @@ pub fn compact(
                 let (rows, sealed) = row_count(&f.path)?;
                 // Sealed and clear files (encryption turned on or off) are
                 // merged apart: their schemas differ.
-                if !run.is_empty() && (run_rows + rows > policy.max_rows || sealed != run_sealed)
-                {
+                if !run.is_empty() && (run_rows + rows > policy.max_rows || sealed != run_sealed) {
                     merge_run(&dir, process, std::mem::take(&mut run), sort, &mut stats)?;
                     run_rows = 0;
                 }

@@ -293,6 +293,14 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// A time as RFC 3339 in UTC with milliseconds, for messages.
+pub fn format_ns(ns: TimestampNs) -> String {
+    match Timestamp::from_nanosecond(ns as i128) {
+        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        Err(_) => ns.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,13 +385,5 @@ mod tests {
         assert_eq!(parse_partition("date=2025-11-25", "hour=14"), Some(h));
         assert_eq!(hour_bounds(h).0, ns);
         assert_eq!(hour_of(-1), -1);
-    }
-}
-
-/// A time as RFC 3339 in UTC with milliseconds, for messages.
-pub fn format_ns(ns: TimestampNs) -> String {
-    match Timestamp::from_nanosecond(ns as i128) {
-        Ok(t) => t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-        Err(_) => ns.to_string(),
     }
 }

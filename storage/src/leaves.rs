@@ -5,7 +5,8 @@
 //! which assigns it to a ledger batch.
 
 use arrow::array::{
-    Array, BinaryArray, FixedSizeBinaryArray, Float64Array, StringArray, TimestampNanosecondArray, UInt8Array, UInt64Array,
+    Array, BinaryArray, FixedSizeBinaryArray, Float64Array, StringArray, TimestampNanosecondArray,
+    UInt8Array, UInt64Array,
 };
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -324,6 +325,39 @@ pub fn dead_letter_leaves(
     Ok(())
 }
 
+fn sealed_dead_letter_leaves(
+    batch: &RecordBatch,
+    out: &mut Vec<(u64, Hash)>,
+) -> Result<(), StorageError> {
+    let received: &TimestampNanosecondArray = column(batch, dl::RECEIVED, "received_at")?;
+    let device: &StringArray = column(batch, dl::DEVICE, "device_id")?;
+    let patient: &StringArray = column(batch, dl::PATIENT, "patient_id")?;
+    let reason: &StringArray = column(batch, dl::REASON, "reason")?;
+    let metric: &StringArray = column(batch, dl::METRIC, "metric")?;
+    let time: &TimestampNanosecondArray = column(batch, dl::TIME, "time")?;
+    let seq: &UInt64Array = column(batch, dl::SEQ, "seq")?;
+    let epoch: &UInt64Array = column(batch, dl::LOG_EPOCH, "log_epoch")?;
+    let seal: &FixedSizeBinaryArray = column(batch, dl::SEAL, "seal")?;
+    let sealed: &BinaryArray = column(batch, dl::SEALED, "sealed")?;
+    let mut buf = Vec::with_capacity(256);
+    for i in 0..batch.num_rows() {
+        SealedDeadLetterLeaf {
+            received_ns: received.value(i),
+            device: device.value(i),
+            patient: opt_str(patient, i),
+            reason: reason.value(i),
+            metric: opt_str(metric, i),
+            time_ns: time.is_valid(i).then(|| time.value(i)),
+            seq: opt_u64(seq, i),
+            seal: seal.value(i),
+            sealed: sealed.value(i),
+        }
+        .encode(&mut buf);
+        out.push((epoch.value(i), wardflow_ledger_bridge::leaf_hash(&buf)));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -481,37 +515,4 @@ mod tests {
         stored_leaves(dir.path(), 1, epoch..epoch + 1, 1000, &mut got).unwrap();
         assert!(got.is_empty(), "other epochs, another process: {got:?}");
     }
-}
-
-fn sealed_dead_letter_leaves(
-    batch: &RecordBatch,
-    out: &mut Vec<(u64, Hash)>,
-) -> Result<(), StorageError> {
-    let received: &TimestampNanosecondArray = column(batch, dl::RECEIVED, "received_at")?;
-    let device: &StringArray = column(batch, dl::DEVICE, "device_id")?;
-    let patient: &StringArray = column(batch, dl::PATIENT, "patient_id")?;
-    let reason: &StringArray = column(batch, dl::REASON, "reason")?;
-    let metric: &StringArray = column(batch, dl::METRIC, "metric")?;
-    let time: &TimestampNanosecondArray = column(batch, dl::TIME, "time")?;
-    let seq: &UInt64Array = column(batch, dl::SEQ, "seq")?;
-    let epoch: &UInt64Array = column(batch, dl::LOG_EPOCH, "log_epoch")?;
-    let seal: &FixedSizeBinaryArray = column(batch, dl::SEAL, "seal")?;
-    let sealed: &BinaryArray = column(batch, dl::SEALED, "sealed")?;
-    let mut buf = Vec::with_capacity(256);
-    for i in 0..batch.num_rows() {
-        SealedDeadLetterLeaf {
-            received_ns: received.value(i),
-            device: device.value(i),
-            patient: opt_str(patient, i),
-            reason: reason.value(i),
-            metric: opt_str(metric, i),
-            time_ns: time.is_valid(i).then(|| time.value(i)),
-            seq: opt_u64(seq, i),
-            seal: seal.value(i),
-            sealed: sealed.value(i),
-        }
-        .encode(&mut buf);
-        out.push((epoch.value(i), wardflow_ledger_bridge::leaf_hash(&buf)));
-    }
-    Ok(())
 }

@@ -10,8 +10,8 @@ use std::fs::File;
 use std::path::Path;
 
 use arrow::array::{Array, AsArray, BooleanArray};
-use arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
 use arrow::compute::concat_batches;
+use arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::RowGroupMetaData;
@@ -132,12 +132,13 @@ fn scan(
             }
             let file_schema = builder.schema().clone();
             let reader = builder.with_row_groups(groups).build().map_err(corrupt)?;
-            let batches = reader
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| StorageError::Corrupt {
-                    path: f.path.clone(),
-                    what: e.to_string(),
-                })?;
+            let batches =
+                reader
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| StorageError::Corrupt {
+                        path: f.path.clone(),
+                        what: e.to_string(),
+                    })?;
             // A sealed run is opened whole: the file's rows in one batch.
             let batch = concat_batches(&file_schema, &batches)
                 .map_err(|e| StorageError::Encode(e.to_string()))?;
@@ -163,10 +164,7 @@ fn string_at(batch: &RecordBatch, col: usize, i: usize) -> Option<&str> {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum WithheldReason {
     /// The patient's data key was destroyed on request (crypto-shredding).
-    Erased {
-        generation: u32,
-        erased_at_ns: i64,
-    },
+    Erased { generation: u32, erased_at_ns: i64 },
     /// The rows are sealed and no master key was given.
     NoKey,
     /// The keyring has no such key (files from another keyring).
@@ -272,10 +270,13 @@ fn key_of(
     )
 }
 
-/// The values of a `readings` batch: in the clear, or opened run by run.
+/// The values of a `readings` batch's rows that `keep` selects: in the
+/// clear, or opened run by run (only runs holding a selected row are
+/// opened; other rows get NaN and must not be read).
 fn reading_values(
     batch: &RecordBatch,
     keys: Option<&Keyring>,
+    keep: &BooleanArray,
 ) -> Result<Vec<Result<f64, WithheldReason>>, StorageError> {
     if !schema::is_sealed(&batch.schema()) {
         let value = batch.column(rd::VALUE).as_primitive::<Float64Type>();
@@ -284,6 +285,7 @@ fn reading_values(
     let sealed = batch.column(rd::VALUE).as_fixed_size_binary();
     let seals = batch.column(rd::SEAL).as_fixed_size_binary();
     let mut out = Vec::with_capacity(batch.num_rows());
+    let mut buf = Vec::new();
     let mut i = 0;
     while i < batch.num_rows() {
         if seals.is_null(i) {
@@ -294,10 +296,19 @@ fn reading_values(
         let end = (i + 1..batch.num_rows())
             .find(|&j| seals.is_valid(j))
             .unwrap_or(batch.num_rows());
+        if !(i..end).any(|j| keep.value(j)) {
+            out.extend((i..end).map(|_| Ok(f64::NAN)));
+            i = end;
+            continue;
+        }
         let patient = string_at(batch, rd::PATIENT, i);
         match key_of(keys, patient, seals.value(i))? {
             Ok(key) => {
-                let mut buf: Vec<u8> = (i..end).flat_map(|j| sealed.value(j).to_vec()).collect();
+                // A run's ciphertext is contiguous in the column's buffer.
+                let size = sealed.value_size();
+                let (from, to) = (i * size, end * size);
+                buf.clear();
+                buf.extend_from_slice(&sealed.value_data()[from..to]);
                 key.open(READINGS_KIND, seals.value(i), &mut buf)?;
                 out.extend(
                     buf.chunks_exact(8)
@@ -333,7 +344,6 @@ pub fn read_readings(
                 && (sealed || metric.is_none_or(|m| may_contain(rg, rd::METRIC, m)))
         },
         |batch| {
-            let values = reading_values(&batch, keys)?;
             let time = batch
                 .column(rd::TIME)
                 .as_primitive::<TimestampNanosecondType>();
@@ -349,6 +359,7 @@ pub fn read_readings(
                         .is_none_or(|d| string_at(&batch, rd::DEVICE, i) == Some(d))
                     && metric.is_none_or(|m| string_at(&batch, rd::METRIC, i) == Some(m))
             });
+            let values = reading_values(&batch, keys, &keep)?;
             let seq = batch.column(rd::SEQ).as_primitive::<UInt64Type>();
             let quality = batch.column(rd::QUALITY).as_primitive::<UInt8Type>();
             let received = batch
@@ -367,7 +378,9 @@ pub fn read_readings(
                             .unwrap_or_default()
                             .to_string(),
                         value: *value,
-                        unit: string_at(&batch, rd::UNIT, i).unwrap_or_default().to_string(),
+                        unit: string_at(&batch, rd::UNIT, i)
+                            .unwrap_or_default()
+                            .to_string(),
                         seq: (!seq.is_null(i)).then(|| seq.value(i)),
                         quality: quality.value(i),
                         received_ns: received.value(i),

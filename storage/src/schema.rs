@@ -29,7 +29,11 @@ pub static READINGS: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// `seal` holds, on the first row of each run of one patient's rows, the
 /// run's key generation, nonce and tag (null on the other rows).
 pub static READINGS_SEALED: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let mut fields: Vec<Field> = READINGS.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = READINGS
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields[readings::VALUE] = Field::new("value_sealed", DataType::FixedSizeBinary(8), false);
     fields.push(Field::new(
         "seal",
@@ -79,7 +83,11 @@ pub static DEAD_LETTERS: LazyLock<SchemaRef> = LazyLock::new(|| {
 /// patient's values) are empty strings, and `seal` holds key generation,
 /// nonce and tag and `sealed` the encrypted JSON array `[detail, raw]`.
 pub static DEAD_LETTERS_SEALED: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let mut fields: Vec<Field> = DEAD_LETTERS.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut fields: Vec<Field> = DEAD_LETTERS
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
     fields.push(Field::new(
         "seal",
         DataType::FixedSizeBinary(crate::seal::SEAL_LEN as i32),

@@ -202,7 +202,9 @@ impl MasterKey {
     /// A fresh random key, as 64 hexadecimal digits.
     pub fn generate_hex() -> Result<String, KeyError> {
         let mut k = [0u8; 32];
-        SystemRandom::new().fill(&mut k).map_err(|_| KeyError::Random)?;
+        SystemRandom::new()
+            .fill(&mut k)
+            .map_err(|_| KeyError::Random)?;
         Ok(hex(&k))
     }
 
@@ -408,7 +410,7 @@ pub enum Unavailable {
 
 struct State {
     file: KeyringFile,
-    stamp: Option<(SystemTime, u64)>,
+    stamp: Option<Stamp>,
     cache: HashMap<(String, u32), Arc<DataKey>>,
 }
 
@@ -514,7 +516,7 @@ impl Keyring {
         Ok(())
     }
 
-    fn adopt(&self, st: &mut State, file: KeyringFile, stamp: (SystemTime, u64)) -> Result<(), KeyError> {
+    fn adopt(&self, st: &mut State, file: KeyringFile, stamp: Stamp) -> Result<(), KeyError> {
         if file.master_key_id != self.master.id {
             return Err(KeyError::WrongMaster {
                 given: self.master.id.clone(),
@@ -608,7 +610,12 @@ impl Keyring {
     /// new keyring is written whole and renamed over the old one, then the
     /// directory is synced: from then on no copy of the key remains in the
     /// data directory. Returns `None` if the patient had no key.
-    pub fn erase(&self, patient: &str, by: &str, reason: &str) -> Result<Option<Erasure>, KeyError> {
+    pub fn erase(
+        &self,
+        patient: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Option<Erasure>, KeyError> {
         let mut st = self.state.lock().expect("keyring lock");
         let _lock = Lock::take(&self.dir)?;
         if let Some((file, stamp)) = read_file(&self.dir)? {
@@ -677,11 +684,15 @@ pub fn rotate(data_dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize
     Ok(file.keys.len())
 }
 
-fn stamp_of(m: std::fs::Metadata) -> (SystemTime, u64) {
+/// When a keyring file was last written, and its size: how a change by
+/// another process is noticed.
+type Stamp = (SystemTime, u64);
+
+fn stamp_of(m: std::fs::Metadata) -> Stamp {
     (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len())
 }
 
-fn read_file(dir: &Path) -> Result<Option<(KeyringFile, (SystemTime, u64))>, KeyError> {
+fn read_file(dir: &Path) -> Result<Option<(KeyringFile, Stamp)>, KeyError> {
     let path = dir.join(KEYRING_FILE);
     let file = match File::open(&path) {
         Ok(f) => f,
@@ -690,11 +701,9 @@ fn read_file(dir: &Path) -> Result<Option<(KeyringFile, (SystemTime, u64))>, Key
     };
     let stamp = stamp_of(file.metadata().map_err(io(&path))?);
     let parsed: KeyringFile =
-        serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| {
-            KeyError::Corrupt {
-                path: path.clone(),
-                what: e.to_string(),
-            }
+        serde_json::from_reader(std::io::BufReader::new(file)).map_err(|e| KeyError::Corrupt {
+            path: path.clone(),
+            what: e.to_string(),
         })?;
     if parsed.format != FORMAT {
         return Err(KeyError::Corrupt {
@@ -705,7 +714,7 @@ fn read_file(dir: &Path) -> Result<Option<(KeyringFile, (SystemTime, u64))>, Key
     Ok(Some((parsed, stamp)))
 }
 
-fn write_file(dir: &Path, file: &KeyringFile) -> Result<(SystemTime, u64), KeyError> {
+fn write_file(dir: &Path, file: &KeyringFile) -> Result<Stamp, KeyError> {
     let path = dir.join(KEYRING_FILE);
     let json = serde_json::to_vec_pretty(file).map_err(|e| KeyError::Corrupt {
         path: path.clone(),
@@ -766,7 +775,9 @@ mod tests {
         let mut buf = 98.25f64.to_le_bytes();
         let seal = {
             let ring = Keyring::open(dir.path(), master(1)).unwrap();
-            ring.key_for_write("p-1").unwrap().seal(b"r", b"f", &mut buf)
+            ring.key_for_write("p-1")
+                .unwrap()
+                .seal(b"r", b"f", &mut buf)
         };
         let err = Keyring::open(dir.path(), master(2)).unwrap_err();
         assert!(matches!(err, KeyError::WrongMaster { .. }), "{err}");
@@ -785,10 +796,15 @@ mod tests {
         let mut buf = 36.6f64.to_le_bytes();
         let seal = {
             let ring = Keyring::open(dir.path(), master(1)).unwrap();
-            ring.key_for_write("p-1").unwrap().seal(b"r", b"f", &mut buf)
+            ring.key_for_write("p-1")
+                .unwrap()
+                .seal(b"r", b"f", &mut buf)
         };
         let before = std::fs::read_to_string(dir.path().join("keys/keyring.json")).unwrap();
-        assert!(rotate(dir.path(), &master(9), &master(2)).is_err(), "old key checked");
+        assert!(
+            rotate(dir.path(), &master(9), &master(2)).is_err(),
+            "old key checked"
+        );
         assert_eq!(rotate(dir.path(), &master(1), &master(2)).unwrap(), 1);
         let after = std::fs::read_to_string(dir.path().join("keys/keyring.json")).unwrap();
         assert_ne!(before, after);
@@ -809,11 +825,17 @@ mod tests {
         let seal = old.seal(b"r", b"f", &mut buf);
         // Erased from another handle (the command line), seen on refresh.
         let cli = Keyring::open(dir.path(), master(1)).unwrap();
-        let e = cli.erase("p-1", "admin", "patient request").unwrap().unwrap();
+        let e = cli
+            .erase("p-1", "admin", "patient request")
+            .unwrap()
+            .unwrap();
         assert_eq!(e.generation, 1);
         assert!(cli.erase("p-9", "admin", "x").unwrap().is_none());
         ring.refresh().unwrap();
-        match ring.key_for_read("p-1", seal_generation(&seal).unwrap()).unwrap() {
+        match ring
+            .key_for_read("p-1", seal_generation(&seal).unwrap())
+            .unwrap()
+        {
             Err(Unavailable::Erased(x)) => assert_eq!(x, e),
             _ => panic!("the erased key is still there"),
         }
@@ -838,7 +860,9 @@ mod tests {
         std::fs::write(&outside, format!("{hexkey}\n")).unwrap();
         let a = MasterKey::load(&MasterKeySource::File(outside.clone()), &data).unwrap();
         let b = MasterKey::load(
-            &format!("command:cat {}", outside.display()).parse().unwrap(),
+            &format!("command:cat {}", outside.display())
+                .parse()
+                .unwrap(),
             &data,
         )
         .unwrap();
@@ -846,7 +870,10 @@ mod tests {
         let inside = data.join("master.key");
         std::fs::write(&inside, &hexkey).unwrap();
         let err = MasterKey::load(&MasterKeySource::File(inside), &data).unwrap_err();
-        assert!(err.to_string().contains("inside the data directory"), "{err}");
+        assert!(
+            err.to_string().contains("inside the data directory"),
+            "{err}"
+        );
         std::fs::write(&outside, "not a key").unwrap();
         assert!(MasterKey::load(&MasterKeySource::File(outside), &data).is_err());
         assert!("disk:/x".parse::<MasterKeySource>().is_err());

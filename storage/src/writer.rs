@@ -417,13 +417,7 @@ impl<S: Serialize> ShardWriter<S> {
                 Some(_) => schema::READINGS_SEALED.clone(),
                 None => schema::READINGS.clone(),
             };
-            stats.bytes += write_parquet_batches(
-                &dir,
-                &name,
-                schema,
-                batches,
-                self.props.clone(),
-            )?;
+            stats.bytes += write_parquet_batches(&dir, &name, schema, batches, self.props.clone())?;
             stats.readings += group.len() as u64;
             stats.files += 1;
             dirs.push(dir);
@@ -435,11 +429,7 @@ impl<S: Serialize> ShardWriter<S> {
             layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)
         }) {
             let hour = layout::hour_of(group[0].1.received_ns);
-            let context = format!(
-                "{}/{}",
-                layout::partition_dir(hour),
-                name.render("parquet")
-            );
+            let context = format!("{}/{}", layout::partition_dir(hour), name.render("parquet"));
             let batch = dead_letters_batch(group, self.keys.as_deref(), &context)?;
             if let Some(out) = leaves.as_mut() {
                 crate::leaves::dead_letter_leaves(&batch, out)?;
@@ -576,7 +566,10 @@ impl SealedValues {
         let hi = self.seals.partition_point(|(i, _)| *i < at + len);
         SealedSlice {
             ciphertext: &self.ciphertext[at * 8..(at + len) * 8],
-            seals: self.seals[lo..hi].iter().map(|(i, s)| (i - at, s)).collect(),
+            seals: self.seals[lo..hi]
+                .iter()
+                .map(|(i, s)| (i - at, s))
+                .collect(),
         }
     }
 }

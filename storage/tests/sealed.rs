@@ -15,7 +15,7 @@ use wardflow_storage::query::{
     DeadLetterQuery, ReadingQuery, WithheldReason, read_dead_letters, read_readings,
 };
 use wardflow_storage::seal::{Keyring, MasterKey, rotate};
-use wardflow_storage::{Origin, ShardWriter, StoreConfig, StorageError};
+use wardflow_storage::{Origin, ShardWriter, StorageError, StoreConfig};
 
 const T0: i64 = 1_764_079_200_000_000_000; // an hour boundary
 const E0: u64 = 1_764_079_200_000;
@@ -155,7 +155,11 @@ fn sealed_rows_read_back_with_the_keys_and_not_without() {
     // Dead letters: payload sealed too.
     let dl = read_dead_letters(dir.path(), Some(&keys), &DeadLetterQuery::default()).unwrap();
     assert_eq!(dl.rows.len(), 3);
-    assert!(dl.rows.iter().any(|d| d.raw.contains(&value(1, 99, 0).to_string())));
+    assert!(
+        dl.rows
+            .iter()
+            .any(|d| d.raw.contains(&value(1, 99, 0).to_string()))
+    );
     let dl = read_dead_letters(dir.path(), None, &DeadLetterQuery::default()).unwrap();
     assert!(dl.rows.is_empty());
     assert_eq!(dl.withheld.iter().map(|w| w.rows).sum::<u64>(), 3);
@@ -165,8 +169,14 @@ fn sealed_rows_read_back_with_the_keys_and_not_without() {
         for p in 0..3 {
             for (s, m) in [(0, 0), (3, 2), (99, 0)] {
                 let v = value(p, s, m);
-                assert!(!contains(&bytes, &v.to_le_bytes()), "{path} holds {v} as bytes");
-                assert!(!contains(&bytes, v.to_string().as_bytes()), "{path} holds {v} as text");
+                assert!(
+                    !contains(&bytes, &v.to_le_bytes()),
+                    "{path} holds {v} as bytes"
+                );
+                assert!(
+                    !contains(&bytes, v.to_string().as_bytes()),
+                    "{path} holds {v} as text"
+                );
             }
         }
     }
