@@ -151,6 +151,43 @@ pub struct StorageSection {
     /// are stored in the clear.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub master_key: Option<String>,
+    /// How long each table is kept; expired hour partitions are dropped.
+    pub retention: RetentionSection,
+}
+
+/// Per-table retention: a duration such as `"30d"`, `"12h"`, `"90m"`, or
+/// empty to keep the table forever.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionSection {
+    pub readings: String,
+    pub deadletters: String,
+}
+
+/// Parses a retention period: a whole number and `s`, `m`, `h` or `d`.
+pub fn parse_period(s: &str) -> Result<Option<i64>, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let (n, unit) = s.split_at(s.len() - 1);
+    let scale: i64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: give a number and s, m, h or d (e.g. \"30d\")"
+            ));
+        }
+    };
+    match n.parse::<i64>() {
+        Ok(n) if n > 0 => Ok(Some(n * scale * 1_000_000_000)),
+        _ => Err(format!(
+            "{s:?}: give a positive whole number and s, m, h or d (e.g. \"30d\")"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +274,7 @@ impl Default for StorageSection {
             compaction_min_files: 16,
             compaction_max_rows: 1 << 20,
             master_key: None,
+            retention: RetentionSection::default(),
         }
     }
 }
@@ -317,6 +355,20 @@ impl Config {
         if self.storage.flush_interval_ms == 0 {
             return bad("storage.flush_interval_ms must be at least 1".into());
         }
+        for (key, v) in [
+            (
+                "storage.retention.readings",
+                &self.storage.retention.readings,
+            ),
+            (
+                "storage.retention.deadletters",
+                &self.storage.retention.deadletters,
+            ),
+        ] {
+            if let Err(e) = parse_period(v) {
+                return bad(format!("{key}: {e}"));
+            }
+        }
         if let Some(k) = &self.storage.master_key
             && let Err(e) = k.parse::<wardflow_storage::seal::MasterKeySource>()
         {
@@ -344,6 +396,15 @@ impl Config {
     }
 
     /// Where the ledger keeps its anchor logs and leaf indexes.
+    /// How long each table of the embedded store is kept.
+    pub fn retention(&self) -> wardflow_storage::retention::Retention {
+        let r = &self.storage.retention;
+        wardflow_storage::retention::Retention {
+            readings_ns: parse_period(&r.readings).ok().flatten(),
+            dead_letters_ns: parse_period(&r.deadletters).ok().flatten(),
+        }
+    }
+
     /// The keyring of the data directory, when a master key is configured.
     /// A store that has a keyring is refused without its master key: new
     /// values would otherwise be written in the clear.

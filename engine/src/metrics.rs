@@ -20,6 +20,8 @@ pub struct EngineMetrics {
     pub storage_errors: Counter,
     pub storage_pending_readings: Gauge,
     pub compaction_files_merged: Counter,
+    pub retention_partitions_dropped: Counter,
+    pub retention_rows_dropped: Counter,
     pub checkpoint_epoch_ms: Gauge,
     pub dataflow_lag_ms: Gauge,
     pub dataflow_workers: Gauge,
@@ -63,6 +65,8 @@ impl Default for EngineMetrics {
             storage_errors: Counter::default(),
             storage_pending_readings: Gauge::default(),
             compaction_files_merged: Counter::default(),
+            retention_partitions_dropped: Counter::default(),
+            retention_rows_dropped: Counter::default(),
             checkpoint_epoch_ms: Gauge::default(),
             dataflow_lag_ms: Gauge::default(),
             dataflow_workers: Gauge::default(),
@@ -272,6 +276,16 @@ impl EngineMetrics {
             "compaction_files_merged",
             "Small files merged by compaction",
             self.compaction_files_merged.clone(),
+        );
+        r.register(
+            "retention_partitions_dropped",
+            "Expired hour partitions dropped (one per table, hour and process)",
+            self.retention_partitions_dropped.clone(),
+        );
+        r.register(
+            "retention_rows_dropped",
+            "Rows in expired partitions dropped",
+            self.retention_rows_dropped.clone(),
         );
         r.register(
             "checkpoint_epoch_ms",

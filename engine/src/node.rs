@@ -308,6 +308,7 @@ impl Node {
             );
             let root = data_dir.clone();
             let keys = keys.clone();
+            let retention = config.retention();
             let process = config.dataflow.process;
             let policy = CompactionPolicy {
                 min_files: config.storage.compaction_min_files,
@@ -320,6 +321,7 @@ impl Node {
                     crate::dataflow::lower_priority();
                     housekeeping(
                         stop, progress, metrics, handle, budget, root, process, policy, keys,
+                        retention,
                     )
                 })?
         };
@@ -613,8 +615,10 @@ fn housekeeping(
     process: usize,
     policy: CompactionPolicy,
     keys: Option<Arc<wardflow_storage::seal::Keyring>>,
+    retention: wardflow_storage::retention::Retention,
 ) {
     let mut last_compaction = Instant::now();
+    let mut last_retention: Option<Instant> = None;
     let mut erasures = keys.as_ref().map_or(0, |k| k.erasure_count());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
@@ -634,6 +638,25 @@ fn housekeeping(
         }
         wal.truncate_below(progress.truncate_below.load(Ordering::Relaxed));
         refresh_gauges(&metrics, &progress, &budget);
+        if retention != Default::default()
+            && last_retention.is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            last_retention = Some(Instant::now());
+            match wardflow_storage::retention::drop_expired(
+                &root,
+                process,
+                wardflow_model::now_ns(),
+                &retention,
+            ) {
+                Ok(dropped) => {
+                    for d in dropped {
+                        metrics.engine.retention_partitions_dropped.inc();
+                        metrics.engine.retention_rows_dropped.inc_by(d.rows);
+                    }
+                }
+                Err(e) => tracing::warn!("dropping expired partitions failed, will retry: {e}"),
+            }
+        }
         if last_compaction.elapsed() >= Duration::from_secs(5) {
             last_compaction = Instant::now();
             let checkpoint = progress.checkpoint.load(Ordering::Relaxed);

@@ -179,8 +179,19 @@ fn verify_process(
     // Alert transitions and accesses, from the ledger's event log.
     let events = event_leaves(config, process)?;
 
+    // Partitions dropped by retention: their batches cannot be recomputed.
+    let drops: Vec<_> = wardflow_storage::retention::read_log(root)?
+        .into_iter()
+        .filter(|d| d.process == p)
+        .collect();
+    let expired_in = |a: &Anchor| {
+        drops
+            .iter()
+            .find(|d| d.min_epoch < a.to_ms && d.max_epoch + interval > a.from_ms)
+    };
     let mut problems = 0;
     let mut verified = 0;
+    let mut expired = 0;
     let mut proven = 0u64;
     for window in windows(&selected) {
         let leaves = recompute(root, p, interval, &window, &events)?;
@@ -213,6 +224,25 @@ fn verify_process(
                             anchor.batch, anchor.leaves
                         );
                     }
+                }
+                Verdict::Mismatch(m)
+                    if m.unsealed.is_empty()
+                        && m.missing.is_some()
+                        && let Some(d) = expired_in(anchor) =>
+                {
+                    // Rows gone by retention, and nothing else changed: every
+                    // row still stored was sealed in this batch.
+                    expired += 1;
+                    println!(
+                        "batch {} [{span}): {} of {} sealed rows expired ({} {} dropped at {} under a retention of {} h); the rest are as sealed",
+                        anchor.batch,
+                        m.missing.unwrap_or(0),
+                        anchor.leaves,
+                        d.table,
+                        d.partition,
+                        format_time(d.dropped_at_ns),
+                        d.retention_ns / 3_600_000_000_000
+                    );
                 }
                 Verdict::Mismatch(m) => {
                     problems += 1;
@@ -262,6 +292,9 @@ fn verify_process(
         );
     }
     problems += check_chain(config, args, process, &selected)?;
+    if expired > 0 {
+        println!("process {process}: {expired} batches hold rows expired by retention");
+    }
     println!(
         "process {process}: {verified} of {} batches verified, {problems} problem(s)",
         selected.len()

@@ -524,3 +524,66 @@ fn an_alert_delivered_to_a_clinician_is_an_audited_access() {
     assert!(!third.status.success(), "{out}");
     assert!(out.contains("were never sealed"), "{out}");
 }
+
+/// Retention: a reading three hours old and a current one are stored and
+/// sealed; with `storage.retention.readings = "1h"` the old hour partition
+/// is dropped on schedule, the drop is logged, and `wardflow verify`
+/// reports the batch's rows as expired, not as tampered with.
+#[test]
+fn retention_drops_expired_partitions_and_verify_tells_expiry_from_tampering() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = add_device(&dir, "mon-r", "p-r");
+    let config = tmp.path().join("wardflow.toml");
+    std::fs::write(&config, "[storage.retention]\nreadings = \"1h\"\n").unwrap();
+    let config = config.display().to_string();
+    let now_s = wardflow_model::now_ns() / 1_000_000_000;
+    let old = now_s - 3 * 3600;
+    // A server with a long retention stores both readings first.
+    let mut server = Server::start(&dir, &[]);
+    publish_pack(
+        server.mqtt_port,
+        "mon-r",
+        &secret,
+        &format!(r#"[{{"bt":{old},"n":"hr","v":61,"seq":1}}]"#),
+    );
+    publish_pack(
+        server.mqtt_port,
+        "mon-r",
+        &secret,
+        &format!(r#"[{{"bt":{now_s},"n":"hr","v":62,"seq":2}}]"#),
+    );
+    wait_for(std::time::Duration::from_secs(20), || {
+        (query(&dir, "p-r").len() == 2).then_some(())
+    })
+    .expect("both readings stored");
+    server.stop();
+    let (ok, out) = verify(&dir, &[]);
+    assert!(ok && out.contains("0 problem(s)"), "{out}");
+
+    // Restarted with a one-hour retention: the old partition goes.
+    let mut server = Server::start(&dir, &["--config", &config]);
+    let dropped = wait_for(std::time::Duration::from_secs(30), || {
+        (query(&dir, "p-r").len() == 1).then_some(())
+    });
+    let metrics = server.metrics();
+    server.stop();
+    assert!(dropped.is_some(), "the expired partition was never dropped");
+    assert_eq!(query(&dir, "p-r")[0]["value"], 62.0);
+    assert_eq!(
+        metric(&metrics, "wardflow_retention_rows_dropped_total"),
+        Some(1.0),
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(dir.join("retention-p0.jsonl")).unwrap();
+    assert!(
+        log.contains("\"table\":\"readings\"") && log.contains("\"rows\":1"),
+        "{log}"
+    );
+
+    let (ok, out) = verify(&dir, &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("sealed rows expired (readings"), "{out}");
+    assert!(out.contains("0 problem(s)"), "{out}");
+}

@@ -6,11 +6,12 @@
 //! writer that turns a flush interval into sorted Parquet files
 //! ([`writer`]), the checkpoint that tells the write-ahead log what it may
 //! forget and what to replay ([`checkpoint`]), compaction ([`compact`]),
-//! queries ([`query`]) and the audit-trail leaves of stored rows
-//! ([`leaves`]; their encoding and the batches they go into belong to
-//! `ledger-bridge`). It does not decide *when* to flush (the engine does,
-//! from the dataflow's frontier), validate readings (`ingest`), or talk to
-//! QuestDB (a later sink).
+//! queries ([`query`]), retention ([`retention`]), encryption at rest with
+//! per-patient keys and crypto-shredding ([`seal`]) and the audit-trail
+//! leaves of stored rows ([`leaves`]; their encoding and the batches they
+//! go into belong to `ledger-bridge`). It does not decide *when* to flush
+//! (the engine does, from the dataflow's frontier) or validate readings
+//! (`ingest`).
 //!
 //! Writing one interval and reading it back:
 //!
@@ -40,6 +41,7 @@ pub mod compact;
 pub mod layout;
 pub mod leaves;
 pub mod query;
+pub mod retention;
 pub mod schema;
 pub mod seal;
 pub mod writer;
