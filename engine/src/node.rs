@@ -604,6 +604,10 @@ async fn metrics(health: web::types::State<Arc<Health>>) -> HttpResponse {
         .body(health.metrics.encode())
 }
 
+/// With encryption at rest, how often the write-ahead log starts a new
+/// segment (so the old one, payloads in the clear, goes once stored).
+const WAL_PLAINTEXT_ROLL: Duration = Duration::from_secs(60);
+
 #[allow(clippy::too_many_arguments)]
 fn housekeeping(
     stop: Arc<AtomicBool>,
@@ -620,8 +624,16 @@ fn housekeeping(
     let mut last_compaction = Instant::now();
     let mut last_retention: Option<Instant> = None;
     let mut erasures = keys.as_ref().map_or(0, |k| k.erasure_count());
+    let mut last_roll = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
+        if keys.is_some() && last_roll.elapsed() >= WAL_PLAINTEXT_ROLL {
+            // The log holds payloads as received: with encryption at rest a
+            // segment is closed every minute, so it is deleted once stored
+            // and no payload stays in the clear much longer than that.
+            last_roll = Instant::now();
+            wal.roll();
+        }
         if let Some(k) = &keys {
             // An erasure from the command line: the log's current segment
             // may hold the patient's payloads in the clear; a new one lets
