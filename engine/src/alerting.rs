@@ -563,6 +563,7 @@ pub fn spawn_alert_thread(
     path: PathBuf,
     metrics: Arc<crate::metrics::EngineMetrics>,
     ledger: Option<crossbeam_channel::Sender<crate::ledger::LedgerEvent>>,
+    questdb: Option<wardflow_storage::questdb::SinkHandle>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -579,6 +580,7 @@ pub fn spawn_alert_thread(
         .spawn(move || {
             let mut buf = Vec::new();
             let mut lines: Vec<(u64, usize)> = Vec::new();
+            let mut rows = wardflow_storage::questdb::Batch::default();
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
                 while let Some(AlertOut { alert: a, log, to }) = next {
@@ -597,6 +599,9 @@ pub fn spawn_alert_thread(
                         lines.push((buf.len() as u64, json.len()));
                         buf.extend_from_slice(&json);
                         buf.push(b'\n');
+                        if questdb.is_some() {
+                            rows.push_alert(alert_row(&a));
+                        }
                     }
                     next = rx.try_recv().ok();
                 }
@@ -616,6 +621,12 @@ pub fn spawn_alert_thread(
                             let _ = ledger.send(crate::ledger::LedgerEvent::AlertLines(logged));
                         }
                         end += buf.len() as u64;
+                        // Logged, so recorded: now to QuestDB as well.
+                        if let Some(sink) = &questdb
+                            && let Err(e) = sink.submit_later(std::mem::take(&mut rows))
+                        {
+                            tracing::error!("alert transitions not sent to QuestDB: {e}");
+                        }
                     }
                     Err(e) => {
                         tracing::error!("alert log {}: {e}", path.display());
@@ -626,8 +637,41 @@ pub fn spawn_alert_thread(
                 }
                 buf.clear();
                 lines.clear();
+                rows = wardflow_storage::questdb::Batch::default();
             }
         })?)
+}
+
+/// An alert transition as a row of QuestDB's `alerts` table.
+pub fn alert_row(a: &Alert) -> wardflow_storage::questdb::AlertRow {
+    // The names the alert log uses (serde's), so both read alike.
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    wardflow_storage::questdb::AlertRow {
+        at_ns: a.at_ns,
+        alert_id: a.id.clone(),
+        seq: a.seq,
+        event: event_name(a.event).to_string(),
+        state: name(serde_json::to_value(a.state)),
+        priority: name(serde_json::to_value(a.priority)),
+        base_priority: name(serde_json::to_value(a.base_priority)),
+        rule: a.rule.clone(),
+        subject: a.subject.clone(),
+        subject_kind: name(serde_json::to_value(a.subject_kind)),
+        patient: a.patient.clone(),
+        device: a.device.clone(),
+        care_unit: a.unit.clone(),
+        bed: a.bed.clone(),
+        description: a.description.clone(),
+        technical: a.technical,
+        condition: a.condition,
+        raised_ns: a.raised_ns,
+        first_reading_ns: a.first_reading_ns,
+        by: a.by.clone(),
+    }
 }
 
 fn event_name(e: AlertEventKind) -> &'static str {

@@ -36,6 +36,9 @@ fn vm_binary() -> PathBuf {
     );
 }
 
+/// A series read back: its labels and its (ms, value) samples.
+type Series = (BTreeMap<String, String>, Vec<(i64, f64)>);
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -104,7 +107,7 @@ impl Vm {
     }
 
     /// Every series whose name matches the regex, as (labels, samples).
-    fn export(&self, name_regex: &str) -> Vec<(BTreeMap<String, String>, Vec<(i64, f64)>)> {
+    fn export(&self, name_regex: &str) -> Vec<Series> {
         let selector = format!("{{__name__=~\"{name_regex}\"}}");
         let path = format!("/api/v1/export?match[]={}", encode(&selector));
         let (code, body) = get(self.http, &path).expect("export");
@@ -132,11 +135,7 @@ impl Vm {
     }
 
     /// Waits until the series matching `name_regex` hold `n` samples in all.
-    fn wait_for(
-        &self,
-        name_regex: &str,
-        n: usize,
-    ) -> Vec<(BTreeMap<String, String>, Vec<(i64, f64)>)> {
+    fn wait_for(&self, name_regex: &str, n: usize) -> Vec<Series> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let series = self.export(name_regex);
