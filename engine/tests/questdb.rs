@@ -317,3 +317,75 @@ fn questdb_alone_writes_no_parquet_and_survives_a_restart() {
     assert_eq!(series[0].1.len(), 20, "every reading exactly once");
     server.stop();
 }
+
+/// Alert transitions reach the `alerts` table once logged; after a
+/// restart only the part of the alert log QuestDB may not have is sent
+/// again, and nothing appears twice.
+#[test]
+fn alert_transitions_reach_the_alerts_table_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let vm = Vm::start(&tmp.path().join("vm"));
+    let rules = etco2_probe_rules(tmp.path());
+    let secret = admit_p7(&dir);
+    let conf = format!("http::addr=127.0.0.1:{};protocol_version=1;", vm.http);
+    let mut server = Server::start(
+        &dir,
+        &[
+            "--storage-backend",
+            "both",
+            "--questdb",
+            &conf,
+            "--rules",
+            rules.to_str().unwrap(),
+        ],
+    );
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    publish_pack(
+        server.mqtt_port,
+        "mon-7",
+        &secret,
+        &format!(
+            r#"[{{"bn":"urn:dev:mon-7:","bt":{now_s},"n":"etco2","u":"mm[Hg]","v":120,"seq":1}}]"#
+        ),
+    );
+    let raised = wait_for(Duration::from_secs(30), || {
+        vm.export("alerts_seq")
+            .into_iter()
+            .find(|(l, _)| l["rule"] == "etco2-high" && l["event"] == "raised")
+    })
+    .expect("the raised transition in the alerts table");
+    let (labels, samples) = raised;
+    assert_eq!(labels["patient_id"], "p-7");
+    assert_eq!(labels["care_unit"], "icu-a");
+    assert_eq!(labels["bed"], "b1");
+    assert_eq!(labels["priority"], "high");
+    assert_eq!(samples.len(), 1);
+    assert_eq!(samples[0].1, 1.0);
+    let offset = dir.join("alerts").join("p0.questdb-offset");
+    assert!(
+        wait_for(Duration::from_secs(10), || offset.exists().then_some(())).is_some(),
+        "the shipped offset of the alert log is recorded"
+    );
+    server.stop();
+    let log_len = std::fs::metadata(dir.join("alerts").join("p0.jsonl"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        std::fs::read_to_string(&offset).unwrap().trim(),
+        log_len.to_string()
+    );
+    server.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let all: usize = vm
+        .export("alerts_seq")
+        .iter()
+        .filter(|(l, _)| l["rule"] == "etco2-high")
+        .map(|(_, s)| s.len())
+        .sum();
+    assert_eq!(all, 1, "one transition, once");
+    server.stop();
+}

@@ -665,6 +665,7 @@ pub struct SinkHandle {
     spool: Arc<Mutex<Spool>>,
     stats: Arc<SinkStats>,
     spool_after: Duration,
+    max_batch_age: Duration,
 }
 
 impl SinkHandle {
@@ -675,10 +676,10 @@ impl SinkHandle {
         self.enqueue(batch, true)
     }
 
-    /// Hands `batch` over without waiting for it (alert transitions): it
-    /// goes out within `max_batch_age`.
-    pub fn submit_later(&self, batch: Batch) -> Result<(), SinkError> {
-        self.enqueue(batch, false).map(|_| ())
+    /// Hands `batch` over to go out within `max_batch_age`, with whatever
+    /// else comes (alert transitions); its receipt completes after that.
+    pub fn submit_later(&self, batch: Batch) -> Result<Receipt, SinkError> {
+        self.enqueue(batch, false)
     }
 
     fn enqueue(&self, batch: Batch, waited: bool) -> Result<Receipt, SinkError> {
@@ -686,7 +687,12 @@ impl SinkHandle {
             item,
             spool: self.spool.clone(),
             stats: self.stats.clone(),
-            spool_after: self.spool_after,
+            spool_after: self.spool_after
+                + if waited {
+                    Duration::ZERO
+                } else {
+                    self.max_batch_age
+                },
         };
         if batch.is_empty() {
             return Ok(receipt(None));
@@ -741,6 +747,7 @@ impl QuestDbSink {
             spool: spool.clone(),
             stats: stats.clone(),
             spool_after: config.spool_after,
+            max_batch_age: config.max_batch_age,
         };
         let mut worker = SenderThread {
             config,

@@ -19,6 +19,10 @@
 //!   ports with a temporary data directory; `http::...;protocol_version=1;`),
 //!   so each interval is accepted by the receiver before the next starts;
 //! - the same over **TCP** (`-influxListenAddr`);
+//! - **questdb-rs alone → VictoriaMetrics (HTTP)**: the ready batches
+//!   encoded and flushed by a questdb-rs `Sender` on this thread, with no
+//!   sink around it (no queue, receipts or spool): what the receiver takes
+//!   at best, so the sink's own cost is the gap to it;
 //! - **embedded store**: `ShardWriter::flush_before`, unencrypted Parquet
 //!   (zstd), fsynced, as the embedded backend writes it.
 //!
@@ -191,12 +195,13 @@ fn main() -> anyhow::Result<()> {
     let http_conf = format!("http::addr=127.0.0.1:{};protocol_version=1;", vm.http);
     let tcp_conf = format!("tcp::addr=127.0.0.1:{};protocol_version=1;", vm.influx);
 
-    let mut best = [f64::MAX; 4];
+    let mut best = [f64::MAX; 5];
     let names = [
         "questdb-rs Buffer fill only (no I/O)",
         "QuestDB sink -> VictoriaMetrics, ILP/HTTP",
         "QuestDB sink -> VictoriaMetrics, ILP/TCP",
         "embedded store (Parquet, unencrypted)",
+        "questdb-rs Sender alone -> VM, ILP/HTTP",
     ];
     let mut run = 0;
     for _ in 0..o.repeat {
@@ -219,6 +224,26 @@ fn main() -> anyhow::Result<()> {
             }
             best[0] = best[0].min(started.elapsed().as_secs_f64());
             std::hint::black_box(bytes);
+        }
+        // The receiver's ceiling: questdb-rs alone, no sink.
+        {
+            run += 1;
+            let batches: Vec<Batch> = writers(tmp.path(), run)
+                .iter()
+                .map(Batch::from_writer)
+                .collect();
+            let mut sender = ::questdb::ingress::Sender::from_conf(&http_conf)?;
+            let mut buf = sender.new_buffer();
+            let started = Instant::now();
+            for batch in &batches {
+                let mut at = 0;
+                while at < batch.rows() {
+                    buf.clear();
+                    at = batch.encode(&mut buf, at, 50_000)?;
+                    sender.flush_and_keep(&buf)?;
+                }
+            }
+            best[4] = best[4].min(started.elapsed().as_secs_f64());
         }
         // (b), (c) Through the sink to the receiver.
         for (k, conf) in [(1, &http_conf), (2, &tcp_conf)] {
