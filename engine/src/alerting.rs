@@ -563,6 +563,7 @@ pub fn spawn_alert_thread(
     path: PathBuf,
     metrics: Arc<crate::metrics::EngineMetrics>,
     ledger: Option<crossbeam_channel::Sender<crate::ledger::LedgerEvent>>,
+    questdb: Option<wardflow_storage::questdb::SinkHandle>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -574,11 +575,29 @@ pub fn spawn_alert_thread(
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     // Where the next line starts, for the audit trail's record of it.
     let mut end = file.metadata()?.len();
+    // QuestDB: first what the log holds beyond what QuestDB is known to
+    // have, then each write as it happens.
+    let questdb = match questdb {
+        Some(sink) => {
+            let shipped = spawn_alert_shipper(&path)?;
+            let (rows, upto) = unshipped_alerts(&path, end)?;
+            if !rows.is_empty() {
+                tracing::info!(
+                    transitions = rows.alerts(),
+                    "sending the alert log's transitions QuestDB does not have yet"
+                );
+            }
+            ship_alerts(&sink, &shipped, rows, upto);
+            Some((sink, shipped))
+        }
+        None => None,
+    };
     Ok(std::thread::Builder::new()
         .name("alerts".into())
         .spawn(move || {
             let mut buf = Vec::new();
             let mut lines: Vec<(u64, usize)> = Vec::new();
+            let mut rows = wardflow_storage::questdb::Batch::default();
             while let Ok(first) = rx.recv() {
                 let mut next = Some(first);
                 while let Some(AlertOut { alert: a, log, to }) = next {
@@ -597,6 +616,9 @@ pub fn spawn_alert_thread(
                         lines.push((buf.len() as u64, json.len()));
                         buf.extend_from_slice(&json);
                         buf.push(b'\n');
+                        if questdb.is_some() {
+                            rows.push_alert(alert_row(&a));
+                        }
                     }
                     next = rx.try_recv().ok();
                 }
@@ -616,6 +638,10 @@ pub fn spawn_alert_thread(
                             let _ = ledger.send(crate::ledger::LedgerEvent::AlertLines(logged));
                         }
                         end += buf.len() as u64;
+                        // Logged, so recorded: now to QuestDB as well.
+                        if let Some((sink, shipped)) = &questdb {
+                            ship_alerts(sink, shipped, std::mem::take(&mut rows), end);
+                        }
                     }
                     Err(e) => {
                         tracing::error!("alert log {}: {e}", path.display());
@@ -626,8 +652,127 @@ pub fn spawn_alert_thread(
                 }
                 buf.clear();
                 lines.clear();
+                rows = wardflow_storage::questdb::Batch::default();
             }
         })?)
+}
+
+/// Where the alert log's transitions stand with QuestDB: every line
+/// before this offset of the log is in QuestDB (or its spool).
+fn shipped_path(log: &Path) -> PathBuf {
+    log.with_extension("questdb-offset")
+}
+
+/// The transitions of the alert log from the shipped offset to `end`
+/// (whole lines only), and the offset after them.
+fn unshipped_alerts(
+    log: &Path,
+    end: u64,
+) -> anyhow::Result<(wardflow_storage::questdb::Batch, u64)> {
+    let from = std::fs::read_to_string(shipped_path(log))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(end);
+    let mut batch = wardflow_storage::questdb::Batch::default();
+    if from == end {
+        return Ok((batch, end));
+    }
+    let mut f = File::open(log).map_err(|e| anyhow::anyhow!("{}: {e}", log.display()))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(from))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, end - from), &mut bytes)?;
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    for line in bytes[..whole].split(|&b| b == b'\n') {
+        // A torn line of an earlier crash is skipped, as read_log does.
+        if let Ok(a) = serde_json::from_slice::<Alert>(line) {
+            batch.push_alert(alert_row(&a));
+        }
+    }
+    Ok((batch, from + whole as u64))
+}
+
+/// Transitions handed to QuestDB and the log offset after them.
+type Shipped = crossbeam_channel::Sender<(wardflow_storage::questdb::Receipt, u64)>;
+
+fn ship_alerts(
+    sink: &wardflow_storage::questdb::SinkHandle,
+    shipped: &Shipped,
+    rows: wardflow_storage::questdb::Batch,
+    upto: u64,
+) {
+    match sink.submit_later(rows) {
+        Ok(receipt) => {
+            let _ = shipped.send((receipt, upto));
+        }
+        Err(e) => tracing::error!(
+            "alert transitions not sent to QuestDB (they stay in the alert log and are sent after a restart): {e}"
+        ),
+    }
+}
+
+/// Waits, in order, for the transitions handed to QuestDB to be delivered
+/// or spooled, and records the alert log's offset after each, so that a
+/// restart sends again only what QuestDB may not have (its `alerts` table
+/// deduplicates what it does have). After a failure the offset stays where
+/// it was until the next start.
+fn spawn_alert_shipper(log: &Path) -> anyhow::Result<Shipped> {
+    let (tx, rx) = crossbeam_channel::unbounded::<(wardflow_storage::questdb::Receipt, u64)>();
+    let path = shipped_path(log);
+    std::thread::Builder::new()
+        .name("alerts-questdb".into())
+        .spawn(move || {
+            let mut stuck = false;
+            for (receipt, upto) in rx {
+                if let Err(e) = receipt.wait() {
+                    tracing::error!("alert transitions not stored in QuestDB; they are sent again after a restart: {e}");
+                    stuck = true;
+                }
+                if stuck {
+                    continue;
+                }
+                let tmp = path.with_extension("tmp");
+                let written = std::fs::write(&tmp, upto.to_string())
+                    .and_then(|()| File::open(&tmp)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = written {
+                    tracing::warn!("{}: {e}", path.display());
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// An alert transition as a row of QuestDB's `alerts` table.
+pub fn alert_row(a: &Alert) -> wardflow_storage::questdb::AlertRow {
+    // The names the alert log uses (serde's), so both read alike.
+    let name = |v: serde_json::Result<serde_json::Value>| {
+        v.ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    };
+    wardflow_storage::questdb::AlertRow {
+        at_ns: a.at_ns,
+        alert_id: a.id.clone(),
+        seq: a.seq,
+        event: event_name(a.event).to_string(),
+        state: name(serde_json::to_value(a.state)),
+        priority: name(serde_json::to_value(a.priority)),
+        base_priority: name(serde_json::to_value(a.base_priority)),
+        rule: a.rule.clone(),
+        subject: a.subject.clone(),
+        subject_kind: name(serde_json::to_value(a.subject_kind)),
+        patient: a.patient.clone(),
+        device: a.device.clone(),
+        care_unit: a.unit.clone(),
+        bed: a.bed.clone(),
+        description: a.description.clone(),
+        technical: a.technical,
+        condition: a.condition,
+        raised_ns: a.raised_ns,
+        first_reading_ns: a.first_reading_ns,
+        by: a.by.clone(),
+    }
 }
 
 fn event_name(e: AlertEventKind) -> &'static str {

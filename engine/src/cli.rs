@@ -150,6 +150,12 @@ pub struct ServeArgs {
     /// Most rows per compacted file [storage.compaction_max_rows, default 1048576]
     #[arg(long, value_name = "ROWS")]
     pub compaction_max_rows: Option<usize>,
+    /// Where readings go: embedded, questdb or both [storage.backend, default embedded]
+    #[arg(long, value_name = "BACKEND")]
+    pub storage_backend: Option<crate::config::Backend>,
+    /// questdb-rs configuration string, e.g. http::addr=HOST:9000; (prefer WARDFLOW_QUESTDB_CONF for credentials) [storage.questdb.conf]
+    #[arg(long, value_name = "CONF")]
+    pub questdb: Option<String>,
     /// Allowed device clock skew ahead of the server in ms [validation.max_future_skew_ms, default 30000]
     #[arg(long, value_name = "MS")]
     pub max_future_skew_ms: Option<u64>,
@@ -219,6 +225,8 @@ impl ServeArgs {
         set!(self.flush_interval_ms, c.storage.flush_interval_ms);
         set!(self.compaction_min_files, c.storage.compaction_min_files);
         set!(self.compaction_max_rows, c.storage.compaction_max_rows);
+        set!(self.storage_backend, c.storage.backend);
+        set!(self.questdb, c.storage.questdb.conf);
         set!(self.max_future_skew_ms, c.validation.max_future_skew_ms);
         set!(self.max_age_ms, c.validation.max_age_ms);
         set!(self.memory_mb, c.limits.memory_mb);
@@ -431,7 +439,7 @@ pub fn main() -> anyhow::Result<()> {
             deadletters(&effective_config(&cli, &ServeArgs::default())?, cmd)
         }
         Command::Config(args) => {
-            print!("{}", effective_config(&cli, args)?.to_toml());
+            print!("{}", effective_config(&cli, args)?.to_toml_redacted());
             Ok(())
         }
         Command::News2 => crate::clinical_cli::news2(),

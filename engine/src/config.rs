@@ -153,6 +153,12 @@ pub struct StorageSection {
     pub master_key: Option<String>,
     /// How long each table is kept; expired hour partitions are dropped.
     pub retention: RetentionSection,
+    /// Where readings, dead letters and alert transitions go: `embedded`
+    /// (Parquet in the data directory), `questdb` (the `[storage.questdb]`
+    /// receiver), or `both` (embedded for the hot window, QuestDB for
+    /// history). docs/questdb.md.
+    pub backend: Backend,
+    pub questdb: QuestDbSection,
 }
 
 /// Per-table retention: a duration such as `"30d"`, `"12h"`, `"90m"`, or
@@ -187,6 +193,79 @@ pub fn parse_period(s: &str) -> Result<Option<i64>, String> {
         _ => Err(format!(
             "{s:?}: give a positive whole number and s, m, h or d (e.g. \"30d\")"
         )),
+    }
+}
+
+/// Which time-series sinks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Embedded,
+    Questdb,
+    Both,
+}
+
+impl Backend {
+    pub fn embedded(self) -> bool {
+        self != Backend::Questdb
+    }
+
+    pub fn questdb(self) -> bool {
+        self != Backend::Embedded
+    }
+}
+
+/// The QuestDB sink (docs/questdb.md).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuestDbSection {
+    /// The questdb-rs configuration string: `http::addr=HOST:9000;` (ILP
+    /// over HTTP, the default), `https::...`, `tcp::addr=HOST:9009;` or
+    /// `tcps::...`, with `username`, `password`, `token` and TLS keys as
+    /// questdb-rs takes them. For a receiver of the plain InfluxDB line
+    /// protocol add `protocol_version=1;`. The environment variable
+    /// WARDFLOW_QUESTDB_CONF takes precedence (keep credentials there).
+    /// Never logged.
+    pub conf: String,
+    /// Where batches wait while the receiver is down; default
+    /// DATA_DIR/spool/questdb.
+    pub spool_dir: Option<PathBuf>,
+    /// Most the spool may hold, MiB; beyond it, rows stay in the
+    /// write-ahead log until the receiver is back.
+    pub spool_max_mb: u64,
+    /// Most rows in one request.
+    pub batch_rows: usize,
+    /// How long alert transitions may wait for a fuller request, ms.
+    pub max_batch_age_ms: u64,
+    /// How long a flush waits for the receiver before its rows go to the
+    /// spool, ms.
+    pub spool_after_ms: u64,
+}
+
+impl std::fmt::Debug for QuestDbSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuestDbSection")
+            .field("conf", &wardflow_storage::questdb::redact(&self.conf))
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max_mb", &self.spool_max_mb)
+            .field("batch_rows", &self.batch_rows)
+            .field("max_batch_age_ms", &self.max_batch_age_ms)
+            .field("spool_after_ms", &self.spool_after_ms)
+            .finish()
+    }
+}
+
+impl Default for QuestDbSection {
+    fn default() -> Self {
+        Self {
+            conf: String::new(),
+            spool_dir: None,
+            spool_max_mb: 1024,
+            batch_rows: 50_000,
+            max_batch_age_ms: 1000,
+            spool_after_ms: 2000,
+        }
     }
 }
 
@@ -275,6 +354,8 @@ impl Default for StorageSection {
             compaction_max_rows: 1 << 20,
             master_key: None,
             retention: RetentionSection::default(),
+            backend: Backend::default(),
+            questdb: QuestDbSection::default(),
         }
     }
 }
@@ -392,7 +473,73 @@ impl Config {
         if self.mqtt.max_inflight == 0 {
             return bad("mqtt.max_inflight must be at least 1".into());
         }
+        self.validate_questdb()
+    }
+
+    /// The QuestDB sink's settings, checked when it runs.
+    fn validate_questdb(&self) -> Result<(), ConfigError> {
+        if !self.storage.backend.questdb() {
+            return Ok(());
+        }
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let q = &self.storage.questdb;
+        let conf = self.questdb_conf();
+        if conf.trim().is_empty() {
+            return bad(format!(
+                "storage.backend is {:?} but storage.questdb.conf is empty (e.g. \"http::addr=127.0.0.1:9000;\", or WARDFLOW_QUESTDB_CONF)",
+                self.storage.backend
+            )
+            .to_lowercase());
+        }
+        if let Err(e) = wardflow_storage::questdb::check_conf(&conf) {
+            return bad(e.to_string());
+        }
+        if q.batch_rows == 0 {
+            return bad("storage.questdb.batch_rows must be at least 1".into());
+        }
+        if q.spool_max_mb == 0 {
+            return bad("storage.questdb.spool_max_mb must be at least 1".into());
+        }
+        if q.spool_after_ms == 0 {
+            return bad("storage.questdb.spool_after_ms must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The QuestDB connection string: WARDFLOW_QUESTDB_CONF, or the file's.
+    pub fn questdb_conf(&self) -> String {
+        match std::env::var("WARDFLOW_QUESTDB_CONF") {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_string(),
+            _ => self.storage.questdb.conf.clone(),
+        }
+    }
+
+    /// The QuestDB sink's settings, when it runs.
+    pub fn questdb_sink(&self) -> Option<wardflow_storage::questdb::SinkConfig> {
+        if !self.storage.backend.questdb() {
+            return None;
+        }
+        let q = &self.storage.questdb;
+        let spool = q
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("spool").join("questdb"));
+        let mut c = wardflow_storage::questdb::SinkConfig::new(self.questdb_conf(), spool);
+        c.spool_max_bytes = q.spool_max_mb.saturating_mul(1 << 20);
+        c.batch_rows = q.batch_rows;
+        c.max_batch_age = std::time::Duration::from_millis(q.max_batch_age_ms);
+        c.spool_after = std::time::Duration::from_millis(q.spool_after_ms);
+        Some(c)
+    }
+
+    /// The configuration as `wardflow config` prints it: secrets of the
+    /// QuestDB connection string masked.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut c = self.clone();
+        if !c.storage.questdb.conf.is_empty() {
+            c.storage.questdb.conf = wardflow_storage::questdb::redact(&c.storage.questdb.conf);
+        }
+        c.to_toml()
     }
 
     /// Where the ledger keeps its anchor logs and leaf indexes.
@@ -532,6 +679,28 @@ mod tests {
             err.starts_with("w.toml:3:") && err.contains("unknown field `port`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_questdb_sink_is_configured_and_checked() {
+        let text = "[storage]\nbackend = \"both\"\n[storage.questdb]\nconf = \"http::addr=db:9000;username=u;password=pw;\"\nbatch_rows = 10\n";
+        let c = Config::parse(text, Path::new("w.toml")).unwrap();
+        assert_eq!(c.storage.backend, Backend::Both);
+        c.validate().unwrap();
+        let sink = c.questdb_sink().unwrap();
+        assert_eq!(sink.batch_rows, 10);
+        assert_eq!(sink.spool_dir, c.data_dir.join("spool").join("questdb"));
+        assert!(!format!("{c:?}").contains("pw"));
+        assert!(!c.to_toml_redacted().contains("pw"));
+
+        let mut c = Config::default();
+        c.storage.backend = Backend::Questdb;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.questdb.conf is empty"), "{err}");
+        c.storage.questdb.conf = "ws::addr=db:9000;".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("storage.questdb.conf:"), "{err}");
+        assert!(Config::default().questdb_sink().is_none());
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub struct DataflowContext {
     pub research: Option<Arc<crate::research::ResearchContext>>,
     /// Data keys for sealing values at rest; none stores them in the clear.
     pub keys: Option<Arc<wardflow_storage::seal::Keyring>>,
+    /// Where flushes also send their rows, when `storage.backend` names
+    /// QuestDB (docs/questdb.md).
+    pub questdb: Option<wardflow_storage::questdb::SinkHandle>,
+    /// Whether flushes write the embedded store's readings and dead
+    /// letters (device states are written either way).
+    pub embedded: bool,
 }
 
 /// A change to the accesses in force.
@@ -329,12 +335,13 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 let (jobs, job_rx) = crossbeam_channel::bounded::<ShardWriter<DeviceState>>(1);
                 let (done_tx, done) = crossbeam_channel::unbounded();
                 let wake = scope.worker().sync_activator_for(info.address.to_vec());
+                let (questdb, embedded) = (ctx.questdb.clone(), ctx.embedded);
                 std::thread::Builder::new()
                     .name(format!("flush-{index}"))
                     .spawn(move || {
                         lower_priority();
                         while let Ok(mut job) = job_rx.recv() {
-                            let result = job.flush_before(None);
+                            let result = flush_job(&mut job, questdb.as_ref(), embedded);
                             // The leaves of what was written go to the ledger
                             // before the flush is reported: the stored
                             // frontier passes their epochs only after that.
@@ -717,6 +724,30 @@ fn consent_join<'s>(
                 });
             }
         })
+}
+
+/// Writes one flush job: to QuestDB first, when it runs (its rows count
+/// once the receiver or the spool has them; a full spool fails the flush,
+/// so the interval stays in the write-ahead log and is tried again), then
+/// to the embedded store, or only the device states when QuestDB is the
+/// sole backend. A job retried after the embedded write failed is sent to
+/// QuestDB again: its tables deduplicate (docs/questdb.md).
+fn flush_job(
+    job: &mut ShardWriter<DeviceState>,
+    questdb: Option<&wardflow_storage::questdb::SinkHandle>,
+    embedded: bool,
+) -> anyhow::Result<wardflow_storage::FlushStats> {
+    if let Some(sink) = questdb {
+        let batch = wardflow_storage::questdb::Batch::from_writer(job);
+        sink.submit(batch)
+            .and_then(|r| r.wait())
+            .map_err(|e| anyhow::anyhow!("QuestDB sink: {e}"))?;
+    }
+    Ok(if embedded {
+        job.flush_before(None)?
+    } else {
+        job.flush_states_before(None)?
+    })
 }
 
 /// Lowers the calling thread's scheduling priority (nice 10), for threads

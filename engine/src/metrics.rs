@@ -3,12 +3,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use wardflow_ingest::metrics::IngestMetrics;
+use wardflow_storage::questdb::SinkStats;
 
 /// Dataflow and storage metrics.
 pub struct EngineMetrics {
@@ -51,6 +54,8 @@ pub struct EngineMetrics {
     pub research_rows_read: Family<[(&'static str, String); 2], Gauge>,
     pub research_batches_read: Family<[(&'static str, String); 2], Gauge>,
     pub research_bytes_read: Family<[(&'static str, String); 2], Gauge>,
+    /// The QuestDB sink's own counters (all zero when it does not run).
+    pub questdb: Arc<SinkStats>,
 }
 
 impl Default for EngineMetrics {
@@ -97,6 +102,7 @@ impl Default for EngineMetrics {
             consent_records: Gauge::default(),
             consent_refused: Gauge::default(),
             consent_errors: Gauge::default(),
+            questdb: Arc::default(),
         }
     }
 }
@@ -302,6 +308,94 @@ impl EngineMetrics {
             "Timely workers in this process",
             self.dataflow_workers.clone(),
         );
+        r.register_collector(Box::new(QuestDbCollector(self.questdb.clone())));
+    }
+}
+
+/// The QuestDB sink's state, read on each scrape.
+#[derive(Debug)]
+struct QuestDbCollector(Arc<SinkStats>);
+
+impl Collector for QuestDbCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows = ConstCounter::new(0u64);
+        let mut family = encoder.encode_descriptor(
+            "questdb_rows_sent",
+            "Rows the QuestDB receiver accepted, by table",
+            None,
+            rows.metric_type(),
+        )?;
+        for (table, n) in [
+            ("readings", get(&s.readings_sent)),
+            ("alerts", get(&s.alerts_sent)),
+            ("deadletters", get(&s.dead_letters_sent)),
+        ] {
+            ConstCounter::new(n).encode(family.encode_family(&[("table", table)])?)?;
+        }
+        for (name, help, n) in [
+            (
+                "questdb_requests",
+                "Requests (batches) the QuestDB receiver accepted",
+                get(&s.batches_sent),
+            ),
+            (
+                "questdb_send_errors",
+                "Failed sends to the QuestDB receiver (the rows went to the spool)",
+                get(&s.send_errors),
+            ),
+            (
+                "questdb_rows_spooled",
+                "Rows written to the QuestDB spool while the receiver was down or slow",
+                get(&s.rows_spooled),
+            ),
+            (
+                "questdb_rows_drained",
+                "Spooled rows the QuestDB receiver has since accepted",
+                get(&s.rows_drained),
+            ),
+            (
+                "questdb_spool_refusals",
+                "Batches the full spool refused (kept in the write-ahead log and retried)",
+                get(&s.spool_full),
+            ),
+        ] {
+            let c = ConstCounter::new(n);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        for (name, help, n) in [
+            (
+                "questdb_spool_files",
+                "Batches waiting in the QuestDB spool",
+                get(&s.spool_files) as i64,
+            ),
+            (
+                "questdb_spool_bytes",
+                "Bytes in the QuestDB spool",
+                get(&s.spool_bytes) as i64,
+            ),
+            (
+                "questdb_spool_rows",
+                "Rows waiting in the QuestDB spool",
+                get(&s.spool_rows) as i64,
+            ),
+            (
+                "questdb_receiver_up",
+                "1 while the QuestDB receiver takes requests, 0 after a failure until one succeeds",
+                get(&s.receiver_up) as i64,
+            ),
+        ] {
+            let g = ConstGauge::new(n);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let age = ConstGauge::new(s.oldest_spooled_age_s());
+        age.encode(encoder.encode_descriptor(
+            "questdb_spool_oldest_age_seconds",
+            "How long the oldest batch in the QuestDB spool has waited (0 when it is empty)",
+            None,
+            age.metric_type(),
+        )?)
     }
 }
 

@@ -44,6 +44,7 @@ pub struct Node {
     timely: Option<timely::communication::WorkerGuards<()>>,
     housekeeping: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
     alert_thread: Option<JoinHandle<()>>,
+    questdb: Option<wardflow_storage::questdb::QuestDbSink>,
     ledger: Option<crate::ledger::LedgerThread>,
     consent: Option<wardflow_ledger_bridge::follow::ConsentFollower>,
     emergency: Option<JoinHandle<()>>,
@@ -186,12 +187,22 @@ impl Node {
             ),
             _ => None,
         };
+        // The QuestDB sink, when storage.backend names it: flushes and the
+        // alert thread hand it their rows; it stops after both.
+        let questdb = match config.questdb_sink() {
+            Some(sink) => Some(
+                wardflow_storage::questdb::QuestDbSink::start(sink, metrics.engine.questdb.clone())
+                    .context("starting the QuestDB sink")?,
+            ),
+            None => None,
+        };
         let alert_thread = alerting::spawn_alert_thread(
             alert_rx,
             hub.clone(),
             alerting::log_path(&data_dir, config.dataflow.process),
             metrics.engine.clone(),
             ledger.as_ref().map(|l| l.event_sender()),
+            questdb.as_ref().map(|q| q.handle()),
         )?;
         let alerts = Arc::new(AlertContext {
             rules: rules.clone(),
@@ -227,6 +238,8 @@ impl Node {
             consents: Mutex::new(Some(consent_rx)),
             research: Some(research),
             keys: keys.clone(),
+            questdb: questdb.as_ref().map(|q| q.handle()),
+            embedded: config.storage.backend.embedded(),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
@@ -362,6 +375,7 @@ impl Node {
             timely: Some(guards),
             housekeeping: Some((stop, hk)),
             alert_thread: Some(alert_thread),
+            questdb,
             ledger,
             consent,
             emergency,
@@ -405,6 +419,11 @@ impl Node {
         // thread writes what is left and ends, then the ledger seals it.
         if let Some(join) = self.alert_thread.take() {
             let _ = join.join();
+        }
+        // Flushes and alerts are done: what the receiver has not taken
+        // stays in the spool for the next start.
+        if let Some(q) = self.questdb.take() {
+            q.shutdown();
         }
         if let Some(ledger) = self.ledger.take() {
             ledger.finish(all_stored);

@@ -1,5 +1,9 @@
-//! Wardflow's embedded time-series store: no server, just files in the data
-//! directory that standard tools can read.
+//! Wardflow's time-series sinks: the embedded store (no server, just files
+//! in the data directory that standard tools can read), and the QuestDB
+//! sink ([`questdb`]) that sends the same rows, plus alert transitions, over
+//! the InfluxDB line protocol with questdb-rs, spooling them to local disk
+//! ([`spool`]) while the receiver is down. Both can run at once: the
+//! embedded store for the hot window, QuestDB for history.
 //!
 //! This crate owns the on-disk layout ([`layout`]), the Parquet schemas of
 //! the `readings` and `deadletters` tables ([`schema`]), the per-worker
@@ -9,9 +13,10 @@
 //! queries ([`query`]), retention ([`retention`]), encryption at rest with
 //! per-patient keys and crypto-shredding ([`seal`]) and the audit-trail
 //! leaves of stored rows ([`leaves`]; their encoding and the batches they
-//! go into belong to `ledger-bridge`). It does not decide *when* to flush
-//! (the engine does, from the dataflow's frontier) or validate readings
-//! (`ingest`).
+//! go into belong to `ledger-bridge`). It does not decide *when* to flush (the
+//! engine does, from the dataflow's frontier), validate readings
+//! (`ingest`), or evaluate alerts (`rules`: the engine turns its
+//! transitions into [`questdb::AlertRow`]s).
 //!
 //! Writing one interval and reading it back:
 //!
@@ -41,9 +46,11 @@ pub mod compact;
 pub mod layout;
 pub mod leaves;
 pub mod query;
+pub mod questdb;
 pub mod retention;
 pub mod schema;
 pub mod seal;
+pub mod spool;
 pub mod writer;
 
 pub use writer::{FlushStats, Origin, ShardWriter, StoreConfig};

@@ -729,3 +729,139 @@ fn dead_letters_batch(
     RecordBatch::try_new(schema::DEAD_LETTERS_SEALED.clone(), columns)
         .map_err(|e| StorageError::Encode(e.to_string()))
 }
+
+/// For a second sink (QuestDB, [`crate::questdb`]): the buffered rows, and
+/// a flush that writes only what the engine itself reads back.
+impl<S: Serialize> ShardWriter<S> {
+    /// Every buffered reading and dead letter, interval by interval.
+    pub(crate) fn visit_rows<'s>(
+        &'s self,
+        mut reading: impl FnMut(crate::questdb::ReadingRow<'s>),
+        mut dead: impl FnMut(&'s DeadLetter),
+    ) {
+        for buf in self.pending.values() {
+            for r in &buf.rows {
+                reading(crate::questdb::ReadingRow {
+                    time_ns: r.time_ns,
+                    patient: (r.patient != NO_PATIENT)
+                        .then(|| buf.patients.names[r.patient as usize].as_str()),
+                    device: &buf.devices.names[r.device as usize],
+                    metric: r.metric,
+                    value: r.value,
+                    seq: r.seq,
+                    quality: r.quality,
+                    received_ns: r.received_ns,
+                });
+            }
+            for (_, d) in &buf.dead {
+                dead(d);
+            }
+        }
+    }
+
+    /// Like [`ShardWriter::flush_before`], for when the readings and dead
+    /// letters go to QuestDB alone: writes no Parquet, only the device
+    /// states (a restart validates from them) and, when collected, the
+    /// audit-trail leaves of the rows, computed from the same record
+    /// batches a Parquet flush would write.
+    pub fn flush_states_before(
+        &mut self,
+        frontier: Option<u64>,
+    ) -> Result<FlushStats, StorageError> {
+        let started = Instant::now();
+        let mut stats = FlushStats::default();
+        let mut synced = false;
+        while let Some((&start, _)) = self.pending.first_key_value() {
+            if frontier.is_some_and(|f| start + self.config.interval_ms > f) {
+                break;
+            }
+            let mut buf = self.pending.remove(&start).expect("present");
+            if let Some(out) = self.leaves.as_mut() {
+                let mut mine = Vec::new();
+                let result = interval_leaves(&mut buf, &mut mine);
+                if let Err(e) = result {
+                    self.pending.insert(start, buf);
+                    return Err(e);
+                }
+                out.extend(mine);
+            }
+            stats.readings += buf.rows.len() as u64;
+            stats.dead_letters += buf.dead.len() as u64;
+            if !buf.states.is_empty() {
+                let dir = self.config.root.join(STATE_DIR);
+                let name = FileName::Interval {
+                    start,
+                    process: self.config.process,
+                    worker: self.worker,
+                };
+                let path = dir.join(name.render("json"));
+                let file = StateFile {
+                    interval: start,
+                    devices: buf.states.iter().map(|(d, s)| (d.clone(), s)).collect(),
+                };
+                let written = std::fs::create_dir_all(&dir)
+                    .and_then(|()| {
+                        let json = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+                        layout::write_atomically(&path, |f| f.write_all(&json))
+                    })
+                    .map_err(StorageError::io(&path));
+                if let Err(e) = written {
+                    self.pending.insert(start, buf);
+                    return Err(e);
+                }
+                stats.files += 1;
+                synced = true;
+            }
+            stats.intervals += 1;
+        }
+        if synced {
+            let dir = self.config.root.join(STATE_DIR);
+            layout::sync_dir(&dir).map_err(StorageError::io(&dir))?;
+        }
+        stats.micros = started.elapsed().as_micros() as u64;
+        Ok(stats)
+    }
+}
+
+/// The leaves of one interval's rows, in the order and batches
+/// `write_interval` writes them.
+fn interval_leaves<S>(
+    buf: &mut Interval<S>,
+    out: &mut Vec<(u64, wardflow_ledger_bridge::Hash)>,
+) -> Result<(), StorageError> {
+    let rank = buf.patients.ranks();
+    let rank_of = |p: u32| {
+        if p == NO_PATIENT {
+            u32::MAX
+        } else {
+            rank[p as usize]
+        }
+    };
+    buf.rows.sort_unstable_by_key(|r| {
+        (
+            layout::hour_of(r.time_ns),
+            rank_of(r.patient),
+            r.metric,
+            r.time_ns,
+        )
+    });
+    for group in buf
+        .rows
+        .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
+    {
+        for rows in group.chunks(BATCH_ROWS) {
+            // Rows not stored here are not sealed here either.
+            let batch = readings_batch(rows, &buf.patients, &buf.devices, None)?;
+            crate::leaves::reading_leaves(&batch, out)?;
+        }
+    }
+    buf.dead.sort_by_key(|(_, d)| d.received_ns);
+    for group in buf
+        .dead
+        .chunk_by(|(_, a), (_, b)| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns))
+    {
+        let batch = dead_letters_batch(group, None, "")?;
+        crate::leaves::dead_letter_leaves(&batch, out)?;
+    }
+    Ok(())
+}
