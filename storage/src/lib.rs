@@ -6,7 +6,8 @@
 //! writer that turns a flush interval into sorted Parquet files
 //! ([`writer`]), the checkpoint that tells the write-ahead log what it may
 //! forget and what to replay ([`checkpoint`]), compaction ([`compact`]),
-//! queries ([`query`]) and the audit-trail leaves of stored rows
+//! queries ([`query`]), the patient's export as FHIR, CSV or Parquet
+//! ([`export`]) and the audit-trail leaves of stored rows
 //! ([`leaves`]; their encoding and the batches they go into belong to
 //! `ledger-bridge`). It does not decide *when* to flush (the engine does,
 //! from the dataflow's frontier), validate readings (`ingest`), or talk to
@@ -37,6 +38,7 @@ use std::path::{Path, PathBuf};
 
 pub mod checkpoint;
 pub mod compact;
+pub mod export;
 pub mod layout;
 pub mod leaves;
 pub mod query;
