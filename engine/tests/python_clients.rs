@@ -65,3 +65,12 @@ fn alert_feeds_with_real_clients() {
 fn research_streams_over_flight() {
     run_python("test_research.py");
 }
+
+/// `wardflow export` after paho-mqtt publishes: the FHIR bundle validates
+/// with fhir.resources and carries the published LOINC and UCUM codes,
+/// times and values; the CSV and Parquet tables read back with pyarrow;
+/// every export is in the patient's access log.
+#[test]
+fn export_validates_as_fhir_and_reads_back_with_pyarrow() {
+    run_python("test_export.py");
+}
