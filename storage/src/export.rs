@@ -644,7 +644,9 @@ pub fn fhir_bundle(
         .map(|r| name_uuid(&reading_name(r)))
         .collect();
     let mut by_value: HashMap<(&str, TimestampNs), Vec<&str>> = HashMap::new();
-    let mut bp: BTreeMap<(TimestampNs, &str), (Option<usize>, Option<usize>)> = BTreeMap::new();
+    // (time, device) -> (systolic, diastolic) reading index.
+    type Pair = (Option<usize>, Option<usize>);
+    let mut bp: BTreeMap<(TimestampNs, &str), Pair> = BTreeMap::new();
     for (i, r) in readings.iter().enumerate() {
         entries.push(entry(&ids[i], observation(meta, &refs, r, &ids[i])));
         by_value
