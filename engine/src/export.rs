@@ -152,13 +152,13 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
             let bundle = export::fhir_bundle(&meta, &readings, &alerts, &access);
             match &args.out {
                 Some(path) => {
-                    write_file(path, &serde_json::to_vec_pretty(&bundle)?)?;
+                    write_file(path, &export::to_json_pretty(&bundle))?;
                     path.display().to_string()
                 }
                 None => {
                     let mut out = std::io::stdout().lock();
-                    serde_json::to_writer_pretty(&mut out, &bundle)?;
-                    writeln!(out)?;
+                    out.write_all(&export::to_json_pretty(&bundle))?;
+                    out.flush()?;
                     "stdout".into()
                 }
             }

@@ -689,6 +689,42 @@ pub fn fhir_bundle(
     })
 }
 
+/// A bundle (or any FHIR JSON) as pretty JSON text with `resourceType`
+/// first in each resource, as FHIR's JSON examples write it (FHIR R4
+/// §2.6.2 puts it first; readers must not depend on the order, but people
+/// reading a patient's export do). Other keys stay in name order.
+pub fn to_json_pretty(value: &Value) -> Vec<u8> {
+    struct ResourceFirst<'a>(&'a Value);
+    impl serde::Serialize for ResourceFirst<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::{SerializeMap, SerializeSeq};
+            match self.0 {
+                Value::Object(m) => {
+                    let mut map = s.serialize_map(Some(m.len()))?;
+                    if let Some(t) = m.get("resourceType") {
+                        map.serialize_entry("resourceType", t)?;
+                    }
+                    for (k, v) in m.iter().filter(|(k, _)| *k != "resourceType") {
+                        map.serialize_entry(k, &ResourceFirst(v))?;
+                    }
+                    map.end()
+                }
+                Value::Array(a) => {
+                    let mut seq = s.serialize_seq(Some(a.len()))?;
+                    for v in a {
+                        seq.serialize_element(&ResourceFirst(v))?;
+                    }
+                    seq.end()
+                }
+                other => other.serialize(s),
+            }
+        }
+    }
+    let mut out = serde_json::to_vec_pretty(&ResourceFirst(value)).expect("JSON values serialize");
+    out.push(b'\n');
+    out
+}
+
 // --- tables for analysts -----------------------------------------------------
 
 /// A column of an export table.
@@ -1030,6 +1066,19 @@ mod tests {
         assert_eq!(rfc3339(T), "2025-11-24T16:00:00.123456789Z");
         assert_eq!(rfc3339(1_764_000_000_000_000_000), "2025-11-24T16:00:00Z");
         assert_eq!(rfc3339(1_764_000_000_500_000_000), "2025-11-24T16:00:00.5Z");
+    }
+
+    #[test]
+    fn resource_type_comes_first() {
+        let b = fhir_bundle(&meta(), &[reading(Metric::Hr, 72.0, T, 0)], &[], &[]);
+        let text = String::from_utf8(to_json_pretty(&b)).unwrap();
+        assert!(
+            text.starts_with("{\n  \"resourceType\": \"Bundle\",\n"),
+            "{text}"
+        );
+        assert!(text.contains("\"resource\": {\n        \"resourceType\": \"Patient\","));
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, b);
     }
 
     #[test]
