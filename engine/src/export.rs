@@ -8,17 +8,21 @@
 //! conversion is `wardflow_storage::export`'s.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
+use tempfile::NamedTempFile;
 use wardflow_ledger_bridge::events::AccessRequest;
 use wardflow_model::{PatientId, TimestampNs};
 use wardflow_rules::Priority;
 use wardflow_rules::alarm::{Alert, AlertEventKind, AlertState};
-use wardflow_storage::export::{self, AlertRow, AlertValue, ExportMeta};
-use wardflow_storage::query::{ReadingQuery, query_readings};
+use wardflow_storage::export::{
+    self, AccessRow, AlertRow, AlertValue, ExportMeta, FhirWriter, TableFile,
+};
+use wardflow_storage::layout;
+use wardflow_storage::query::{ReadingQuery, StoredReading, query_readings};
 
 use crate::config::Config;
 use crate::output::parse_time;
@@ -93,21 +97,35 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
         );
     }
     let data_dir = &config.data_dir;
-    let readings = query_readings(
-        data_dir,
-        &ReadingQuery {
-            patient: Some(args.patient.clone()),
-            from_ns,
-            to_ns,
-            ..Default::default()
-        },
-    )?;
     let alerts = patient_alerts(
         crate::alerting::read_log(data_dir)?,
         &args.patient,
         from_ns,
         to_ns,
     );
+    let now = wardflow_model::now_ns();
+    let meta = ExportMeta {
+        patient: args.patient.clone(),
+        bundle_id: export::random_uuid(random_bytes()?),
+        generated_ns: now,
+    };
+    let mut sink = Sink::open(args, meta, &alerts)?;
+    // Hour by hour, as the store partitions: memory for one hour of the
+    // patient's readings, however long the export.
+    let mut readings = 0;
+    for (lo, hi) in hour_windows(data_dir, from_ns, to_ns)? {
+        let chunk = query_readings(
+            data_dir,
+            &ReadingQuery {
+                patient: Some(args.patient.clone()),
+                from_ns: Some(lo),
+                to_ns: Some(hi),
+                ..Default::default()
+            },
+        )?;
+        readings += chunk.len();
+        sink.readings(&chunk)?;
+    }
 
     // No export of a patient's data without its record in the audit
     // trail; recorded before the access log is read, so the export lists
@@ -120,7 +138,7 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     });
     let mut detail = vec![
         args.format.name().to_string(),
-        format!("{} readings", readings.len()),
+        format!("{readings} readings"),
         format!("{} alerts", alerts.len()),
     ];
     for (k, v) in [("from", &args.from), ("to", &args.to)] {
@@ -128,55 +146,20 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
             detail.push(format!("{k}={v}"));
         }
     }
-    let now = wardflow_model::now_ns();
-    let request = AccessRequest::new(
+    AccessRequest::new(
         now,
         &args.patient,
         &actor,
         "export",
         &args.purpose,
         &detail.join(" "),
-    );
-    request
-        .submit(&config.ledger_dir())
-        .context("recording the access in the audit trail")?;
+    )
+    .submit(&config.ledger_dir())
+    .context("recording the access in the audit trail")?;
     let access = crate::verify::access_log(config, &args.patient)?;
-
-    let written = match args.format {
-        ExportFormat::Fhir => {
-            let meta = ExportMeta {
-                patient: args.patient.clone(),
-                bundle_id: export::random_uuid(random_bytes()?),
-                generated_ns: now,
-            };
-            let bundle = export::fhir_bundle(&meta, &readings, &alerts, &access);
-            match &args.out {
-                Some(path) => {
-                    write_file(path, &export::to_json_pretty(&bundle))?;
-                    path.display().to_string()
-                }
-                None => {
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&export::to_json_pretty(&bundle))?;
-                    out.flush()?;
-                    "stdout".into()
-                }
-            }
-        }
-        ExportFormat::Csv | ExportFormat::Parquet => {
-            let dir = args.out.as_deref().expect("checked above");
-            let tables = export::tables(&readings, &alerts, &access);
-            let files = export::write_tables(dir, &tables, args.format == ExportFormat::Parquet)?;
-            files
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    };
+    let written = sink.finish(&alerts, &access)?;
     eprintln!(
-        "exported {} readings, {} alerts and {} accesses of patient {} to {written}",
-        readings.len(),
+        "exported {readings} readings, {} alerts and {} accesses of patient {} to {written}",
         alerts.len(),
         access.len(),
         args.patient
@@ -184,27 +167,116 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `[from, to)` cut at the hours the store has readings in.
+fn hour_windows(
+    data_dir: &Path,
+    from_ns: Option<TimestampNs>,
+    to_ns: Option<TimestampNs>,
+) -> anyhow::Result<Vec<(TimestampNs, TimestampNs)>> {
+    let table = data_dir.join(layout::READINGS_DIR);
+    let hours = layout::partitions(&table).with_context(|| format!("{}", table.display()))?;
+    Ok(hours
+        .into_iter()
+        .map(|(h, _)| layout::hour_bounds(h))
+        .map(|(s, e)| {
+            (
+                from_ns.map_or(s, |f| f.max(s)),
+                to_ns.map_or(e, |t| t.min(e)),
+            )
+        })
+        .filter(|(s, e)| s < e)
+        .collect())
+}
+
+/// Where an export goes.
+enum Sink {
+    /// A bundle file, written beside its place and renamed into it.
+    File(FhirWriter<BufWriter<NamedTempFile>>, PathBuf),
+    Stdout(FhirWriter<BufWriter<std::io::Stdout>>),
+    /// The directory, and the readings table being written.
+    Tables(PathBuf, Box<TableFile>, bool),
+}
+
+impl Sink {
+    fn open(args: &ExportArgs, meta: ExportMeta, alerts: &[AlertRow]) -> anyhow::Result<Sink> {
+        Ok(match (args.format, &args.out) {
+            (ExportFormat::Fhir, Some(path)) => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                let tmp = NamedTempFile::new_in(dir)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let w = FhirWriter::begin(BufWriter::new(tmp), meta, alerts)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                Sink::File(w, path.clone())
+            }
+            (ExportFormat::Fhir, None) => Sink::Stdout(FhirWriter::begin(
+                BufWriter::new(std::io::stdout()),
+                meta,
+                alerts,
+            )?),
+            (format, dir) => {
+                let dir = dir.clone().expect("checked before");
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                let parquet = format == ExportFormat::Parquet;
+                let readings = TableFile::create(&dir, &export::readings_table(&[]), parquet)?;
+                Sink::Tables(dir, Box::new(readings), parquet)
+            }
+        })
+    }
+
+    fn readings(&mut self, chunk: &[StoredReading]) -> anyhow::Result<()> {
+        match self {
+            Sink::File(w, path) => w
+                .readings(chunk)
+                .with_context(|| format!("writing {}", path.display()))?,
+            Sink::Stdout(w) => w.readings(chunk)?,
+            Sink::Tables(_, t, _) => t.write(&export::readings_table(chunk))?,
+        }
+        Ok(())
+    }
+
+    /// Writes the alerts and the access log, completes the files; says where.
+    fn finish(self, alerts: &[AlertRow], access: &[AccessRow]) -> anyhow::Result<String> {
+        match self {
+            Sink::File(w, path) => {
+                let ctx = || format!("writing {}", path.display());
+                let tmp = w
+                    .finish(alerts, access)
+                    .with_context(ctx)?
+                    .into_inner()
+                    .map_err(|e| e.into_error())
+                    .with_context(ctx)?;
+                tmp.as_file().sync_all().with_context(ctx)?;
+                tmp.persist(&path).with_context(ctx)?;
+                Ok(path.display().to_string())
+            }
+            Sink::Stdout(w) => {
+                w.finish(alerts, access)?;
+                Ok("stdout".into())
+            }
+            Sink::Tables(dir, readings, parquet) => {
+                let mut files = vec![readings.finish()?];
+                for t in [export::alerts_table(alerts), export::access_table(access)] {
+                    files.extend(export::write_tables(&dir, &[t], parquet)?);
+                }
+                Ok(files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+            }
+        }
+    }
+}
+
 fn random_bytes() -> anyhow::Result<[u8; 16]> {
     let mut b = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow::anyhow!("no randomness"))?;
     Ok(b)
-}
-
-/// Writes a file whole: a temporary beside it, then renamed over it.
-fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 fn priority_name(p: Priority) -> &'static str {

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -134,7 +134,7 @@ pub struct AccessRow {
 }
 
 /// What the Bundle says about itself.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExportMeta {
     pub patient: String,
     /// The Bundle's id: a UUID, fresh per export.
@@ -288,13 +288,19 @@ fn quality_marks(q: u8, into: &mut serde_json::Map<String, Value>) {
 }
 
 struct Refs {
+    /// The Patient's resource id.
     patient: String,
-    devices: BTreeMap<String, String>,
+    /// Devices whose resource is in the Bundle.
+    devices: BTreeSet<String>,
+}
+
+fn device_id(d: &str) -> String {
+    name_uuid(&format!("device/{d}"))
 }
 
 impl Refs {
     fn device(&self, d: &str) -> Value {
-        json!({"reference": format!("urn:uuid:{}", self.devices[d]), "display": format!("Device {d}")})
+        json!({"reference": format!("urn:uuid:{}", device_id(d)), "display": format!("Device {d}")})
     }
     fn patient(&self, p: &str) -> Value {
         json!({"reference": format!("urn:uuid:{}", self.patient), "display": format!("Patient {p}")})
@@ -444,7 +450,7 @@ fn detected_issue(
     meta: &ExportMeta,
     refs: &Refs,
     a: &AlertRow,
-    observations: &HashMap<(&str, TimestampNs), Vec<&str>>,
+    observations: &HashMap<(String, TimestampNs), Vec<String>>,
 ) -> (String, Value) {
     let id = name_uuid(&format!("alert/{}", a.id));
     let severity = match a.priority.as_str() {
@@ -464,7 +470,10 @@ fn detected_issue(
         if let Some(n) = &v.note {
             w.push_str(&format!(" ({n})"));
         }
-        match observations.get(&(v.name.as_str(), v.time_ns)) {
+        match observations
+            .get(&(v.name.clone(), v.time_ns))
+            .filter(|ids| !ids.is_empty())
+        {
             Some(ids) => evidence.push(json!({
                 "detail": ids.iter().map(|i| json!({"reference": format!("urn:uuid:{i}")})).collect::<Vec<_>>()
             })),
@@ -506,11 +515,7 @@ fn detected_issue(
     o.insert("severity".into(), json!(severity));
     o.insert("patient".into(), refs.patient(&meta.patient));
     o.insert("identifiedPeriod".into(), Value::Object(period));
-    if let Some(d) = a
-        .device
-        .as_deref()
-        .filter(|d| refs.devices.contains_key(*d))
-    {
+    if let Some(d) = a.device.as_deref().filter(|d| refs.devices.contains(*d)) {
         o.insert("author".into(), refs.device(d));
     }
     if !evidence.is_empty() {
@@ -601,128 +606,251 @@ fn audit_event(meta: &ExportMeta, refs: &Refs, a: &AccessRow) -> (String, Value)
     (id, o)
 }
 
-/// The FHIR R4 Bundle (type `collection`) of a patient's export: the
-/// Patient, the Devices the readings name, an Observation per reading,
-/// blood-pressure panels, a DetectedIssue per alert and an AuditEvent per
-/// access.
+/// Builds a patient's Bundle entry by entry, so that an export of any
+/// length needs memory for one chunk of readings at a time. Entries: the
+/// Patient; for each chunk of readings, the Device of each device not seen
+/// before, an Observation per reading and the blood-pressure panels; then
+/// a DetectedIssue per alert and an AuditEvent per access.
+pub struct BundleBuilder {
+    meta: ExportMeta,
+    refs: Refs,
+    /// (metric, time) of each alert's values -> the Observations holding them.
+    evidence: HashMap<(String, TimestampNs), Vec<String>>,
+}
+
+impl BundleBuilder {
+    /// A builder for `meta`'s patient; `alerts` says which readings are
+    /// evidence to remember.
+    pub fn new(meta: ExportMeta, alerts: &[AlertRow]) -> Self {
+        let refs = Refs {
+            patient: name_uuid(&format!("patient/{}", meta.patient)),
+            devices: BTreeSet::new(),
+        };
+        let evidence = alerts
+            .iter()
+            .flat_map(|a| &a.values)
+            .map(|v| ((v.name.clone(), v.time_ns), Vec::new()))
+            .collect();
+        BundleBuilder {
+            meta,
+            refs,
+            evidence,
+        }
+    }
+
+    /// The Bundle without its entries.
+    pub fn head(&self) -> Value {
+        let m = &self.meta;
+        json!({
+            "resourceType": "Bundle",
+            "id": m.bundle_id,
+            "meta": {"lastUpdated": rfc3339(m.generated_ns)},
+            "identifier": {"system": "urn:ietf:rfc:3986", "value": format!("urn:uuid:{}", m.bundle_id)},
+            "type": "collection",
+            "timestamp": rfc3339(m.generated_ns)
+        })
+    }
+
+    /// The Patient's entry.
+    pub fn patient_entry(&self) -> Value {
+        entry(
+            &self.refs.patient,
+            json!({
+                "resourceType": "Patient",
+                "id": self.refs.patient,
+                "identifier": [{"system": format!("{WARDFLOW_FHIR}/patient"), "value": self.meta.patient}]
+            }),
+        )
+    }
+
+    /// The entries of a chunk of readings. A systolic and a diastolic
+    /// reading of one time are paired when they are in the same chunk (a
+    /// chunk that ends inside a time pairs none there: chunks by hour, as
+    /// the store partitions, never do).
+    pub fn reading_entries(&mut self, readings: &[StoredReading]) -> Vec<Value> {
+        let mut entries = Vec::with_capacity(readings.len() + readings.len() / 4);
+        let ids: Vec<String> = readings
+            .iter()
+            .map(|r| name_uuid(&reading_name(r)))
+            .collect();
+        // (time, device) -> (systolic, diastolic) reading index.
+        type Pair = (Option<usize>, Option<usize>);
+        let mut bp: BTreeMap<(TimestampNs, &str), Pair> = BTreeMap::new();
+        for (i, r) in readings.iter().enumerate() {
+            if !self.refs.devices.contains(&r.device) {
+                self.refs.devices.insert(r.device.clone());
+                let id = device_id(&r.device);
+                entries.push(entry(
+                    &id,
+                    json!({
+                        "resourceType": "Device",
+                        "id": id,
+                        "identifier": [{"system": format!("{WARDFLOW_FHIR}/device"), "value": r.device}],
+                        "deviceName": [{"name": r.device, "type": "user-friendly-name"}]
+                    }),
+                ));
+            }
+            entries.push(entry(
+                &ids[i],
+                observation(&self.meta, &self.refs, r, &ids[i]),
+            ));
+            if let Some(e) = self.evidence.get_mut(&(r.metric.clone(), r.time_ns)) {
+                e.push(ids[i].clone());
+            }
+            match Metric::from_name(&r.metric) {
+                Some(Metric::Sbp) => bp.entry((r.time_ns, &r.device)).or_default().0 = Some(i),
+                Some(Metric::Dbp) => bp.entry((r.time_ns, &r.device)).or_default().1 = Some(i),
+                _ => {}
+            }
+        }
+        for (s, d) in bp.into_values() {
+            if let (Some(s), Some(d)) = (s, d) {
+                let (id, o) = bp_panel(
+                    &self.meta,
+                    &self.refs,
+                    (&readings[s], &ids[s]),
+                    (&readings[d], &ids[d]),
+                );
+                entries.push(entry(&id, o));
+            }
+        }
+        entries
+    }
+
+    /// The entries of the alerts and the accesses (after every reading's,
+    /// so that alerts can point at them).
+    pub fn closing_entries(&self, alerts: &[AlertRow], access: &[AccessRow]) -> Vec<Value> {
+        let mut entries = Vec::with_capacity(alerts.len() + access.len());
+        for a in alerts {
+            let (id, o) = detected_issue(&self.meta, &self.refs, a, &self.evidence);
+            entries.push(entry(&id, o));
+        }
+        for a in access {
+            let (id, o) = audit_event(&self.meta, &self.refs, a);
+            entries.push(entry(&id, o));
+        }
+        entries
+    }
+}
+
+/// The FHIR R4 Bundle (type `collection`) of a patient's export, whole
+/// (see [`BundleBuilder`] for the entries and [`FhirWriter`] to write one
+/// chunk by chunk).
 pub fn fhir_bundle(
     meta: &ExportMeta,
     readings: &[StoredReading],
     alerts: &[AlertRow],
     access: &[AccessRow],
 ) -> Value {
-    let devices: BTreeSet<&str> = readings.iter().map(|r| r.device.as_str()).collect();
-    let refs = Refs {
-        patient: name_uuid(&format!("patient/{}", meta.patient)),
-        devices: devices
-            .iter()
-            .map(|d| (d.to_string(), name_uuid(&format!("device/{d}"))))
-            .collect(),
-    };
-    let mut entries = Vec::with_capacity(1 + devices.len() + readings.len() * 2);
-    entries.push(entry(
-        &refs.patient,
-        json!({
-            "resourceType": "Patient",
-            "id": refs.patient,
-            "identifier": [{"system": format!("{WARDFLOW_FHIR}/patient"), "value": meta.patient}]
-        }),
-    ));
-    for (d, id) in &refs.devices {
-        entries.push(entry(
-            id,
-            json!({
-                "resourceType": "Device",
-                "id": id,
-                "identifier": [{"system": format!("{WARDFLOW_FHIR}/device"), "value": d}],
-                "deviceName": [{"name": d, "type": "user-friendly-name"}]
-            }),
-        ));
-    }
-    let ids: Vec<String> = readings
-        .iter()
-        .map(|r| name_uuid(&reading_name(r)))
-        .collect();
-    let mut by_value: HashMap<(&str, TimestampNs), Vec<&str>> = HashMap::new();
-    // (time, device) -> (systolic, diastolic) reading index.
-    type Pair = (Option<usize>, Option<usize>);
-    let mut bp: BTreeMap<(TimestampNs, &str), Pair> = BTreeMap::new();
-    for (i, r) in readings.iter().enumerate() {
-        entries.push(entry(&ids[i], observation(meta, &refs, r, &ids[i])));
-        by_value
-            .entry((r.metric.as_str(), r.time_ns))
-            .or_default()
-            .push(&ids[i]);
-        match Metric::from_name(&r.metric) {
-            Some(Metric::Sbp) => bp.entry((r.time_ns, &r.device)).or_default().0 = Some(i),
-            Some(Metric::Dbp) => bp.entry((r.time_ns, &r.device)).or_default().1 = Some(i),
-            _ => {}
-        }
-    }
-    for (s, d) in bp.into_values() {
-        if let (Some(s), Some(d)) = (s, d) {
-            let (id, o) = bp_panel(
-                meta,
-                &refs,
-                (&readings[s], &ids[s]),
-                (&readings[d], &ids[d]),
-            );
-            entries.push(entry(&id, o));
-        }
-    }
-    for a in alerts {
-        let (id, o) = detected_issue(meta, &refs, a, &by_value);
-        entries.push(entry(&id, o));
-    }
-    for a in access {
-        let (id, o) = audit_event(meta, &refs, a);
-        entries.push(entry(&id, o));
-    }
-    json!({
-        "resourceType": "Bundle",
-        "id": meta.bundle_id,
-        "meta": {"lastUpdated": rfc3339(meta.generated_ns)},
-        "identifier": {"system": "urn:ietf:rfc:3986", "value": format!("urn:uuid:{}", meta.bundle_id)},
-        "type": "collection",
-        "timestamp": rfc3339(meta.generated_ns),
-        "entry": entries
-    })
+    let mut b = BundleBuilder::new(meta.clone(), alerts);
+    let mut entries = vec![b.patient_entry()];
+    entries.extend(b.reading_entries(readings));
+    entries.extend(b.closing_entries(alerts, access));
+    let mut bundle = b.head();
+    bundle["entry"] = Value::Array(entries);
+    bundle
 }
 
-/// A bundle (or any FHIR JSON) as pretty JSON text with `resourceType`
-/// first in each resource, as FHIR's JSON examples write it (FHIR R4
-/// §2.6.2 puts it first; readers must not depend on the order, but people
+/// JSON with `resourceType` first in each resource, as FHIR's JSON
+/// examples write it (readers must not depend on the order, but people
 /// reading a patient's export do). Other keys stay in name order.
-pub fn to_json_pretty(value: &Value) -> Vec<u8> {
-    struct ResourceFirst<'a>(&'a Value);
-    impl serde::Serialize for ResourceFirst<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            use serde::ser::{SerializeMap, SerializeSeq};
-            match self.0 {
-                Value::Object(m) => {
-                    let mut map = s.serialize_map(Some(m.len()))?;
-                    if let Some(t) = m.get("resourceType") {
-                        map.serialize_entry("resourceType", t)?;
-                    }
-                    for (k, v) in m.iter().filter(|(k, _)| *k != "resourceType") {
-                        map.serialize_entry(k, &ResourceFirst(v))?;
-                    }
-                    map.end()
+struct ResourceFirst<'a>(&'a Value);
+
+impl serde::Serialize for ResourceFirst<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.0 {
+            Value::Object(m) => {
+                let mut map = s.serialize_map(Some(m.len()))?;
+                if let Some(t) = m.get("resourceType") {
+                    map.serialize_entry("resourceType", t)?;
                 }
-                Value::Array(a) => {
-                    let mut seq = s.serialize_seq(Some(a.len()))?;
-                    for v in a {
-                        seq.serialize_element(&ResourceFirst(v))?;
-                    }
-                    seq.end()
+                for (k, v) in m.iter().filter(|(k, _)| *k != "resourceType") {
+                    map.serialize_entry(k, &ResourceFirst(v))?;
                 }
-                other => other.serialize(s),
+                map.end()
             }
+            Value::Array(a) => {
+                let mut seq = s.serialize_seq(Some(a.len()))?;
+                for v in a {
+                    seq.serialize_element(&ResourceFirst(v))?;
+                }
+                seq.end()
+            }
+            other => other.serialize(s),
         }
     }
-    let mut out = serde_json::to_vec_pretty(&ResourceFirst(value)).expect("JSON values serialize");
+}
+
+/// Pretty JSON text of a FHIR value, `resourceType` first, each line after
+/// the first indented by `indent` spaces.
+fn pretty(value: &Value, indent: usize) -> Vec<u8> {
+    let text = serde_json::to_vec_pretty(&ResourceFirst(value)).expect("JSON values serialize");
+    if indent == 0 {
+        return text;
+    }
+    // JSON strings hold no raw line breaks, so every one is between tokens.
+    let mut out = Vec::with_capacity(text.len() + text.len() / 8);
+    for &b in &text {
+        out.push(b);
+        if b == b'\n' {
+            out.extend(std::iter::repeat_n(b' ', indent));
+        }
+    }
+    out
+}
+
+/// A whole value as pretty FHIR JSON text (`resourceType` first), ending
+/// in a line break.
+pub fn to_json_pretty(value: &Value) -> Vec<u8> {
+    let mut out = pretty(value, 0);
     out.push(b'\n');
     out
+}
+
+/// Writes a Bundle as pretty JSON, chunk by chunk: with one chunk, the
+/// same JSON as [`fhir_bundle`] (with `entry` last in the text).
+pub struct FhirWriter<W: Write> {
+    out: W,
+    builder: BundleBuilder,
+}
+
+impl<W: Write> FhirWriter<W> {
+    /// Writes the Bundle's head and the Patient.
+    pub fn begin(mut out: W, meta: ExportMeta, alerts: &[AlertRow]) -> std::io::Result<Self> {
+        let builder = BundleBuilder::new(meta, alerts);
+        let head = pretty(&builder.head(), 0);
+        // "{ ...fields...\n}": reopen it for the entries.
+        let open = head.strip_suffix(b"\n}").expect("an object");
+        out.write_all(open)?;
+        out.write_all(b",\n  \"entry\": [\n    ")?;
+        out.write_all(&pretty(&builder.patient_entry(), 4))?;
+        Ok(FhirWriter { out, builder })
+    }
+
+    fn write_entries(&mut self, entries: &[Value]) -> std::io::Result<()> {
+        for e in entries {
+            self.out.write_all(b",\n    ")?;
+            self.out.write_all(&pretty(e, 4))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entries of a chunk of readings (see
+    /// [`BundleBuilder::reading_entries`]).
+    pub fn readings(&mut self, readings: &[StoredReading]) -> std::io::Result<()> {
+        let entries = self.builder.reading_entries(readings);
+        self.write_entries(&entries)
+    }
+
+    /// Writes the alerts and accesses and closes the Bundle.
+    pub fn finish(mut self, alerts: &[AlertRow], access: &[AccessRow]) -> std::io::Result<W> {
+        let entries = self.builder.closing_entries(alerts, access);
+        self.write_entries(&entries)?;
+        self.out.write_all(b"\n  ]\n}\n")?;
+        self.out.flush()?;
+        Ok(self.out)
+    }
 }
 
 // --- tables for analysts -----------------------------------------------------
@@ -787,17 +915,8 @@ pub struct Table {
 
 impl Table {
     pub fn record_batch(&self) -> Result<RecordBatch, StorageError> {
-        let schema = Schema::new(
-            self.columns
-                .iter()
-                .map(|(n, c)| {
-                    let nullable = matches!(c, Column::Time(_) | Column::Text(_) | Column::UInt(_));
-                    Field::new(*n, c.data_type(), nullable)
-                })
-                .collect::<Vec<_>>(),
-        );
         RecordBatch::try_new(
-            Arc::new(schema),
+            self.schema(),
             self.columns.iter().map(|(_, c)| c.array()).collect(),
         )
         .map_err(|e| StorageError::Encode(format!("{} table: {e}", self.name)))
@@ -817,18 +936,111 @@ impl Table {
         Ok(())
     }
 
-    pub fn write_parquet(&self, out: impl Write + Send) -> Result<(), StorageError> {
-        let batch = self.record_batch()?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .build();
-        let enc = |e: parquet::errors::ParquetError| {
-            StorageError::Encode(format!("{} table: {e}", self.name))
+    fn schema(&self) -> Arc<Schema> {
+        Arc::new(Schema::new(
+            self.columns
+                .iter()
+                .map(|(n, c)| {
+                    let nullable = matches!(c, Column::Time(_) | Column::Text(_) | Column::UInt(_));
+                    Field::new(*n, c.data_type(), nullable)
+                })
+                .collect::<Vec<_>>(),
+        ))
+    }
+}
+
+/// A table's file (`{name}.csv` or `{name}.parquet`), written chunk by
+/// chunk: an export of any length holds one chunk of rows at a time (and
+/// Parquet one row group).
+pub struct TableFile {
+    path: PathBuf,
+    name: &'static str,
+    sink: Sink,
+}
+
+enum Sink {
+    Csv(csv::Writer<BufWriter<File>>),
+    Parquet(ArrowWriter<BufWriter<File>>),
+}
+
+impl TableFile {
+    /// Creates `dir/{name}.csv` (or `.parquet`) for tables shaped like
+    /// `template` (which may be empty), and writes the header.
+    pub fn create(dir: &Path, template: &Table, parquet: bool) -> Result<Self, StorageError> {
+        let ext = if parquet { "parquet" } else { "csv" };
+        let path = dir.join(format!("{}.{ext}", template.name));
+        let file = BufWriter::new(File::create(&path).map_err(StorageError::io(&path))?);
+        let sink = if parquet {
+            let props = WriterProperties::builder()
+                .set_compression(Compression::ZSTD(ZstdLevel::default()))
+                .build();
+            Sink::Parquet(
+                ArrowWriter::try_new(file, template.schema(), Some(props))
+                    .map_err(|e| StorageError::Encode(format!("{}: {e}", path.display())))?,
+            )
+        } else {
+            let mut w = csv::WriterBuilder::new()
+                .terminator(csv::Terminator::CRLF)
+                .from_writer(file);
+            w.write_record(template.columns.iter().map(|(n, _)| *n))
+                .map_err(|e| csv_error(&path, e))?;
+            Sink::Csv(w)
         };
-        let mut w = ArrowWriter::try_new(out, batch.schema(), Some(props)).map_err(enc)?;
-        w.write(&batch).map_err(enc)?;
-        w.close().map_err(enc)?;
+        Ok(TableFile {
+            path,
+            name: template.name,
+            sink,
+        })
+    }
+
+    /// Appends a chunk of rows.
+    pub fn write(&mut self, t: &Table) -> Result<(), StorageError> {
+        debug_assert_eq!(t.name, self.name);
+        match &mut self.sink {
+            Sink::Csv(w) => {
+                for i in 0..t.rows {
+                    w.write_record(t.columns.iter().map(|(_, c)| c.cell(i)))
+                        .map_err(|e| csv_error(&self.path, e))?;
+                }
+            }
+            Sink::Parquet(w) => {
+                if t.rows > 0 {
+                    w.write(&t.record_batch()?).map_err(|e| {
+                        StorageError::Encode(format!("{}: {e}", self.path.display()))
+                    })?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Completes the file and makes it durable; returns its path.
+    pub fn finish(self) -> Result<PathBuf, StorageError> {
+        let path = self.path;
+        let buffered = match self.sink {
+            Sink::Csv(w) => w.into_inner().map_err(|e| StorageError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?,
+            Sink::Parquet(w) => w
+                .into_inner()
+                .map_err(|e| StorageError::Encode(format!("{}: {e}", path.display())))?,
+        };
+        let file = buffered
+            .into_inner()
+            .map_err(|e| StorageError::io(&path)(e.into_error()))?;
+        file.sync_all().map_err(StorageError::io(&path))?;
+        Ok(path)
+    }
+}
+
+fn csv_error(path: &Path, e: csv::Error) -> StorageError {
+    match e.into_kind() {
+        csv::ErrorKind::Io(source) => StorageError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => StorageError::Encode(format!("{}: {other:?}", path.display())),
     }
 }
 
@@ -952,29 +1164,9 @@ pub fn write_tables(
     std::fs::create_dir_all(dir).map_err(StorageError::io(dir))?;
     let mut written = Vec::new();
     for t in tables {
-        let path = dir.join(format!(
-            "{}.{}",
-            t.name,
-            if parquet { "parquet" } else { "csv" }
-        ));
-        let file = File::create(&path).map_err(StorageError::io(&path))?;
-        let mut out = std::io::BufWriter::new(file);
-        if parquet {
-            t.write_parquet(&mut out)?;
-        } else {
-            t.write_csv(&mut out).map_err(|e| match e.into_kind() {
-                csv::ErrorKind::Io(source) => StorageError::Io {
-                    path: path.clone(),
-                    source,
-                },
-                other => StorageError::Encode(format!("{}: {other:?}", path.display())),
-            })?;
-        }
-        let file = out
-            .into_inner()
-            .map_err(|e| StorageError::io(&path)(e.into_error()))?;
-        file.sync_all().map_err(StorageError::io(&path))?;
-        written.push(path);
+        let mut f = TableFile::create(dir, t, parquet)?;
+        f.write(t)?;
+        written.push(f.finish()?);
     }
     Ok(written)
 }
@@ -1079,6 +1271,84 @@ mod tests {
         assert!(text.contains("\"resource\": {\n        \"resourceType\": \"Patient\","));
         let back: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(back, b);
+    }
+
+    #[test]
+    fn the_writer_writes_the_bundle_chunk_by_chunk() {
+        let readings = vec![
+            reading(Metric::Spo2, 84.0, T, 0),
+            reading(Metric::Sbp, 120.0, T + 1, 0),
+            reading(Metric::Dbp, 80.0, T + 1, 0),
+            reading(Metric::Hr, 70.0, T + 3_600_000_000_000, 0),
+        ];
+        let (alerts, access) = (vec![alert()], vec![access()]);
+        let whole = fhir_bundle(&meta(), &readings, &alerts, &access);
+        let mut w = FhirWriter::begin(Vec::new(), meta(), &alerts).unwrap();
+        w.readings(&readings).unwrap();
+        let one = w.finish(&alerts, &access).unwrap();
+        let text = String::from_utf8(one).unwrap();
+        assert!(text.starts_with("{\n  \"resourceType\": \"Bundle\",\n"));
+        assert!(text.ends_with("\n  ]\n}\n"));
+        assert!(
+            serde_json::from_str::<Value>(&text).unwrap() == whole,
+            "one chunk: the same bundle"
+        );
+
+        let mut w = FhirWriter::begin(Vec::new(), meta(), &alerts).unwrap();
+        w.readings(&readings[..3]).unwrap();
+        w.readings(&readings[3..]).unwrap();
+        let two: Value = serde_json::from_slice(&w.finish(&alerts, &access).unwrap()).unwrap();
+        let urls = |b: &Value| -> Vec<String> {
+            let mut u: Vec<String> = b["entry"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["fullUrl"].as_str().unwrap().to_string())
+                .collect();
+            u.sort();
+            u
+        };
+        assert_eq!(urls(&two), urls(&whole));
+        assert_eq!(
+            two["entry"].as_array().unwrap().len(),
+            1 + 1 + 4 + 1 + 1 + 1
+        );
+        // The alert found its evidence in the first chunk.
+        let issue = resources(&two, "DetectedIssue")[0];
+        assert!(issue["evidence"][0]["detail"][0]["reference"].is_string());
+    }
+
+    #[test]
+    fn table_files_take_chunks() {
+        let readings = vec![
+            reading(Metric::Hr, 72.5, T, 0),
+            reading(Metric::Hr, 73.5, T + 1, 0),
+            reading(Metric::Hr, 74.5, T + 2, 0),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for parquet in [false, true] {
+            let mut f = TableFile::create(dir.path(), &readings_table(&[]), parquet).unwrap();
+            f.write(&readings_table(&readings[..1])).unwrap();
+            f.write(&readings_table(&[])).unwrap();
+            f.write(&readings_table(&readings[1..])).unwrap();
+            let path = f.finish().unwrap();
+            if parquet {
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                        File::open(&path).unwrap(),
+                    )
+                    .unwrap()
+                    .build()
+                    .unwrap();
+                let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+                let all = arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap();
+                assert_eq!(all, readings_table(&readings).record_batch().unwrap());
+            } else {
+                let mut whole = Vec::new();
+                readings_table(&readings).write_csv(&mut whole).unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), whole);
+            }
+        }
     }
 
     #[test]

@@ -153,6 +153,11 @@ class ExportTests(unittest.TestCase):
             cls.device.publish(topic, payload, qos=1).wait_for_publish(10)
 
         base = int(time.time()) - 20
+        # Two hours earlier, in another hour of the store: the export
+        # reads hour by hour.
+        early = (base - 7200) * 1_000_000_000 + 500_000_000
+        send(json.dumps([{"n": "hr", "u": "/min", "v": 64, "t": base - 7200 + 0.5}]))
+        out.append(("hr", early, 64.0, 0))
         # SenML: seven vitals an eighth of a second past a whole second
         # (exact in binary, so the time survives SenML's float seconds).
         t = base + 0.125
@@ -182,12 +187,17 @@ class ExportTests(unittest.TestCase):
         with open(self.bundle_path) as f:
             text = f.read()
         self.assertTrue(text.startswith('{\n  "resourceType": "Bundle"'), text[:80])
-        # stdout gives the same kind of bundle.
+        # stdout gives the same kind of bundle; --from leaves the early reading out.
         out = json.loads(wardflow(self.server.data, "export", "--patient", "p-1", "--from", "-1h",
                                   "--as", "p-1").stdout)
         Bundle.model_validate(out)
-        self.assertEqual(len([e for e in out["entry"] if e["resource"]["resourceType"] == "Observation"]),
-                         len([e for e in self.bundle["entry"] if e["resource"]["resourceType"] == "Observation"]))
+
+        def times(b):
+            return sorted(e["resource"]["effectiveDateTime"] for e in b["entry"]
+                          if e["resource"]["resourceType"] == "Observation")
+        early = rfc3339(min(ns for _, ns, _, _ in self.published))
+        self.assertIn(early, times(self.bundle))
+        self.assertEqual(times(out), [t for t in times(self.bundle) if t != early])
         self.assertNotEqual(out["id"], self.bundle["id"], "a fresh bundle id per export")
 
     def test_bundle_validates_with_fhir_resources(self):
