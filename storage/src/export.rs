@@ -9,21 +9,25 @@
 //! `docs/export.md`.
 //!
 //! FHIR (HL7 FHIR R4, 4.0.1):
-//! - the Bundle is a `collection` (FHIR R4 §3.3.1 "Bundle.type"): a set of
+//! - the Bundle is a `collection` (FHIR R4 bundle.html, `Bundle.type`): a set of
 //!   resources gathered for the patient, not a transaction to replay;
 //! - every entry's `fullUrl` is `urn:uuid:` + the resource id, and every
-//!   reference inside the Bundle is that `urn:uuid:` (FHIR R4 §3.3.1.4.1,
+//!   reference inside the Bundle is that `urn:uuid:` (FHIR R4 bundle.html,
 //!   "Resolving references in Bundles"). Wardflow ids may hold `_` and `:`,
 //!   which a FHIR id may not (`[A-Za-z0-9\-\.]{1,64}`), so resource ids are
 //!   name-based UUIDs (RFC 9562 §5.5, version 5) of what the resource is,
 //!   and the Wardflow id travels as an `identifier`: the same reading
 //!   exported twice has the same id, so a receiver can deduplicate;
 //! - each stored reading is one Observation following the vital-signs
-//!   profile (FHIR R4 §8.1.3 "Vital Signs"), with LOINC code, UCUM unit and
+//!   profile (FHIR R4 observation-vitalsigns.html), with LOINC code, UCUM unit and
 //!   the reading's own time to the nanosecond;
 //! - a systolic and a diastolic reading of one device at one time are also
 //!   grouped into a blood-pressure panel (LOINC 85354-9, profile `bp`);
-//! - alerts are DetectedIssues, accesses AuditEvents (see [`fhir_bundle`]).
+//! - alerts are DetectedIssues, accesses AuditEvents (see `detected_issue`
+//!   and `audit_event` below for why these resources).
+//!
+//! Whole values for tests and small exports ([`fhir_bundle`], [`tables`]);
+//! chunk by chunk for any length ([`FhirWriter`], [`TableFile`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
@@ -143,7 +147,7 @@ pub struct ExportMeta {
 }
 
 /// RFC 3339 in UTC with as many fractional digits as the time needs (up to
-/// nine): FHIR `dateTime` and `instant` allow any number (FHIR R4 §2.24.0.1).
+/// nine): FHIR `dateTime` and `instant` allow any number (FHIR R4 datatypes.html).
 pub fn rfc3339(ns: TimestampNs) -> String {
     match jiff::Timestamp::from_nanosecond(ns as i128) {
         Ok(t) => t.to_string(),

@@ -77,6 +77,16 @@ def rfc3339_ns(text):
 class ExportTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
+        cls.device = cls.server = cls.tmp = None
+        try:
+            cls.set_up()
+        except BaseException:
+            # tearDownClass does not run when setUpClass fails: stop the server here.
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def set_up(cls):
         cls.tmp = tempfile.mkdtemp(prefix="wardflow-export-")
         rules = os.path.join(cls.tmp, "rules")
         os.makedirs(rules)
@@ -121,10 +131,13 @@ class ExportTests(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
-        cls.device.disconnect()
-        cls.device.loop_stop()
-        cls.server.close()
-        shutil.rmtree(cls.tmp, ignore_errors=True)
+        if cls.device is not None:
+            cls.device.disconnect()
+            cls.device.loop_stop()
+        if cls.server is not None:
+            cls.server.close()
+        if cls.tmp is not None:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
 
     @classmethod
     def connect(cls, device, secret):
