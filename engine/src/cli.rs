@@ -89,6 +89,8 @@ pub enum Command {
     Verify(crate::verify::VerifyArgs),
     /// Every access to a patient's data, with its proof status
     Audit(crate::verify::AuditArgs),
+    /// A patient's readings, alerts and access log as a FHIR R4 Bundle, CSV or Parquet
+    Export(crate::export::ExportArgs),
     /// Patients' consent on the chain: sign and submit grants, delegations, revocations; list them
     #[command(subcommand)]
     Consent(crate::consent::ConsentCommand),
@@ -468,6 +470,9 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Audit(args) => {
             crate::verify::audit(&effective_config(&cli, &ServeArgs::default())?, args)
+        }
+        Command::Export(args) => {
+            crate::export::run(&effective_config(&cli, &ServeArgs::default())?, args)
         }
         Command::Consent(cmd) => {
             crate::consent::run(&effective_config(&cli, &ServeArgs::default())?, cmd)

@@ -29,6 +29,7 @@ pub(crate) mod consent;
 pub mod dataflow;
 mod demo;
 mod emergency;
+mod export;
 mod keys;
 pub mod ledger;
 pub mod metrics;

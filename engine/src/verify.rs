@@ -14,6 +14,7 @@ use wardflow_ledger_bridge::{
     Anchor, AnchorLog, Hash, LeafIndex, NodeKey, Verdict, anchor_log_path, check_batch,
     leaf_index_path, prove,
 };
+use wardflow_storage::export::{AccessRow, ProofStatus};
 use wardflow_storage::leaves::{Table, scan_rows};
 
 use crate::config::Config;
@@ -582,22 +583,68 @@ pub struct AuditArgs {
     pub format: crate::output::Format,
 }
 
-/// One access in `wardflow audit`.
-#[derive(serde::Serialize)]
-struct AuditRow {
-    at: String,
-    actor: String,
-    action: String,
-    purpose: String,
-    detail: String,
-    proof: String,
+/// `wardflow audit --patient P`: every recorded access to the patient's
+/// data, with its proof status.
+pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
+    let rows = access_log(config, &args.patient)?;
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        crate::output::Format::Json => {
+            #[derive(serde::Serialize)]
+            struct AuditRow<'a> {
+                at: String,
+                actor: &'a str,
+                action: &'a str,
+                purpose: &'a str,
+                detail: &'a str,
+                proof: &'a str,
+            }
+            let rows: Vec<AuditRow> = rows
+                .iter()
+                .map(|r| AuditRow {
+                    at: format_time(r.at_ns),
+                    actor: &r.actor,
+                    action: &r.action,
+                    purpose: &r.purpose,
+                    detail: &r.detail,
+                    proof: &r.proof_detail,
+                })
+                .collect();
+            serde_json::to_writer_pretty(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+        f => {
+            let table = crate::output::Rows {
+                header: vec!["time", "actor", "action", "purpose", "detail", "proof"],
+                rows: rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            format_time(r.at_ns),
+                            r.actor.clone(),
+                            r.action.clone(),
+                            r.purpose.clone(),
+                            r.detail.clone(),
+                            r.proof_detail.clone(),
+                        ]
+                    })
+                    .collect(),
+            };
+            if f == crate::output::Format::Csv {
+                table.write_csv(&mut out)?;
+            } else {
+                table.write_table(&mut out)?;
+            }
+        }
+    }
+    Ok(())
 }
 
-/// `wardflow audit --patient P`: every recorded access to the patient's
-/// data, with its proof status: proven included in an anchored batch that
-/// verifies against the store, in a batch that does not verify, recorded
-/// but not sealed yet, or requested but not yet recorded by the engine.
-pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
+/// Every recorded access to the patient's data, oldest first, with its
+/// proof status: proven included in an anchored batch that verifies
+/// against the store, in a batch that does not verify, recorded but not
+/// sealed yet, or requested but not yet recorded by the engine.
+pub(crate) fn access_log(config: &Config, patient: &str) -> anyhow::Result<Vec<AccessRow>> {
     use wardflow_ledger_bridge::chain;
     use wardflow_ledger_bridge::events::EventRecord;
     let dir = config.ledger_dir();
@@ -608,7 +655,7 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
     if !processes.contains(&0) {
         processes.insert(0, 0);
     }
-    let mut rows: Vec<(i64, AuditRow)> = Vec::new();
+    let mut rows: Vec<AccessRow> = Vec::new();
     let mut recorded = HashSet::new();
     for process in processes {
         let anchors = AnchorLog::read(&anchor_log_path(&dir, process), key.as_ref())
@@ -618,11 +665,13 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
         let mut by_batch: BTreeMap<Option<usize>, Vec<&EventLeaf>> = BTreeMap::new();
         for e in &events {
             if let EventRecord::Access {
-                patient, request, ..
+                patient: p,
+                request,
+                ..
             } = &e.record
             {
                 recorded.insert(request.clone());
-                if *patient == args.patient {
+                if p == patient {
                     by_batch
                         .entry(batch_of(&anchors, e.epoch))
                         .or_default()
@@ -631,8 +680,10 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
             }
         }
         for (batch, mine) in by_batch {
-            let proofs: Vec<String> = match batch {
-                None => vec!["recorded, not sealed yet".into(); mine.len()],
+            let proofs: Vec<(ProofStatus, String)> = match batch {
+                None => {
+                    vec![(ProofStatus::NotSealed, "recorded, not sealed yet".into()); mine.len()]
+                }
                 Some(i) => {
                     let a = &anchors[i];
                     let leaves = recompute(
@@ -654,26 +705,35 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
                             .iter()
                             .map(|e| {
                                 if prove(&tree, &e.leaf, &a.root) {
-                                    format!(
-                                        "proven in batch {} of process {process}{on_chain}",
-                                        a.batch
+                                    (
+                                        ProofStatus::Proven,
+                                        format!(
+                                            "proven in batch {} of process {process}{on_chain}",
+                                            a.batch
+                                        ),
                                     )
                                 } else {
-                                    format!("NOT in batch {} of process {process}", a.batch)
+                                    (
+                                        ProofStatus::NotInBatch,
+                                        format!("NOT in batch {} of process {process}", a.batch),
+                                    )
                                 }
                             })
                             .collect(),
                         Verdict::Mismatch(_) => vec![
-                            format!(
-                                "batch {} of process {process} DOES NOT VERIFY (see wardflow verify)",
-                                a.batch
+                            (
+                                ProofStatus::BatchMismatch,
+                                format!(
+                                    "batch {} of process {process} DOES NOT VERIFY (see wardflow verify)",
+                                    a.batch
+                                )
                             );
                             mine.len()
                         ],
                     }
                 }
             };
-            for (e, proof) in mine.into_iter().zip(proofs) {
+            for (e, (proof, proof_detail)) in mine.into_iter().zip(proofs) {
                 if let EventRecord::Access {
                     at_ns,
                     actor,
@@ -683,17 +743,15 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
                     ..
                 } = &e.record
                 {
-                    rows.push((
-                        *at_ns,
-                        AuditRow {
-                            at: format_time(*at_ns),
-                            actor: actor.clone(),
-                            action: action.clone(),
-                            purpose: purpose.clone(),
-                            detail: detail.clone(),
-                            proof,
-                        },
-                    ));
+                    rows.push(AccessRow {
+                        at_ns: *at_ns,
+                        actor: actor.clone(),
+                        action: action.clone(),
+                        purpose: purpose.clone(),
+                        detail: detail.clone(),
+                        proof,
+                        proof_detail,
+                    });
                 }
             }
         }
@@ -701,52 +759,19 @@ pub fn audit(config: &Config, args: &AuditArgs) -> anyhow::Result<()> {
     // Requests the engine has not recorded yet.
     let mut tail = wardflow_ledger_bridge::events::RequestTail::new(&dir);
     for r in tail.poll() {
-        if r.patient == args.patient && !recorded.contains(&r.id) {
-            rows.push((
-                r.at_ns,
-                AuditRow {
-                    at: format_time(r.at_ns),
-                    actor: r.actor,
-                    action: r.action,
-                    purpose: r.purpose,
-                    detail: r.detail,
-                    proof: "requested, not recorded yet (the engine records it when it runs)"
-                        .into(),
-                },
-            ));
+        if r.patient == patient && !recorded.contains(&r.id) {
+            rows.push(AccessRow {
+                at_ns: r.at_ns,
+                actor: r.actor,
+                action: r.action,
+                purpose: r.purpose,
+                detail: r.detail,
+                proof: ProofStatus::NotRecorded,
+                proof_detail: "requested, not recorded yet (the engine records it when it runs)"
+                    .into(),
+            });
         }
     }
-    rows.sort_by_key(|(t, _)| *t);
-    let rows: Vec<AuditRow> = rows.into_iter().map(|(_, r)| r).collect();
-    let mut out = std::io::stdout().lock();
-    match args.format {
-        crate::output::Format::Json => {
-            serde_json::to_writer_pretty(&mut out, &rows)?;
-            writeln!(out)?;
-        }
-        f => {
-            let table = crate::output::Rows {
-                header: vec!["time", "actor", "action", "purpose", "detail", "proof"],
-                rows: rows
-                    .iter()
-                    .map(|r| {
-                        vec![
-                            r.at.clone(),
-                            r.actor.clone(),
-                            r.action.clone(),
-                            r.purpose.clone(),
-                            r.detail.clone(),
-                            r.proof.clone(),
-                        ]
-                    })
-                    .collect(),
-            };
-            if f == crate::output::Format::Csv {
-                table.write_csv(&mut out)?;
-            } else {
-                table.write_table(&mut out)?;
-            }
-        }
-    }
-    Ok(())
+    rows.sort_by_key(|r| r.at_ns);
+    Ok(rows)
 }

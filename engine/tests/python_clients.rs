@@ -74,3 +74,12 @@ fn research_streams_over_flight() {
 fn encryption_at_rest_and_erasure() {
     run_python("test_encryption.py");
 }
+
+/// `wardflow export` after paho-mqtt publishes: the FHIR bundle validates
+/// with fhir.resources and carries the published LOINC and UCUM codes,
+/// times and values; the CSV and Parquet tables read back with pyarrow;
+/// every export is in the patient's access log.
+#[test]
+fn export_validates_as_fhir_and_reads_back_with_pyarrow() {
+    run_python("test_export.py");
+}

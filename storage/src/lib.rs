@@ -10,7 +10,8 @@
 //! writer that turns a flush interval into sorted Parquet files
 //! ([`writer`]), the checkpoint that tells the write-ahead log what it may
 //! forget and what to replay ([`checkpoint`]), compaction ([`compact`]),
-//! queries ([`query`]), retention ([`retention`]), encryption at rest with
+//! queries ([`query`]), the patient's export as FHIR, CSV or Parquet
+//! ([`export`]), retention ([`retention`]), encryption at rest with
 //! per-patient keys and crypto-shredding ([`seal`]) and the audit-trail
 //! leaves of stored rows ([`leaves`]; their encoding and the batches they
 //! go into belong to `ledger-bridge`). It does not decide *when* to flush (the
@@ -43,6 +44,7 @@ use std::path::{Path, PathBuf};
 
 pub mod checkpoint;
 pub mod compact;
+pub mod export;
 pub mod layout;
 pub mod leaves;
 pub mod query;

@@ -177,6 +177,18 @@ class EncryptionAtRest(unittest.TestCase):
         left = wait_for(lambda: not holders(self.server.data, erased_values), timeout=30)
         self.assertTrue(left, holders(self.server.data, erased_values))
 
+        # An export (the patient's right of access) says so too, and holds
+        # the other patient's values read with the key.
+        out = self.cli("export", "--patient", "p-a", "--format", "fhir")
+        self.assertIn("erased", out.stderr)
+        bundle = json.loads(out.stdout)
+        self.assertFalse([e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"])
+        out = self.cli("export", "--patient", "p-b", "--format", "fhir")
+        got = sorted(c["valueQuantity"]["value"] for c in
+                     (e["resource"] for e in json.loads(out.stdout)["entry"])
+                     if c["resourceType"] == "Observation")
+        self.assertEqual(got, sorted(self.values_of(1)))
+
         # The erasure is on the audit trail.
         audit = self.cli("audit", "--patient", "p-a").stdout
         self.assertIn("erase", audit)
