@@ -25,7 +25,8 @@ use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::SortingColumn;
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
+use parquet::schema::types::ColumnPath;
 use serde::Serialize;
 use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Reading, TimestampNs};
 
@@ -55,8 +56,20 @@ impl StoreConfig {
     }
 }
 
+/// Sealed columns are random bytes: no dictionary (it would only grow and
+/// be dropped), no compression (ciphertext does not compress), no
+/// statistics (min and max of ciphertext say nothing).
+fn sealed_columns(b: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+    ["value_sealed", "seal", "sealed"].into_iter().fold(b, |b, c| {
+        let path = ColumnPath::from(c);
+        b.set_column_dictionary_enabled(path.clone(), false)
+            .set_column_compression(path.clone(), Compression::UNCOMPRESSED)
+            .set_column_statistics_enabled(path, EnabledStatistics::None)
+    })
+}
+
 pub(crate) fn writer_properties() -> WriterProperties {
-    WriterProperties::builder()
+    sealed_columns(WriterProperties::builder())
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(1 << 20))
@@ -83,7 +96,7 @@ pub(crate) fn writer_properties() -> WriterProperties {
 /// The properties of a compacted sealed `readings` file: sorted by patient
 /// only (its runs keep the order they were sealed in).
 pub(crate) fn sealed_writer_properties() -> WriterProperties {
-    WriterProperties::builder()
+    sealed_columns(WriterProperties::builder())
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("level 1")))
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(1 << 20))
