@@ -135,5 +135,21 @@ pub fn erase(config: &Config, patient: &str, reason: &str, by: Option<&str>) -> 
         erasure.generation,
         crate::output::format_time(erasure.erased_at_ns)
     );
+    // Files written before encryption at rest was turned on hold values in
+    // the clear: no key to destroy reaches them.
+    let left = wardflow_storage::query::read_readings(
+        &config.data_dir,
+        Some(&keys),
+        &wardflow_storage::query::ReadingQuery {
+            patient: Some(patient.to_string()),
+            ..Default::default()
+        },
+    )?;
+    if !left.rows.is_empty() {
+        println!(
+            "warning: {} readings of {patient} remain readable: they were stored in the clear, before encryption at rest was turned on (or after this erasure began)",
+            left.rows.len()
+        );
+    }
     Ok(())
 }
