@@ -39,6 +39,8 @@ use ring::aead::{self, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
+use wardflow_ledger_bridge::consent::unhex as parse_hex;
+use wardflow_ledger_bridge::hex;
 
 use crate::layout;
 
@@ -259,25 +261,6 @@ fn wrap_aad(name: &str, generation: u32) -> Vec<u8> {
     aad.push(0);
     aad.extend_from_slice(&generation.to_le_bytes());
     aad
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
-fn parse_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {

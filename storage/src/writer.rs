@@ -60,12 +60,14 @@ impl StoreConfig {
 /// be dropped), no compression (ciphertext does not compress), no
 /// statistics (min and max of ciphertext say nothing).
 fn sealed_columns(b: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
-    ["value_sealed", "seal", "sealed"].into_iter().fold(b, |b, c| {
-        let path = ColumnPath::from(c);
-        b.set_column_dictionary_enabled(path.clone(), false)
-            .set_column_compression(path.clone(), Compression::UNCOMPRESSED)
-            .set_column_statistics_enabled(path, EnabledStatistics::None)
-    })
+    ["value_sealed", "seal", "sealed"]
+        .into_iter()
+        .fold(b, |b, c| {
+            let path = ColumnPath::from(c);
+            b.set_column_dictionary_enabled(path.clone(), false)
+                .set_column_compression(path.clone(), Compression::UNCOMPRESSED)
+                .set_column_statistics_enabled(path, EnabledStatistics::None)
+        })
 }
 
 pub(crate) fn writer_properties() -> WriterProperties {
@@ -383,22 +385,7 @@ impl<S: Serialize> ShardWriter<S> {
         let mut leaves = self.leaves.as_ref().map(|_| Vec::new());
 
         // Readings, one file per hour partition.
-        let rank = buf.patients.ranks();
-        let rank_of = |p: u32| {
-            if p == NO_PATIENT {
-                u32::MAX
-            } else {
-                rank[p as usize]
-            }
-        };
-        buf.rows.sort_unstable_by_key(|r| {
-            (
-                layout::hour_of(r.time_ns),
-                rank_of(r.patient),
-                r.metric,
-                r.time_ns,
-            )
-        });
+        sort_rows(buf);
         for group in buf
             .rows
             .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
@@ -836,12 +823,9 @@ impl<S: Serialize> ShardWriter<S> {
     }
 }
 
-/// The leaves of one interval's rows, in the order and batches
-/// `write_interval` writes them.
-fn interval_leaves<S>(
-    buf: &mut Interval<S>,
-    out: &mut Vec<(u64, wardflow_ledger_bridge::Hash)>,
-) -> Result<(), StorageError> {
+/// Sorts an interval's rows as they are written: by hour, patient, metric,
+/// time (rows of unbound devices last in their hour).
+fn sort_rows<S>(buf: &mut Interval<S>) {
     let rank = buf.patients.ranks();
     let rank_of = |p: u32| {
         if p == NO_PATIENT {
@@ -858,6 +842,15 @@ fn interval_leaves<S>(
             r.time_ns,
         )
     });
+}
+
+/// The leaves of one interval's rows, in the order and batches
+/// `write_interval` writes them.
+fn interval_leaves<S>(
+    buf: &mut Interval<S>,
+    out: &mut Vec<(u64, wardflow_ledger_bridge::Hash)>,
+) -> Result<(), StorageError> {
+    sort_rows(buf);
     for group in buf
         .rows
         .chunk_by(|a, b| layout::hour_of(a.time_ns) == layout::hour_of(b.time_ns))
