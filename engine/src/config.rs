@@ -485,11 +485,10 @@ impl Config {
         let q = &self.storage.questdb;
         let conf = self.questdb_conf();
         if conf.trim().is_empty() {
+            let backend = format!("{:?}", self.storage.backend).to_lowercase();
             return bad(format!(
-                "storage.backend is {:?} but storage.questdb.conf is empty (e.g. \"http::addr=127.0.0.1:9000;\", or WARDFLOW_QUESTDB_CONF)",
-                self.storage.backend
-            )
-            .to_lowercase());
+                "storage.backend is {backend} but storage.questdb.conf is empty (e.g. \"http::addr=127.0.0.1:9000;\", or WARDFLOW_QUESTDB_CONF)"
+            ));
         }
         if let Err(e) = wardflow_storage::questdb::check_conf(&conf) {
             return bad(e.to_string());

@@ -924,6 +924,9 @@ impl SenderThread {
     /// spools them if the receiver is down or the send fails.
     fn send_pending(&mut self) {
         let items = std::mem::take(&mut self.pending);
+        if items.is_empty() {
+            return;
+        }
         let mut batch = Batch::default();
         for i in &items {
             batch.append(i.batch.clone());
@@ -950,6 +953,9 @@ impl SenderThread {
                 let waiting: Vec<&Arc<Item>> = items.iter().filter(|i| i.is_queued()).collect();
                 for i in &waiting {
                     left.append(i.batch.clone());
+                }
+                if left.is_empty() {
+                    return;
                 }
                 let pushed = lock(&self.spool).push(&left);
                 match pushed {

@@ -1,9 +1,9 @@
 //! The QuestDB sink's spool: a bounded queue of files on local disk that
 //! holds the batches the receiver could not take, oldest first.
 //!
-//! Each file is one [`Batch`] as JSON, named `{created_ms:013}-{seq:010}.batch`
-//! so that the names sort oldest first and tell how long a batch has
-//! waited. A file is written under a temporary name, fsynced, renamed into
+//! Each file is one [`Batch`] as JSON, named
+//! `{created_ms:013}-{seq:010}-{rows}.batch`, so that the names sort oldest
+//! first and tell how long a batch has waited and how many rows it holds. A file is written under a temporary name, fsynced, renamed into
 //! place and its directory fsynced, so a crash leaves either the whole
 //! batch or nothing; a restart finds the spool as it was and drains it. A
 //! file is removed only after the receiver accepted its batch.

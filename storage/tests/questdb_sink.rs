@@ -373,11 +373,23 @@ fn tcp_readings_read_back() {
 /// back: every reading arrives exactly once, through the spool.
 #[test]
 fn an_outage_spools_and_drains_every_reading_exactly_once() {
+    outage(Vm::http_conf);
+}
+
+/// The same over TCP, which has no answers: what went into the socket
+/// just before the receiver stopped is sent again from the sink's recent
+/// batches, and collapses with its first copy if that arrived.
+#[test]
+fn an_outage_over_tcp_loses_nothing_either() {
+    outage(Vm::tcp_conf);
+}
+
+fn outage(conf: fn(&Vm) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = Vm::start(&dir.path().join("vm"));
     let stats = Arc::new(SinkStats::default());
     let spool_dir = dir.path().join("spool");
-    let sink = QuestDbSink::start(config(vm.http_conf(), &spool_dir), stats.clone()).unwrap();
+    let sink = QuestDbSink::start(config(conf(&vm), &spool_dir), stats.clone()).unwrap();
     let handle = sink.handle();
     let (rounds, per_round) = (60, 200);
     let mut most_spooled = 0;
