@@ -693,7 +693,8 @@ fn unshipped_alerts(
 }
 
 /// Transitions handed to QuestDB and the log offset after them.
-type Shipped = crossbeam_channel::Sender<(wardflow_storage::questdb::Receipt, u64)>;
+/// `None` stands for transitions the sink refused: the offset must not pass them.
+type Shipped = crossbeam_channel::Sender<(Option<wardflow_storage::questdb::Receipt>, u64)>;
 
 fn ship_alerts(
     sink: &wardflow_storage::questdb::SinkHandle,
@@ -703,11 +704,14 @@ fn ship_alerts(
 ) {
     match sink.submit_later(rows) {
         Ok(receipt) => {
-            let _ = shipped.send((receipt, upto));
+            let _ = shipped.send((Some(receipt), upto));
         }
-        Err(e) => tracing::error!(
-            "alert transitions not sent to QuestDB (they stay in the alert log and are sent after a restart): {e}"
-        ),
+        Err(e) => {
+            tracing::error!(
+                "alert transitions not sent to QuestDB (they stay in the alert log and are sent after a restart): {e}"
+            );
+            let _ = shipped.send((None, upto));
+        }
     }
 }
 
@@ -717,16 +721,21 @@ fn ship_alerts(
 /// deduplicates what it does have). After a failure the offset stays where
 /// it was until the next start.
 fn spawn_alert_shipper(log: &Path) -> anyhow::Result<Shipped> {
-    let (tx, rx) = crossbeam_channel::unbounded::<(wardflow_storage::questdb::Receipt, u64)>();
+    let (tx, rx) =
+        crossbeam_channel::unbounded::<(Option<wardflow_storage::questdb::Receipt>, u64)>();
     let path = shipped_path(log);
     std::thread::Builder::new()
         .name("alerts-questdb".into())
         .spawn(move || {
             let mut stuck = false;
             for (receipt, upto) in rx {
-                if let Err(e) = receipt.wait() {
-                    tracing::error!("alert transitions not stored in QuestDB; they are sent again after a restart: {e}");
-                    stuck = true;
+                match receipt.map(|r| r.wait()) {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::error!("alert transitions not stored in QuestDB; they are sent again after a restart: {e}");
+                        stuck = true;
+                    }
+                    None => stuck = true,
                 }
                 if stuck {
                     continue;

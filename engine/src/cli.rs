@@ -158,6 +158,27 @@ pub struct ServeArgs {
     /// questdb-rs configuration string, e.g. http::addr=HOST:9000; (prefer WARDFLOW_QUESTDB_CONF for credentials) [storage.questdb.conf]
     #[arg(long, value_name = "CONF")]
     pub questdb: Option<String>,
+    /// Where QuestDB batches wait while the receiver is down [storage.questdb.spool_dir, default DATA_DIR/spool/questdb]
+    #[arg(long, value_name = "DIR")]
+    pub questdb_spool_dir: Option<PathBuf>,
+    /// Most the QuestDB spool holds, MiB [storage.questdb.spool_max_mb, default 1024]
+    #[arg(long, value_name = "MIB")]
+    pub questdb_spool_max_mb: Option<u64>,
+    /// Most rows per QuestDB request [storage.questdb.batch_rows, default 50000]
+    #[arg(long, value_name = "ROWS")]
+    pub questdb_batch_rows: Option<usize>,
+    /// How long alert transitions wait for a fuller QuestDB request, ms [storage.questdb.max_batch_age_ms, default 1000]
+    #[arg(long, value_name = "MS")]
+    pub questdb_max_batch_age_ms: Option<u64>,
+    /// How long a flush waits for QuestDB before its rows go to the spool, ms [storage.questdb.spool_after_ms, default 2000]
+    #[arg(long, value_name = "MS")]
+    pub questdb_spool_after_ms: Option<u64>,
+    /// Drop readings' hour partitions this long after the hour: 30d, 12h, 90m [storage.retention.readings; default: kept forever]
+    #[arg(long, value_name = "PERIOD")]
+    pub retention_readings: Option<String>,
+    /// Drop dead letters' hour partitions this long after the hour [storage.retention.deadletters; default: kept forever]
+    #[arg(long, value_name = "PERIOD")]
+    pub retention_deadletters: Option<String>,
     /// Allowed device clock skew ahead of the server in ms [validation.max_future_skew_ms, default 30000]
     #[arg(long, value_name = "MS")]
     pub max_future_skew_ms: Option<u64>,
@@ -229,6 +250,21 @@ impl ServeArgs {
         set!(self.compaction_max_rows, c.storage.compaction_max_rows);
         set!(self.storage_backend, c.storage.backend);
         set!(self.questdb, c.storage.questdb.conf);
+        if self.questdb_spool_dir.is_some() {
+            c.storage.questdb.spool_dir = self.questdb_spool_dir.clone();
+        }
+        set!(self.questdb_spool_max_mb, c.storage.questdb.spool_max_mb);
+        set!(self.questdb_batch_rows, c.storage.questdb.batch_rows);
+        set!(
+            self.questdb_max_batch_age_ms,
+            c.storage.questdb.max_batch_age_ms
+        );
+        set!(
+            self.questdb_spool_after_ms,
+            c.storage.questdb.spool_after_ms
+        );
+        set!(self.retention_readings, c.storage.retention.readings);
+        set!(self.retention_deadletters, c.storage.retention.deadletters);
         set!(self.max_future_skew_ms, c.validation.max_future_skew_ms);
         set!(self.max_age_ms, c.validation.max_age_ms);
         set!(self.memory_mb, c.limits.memory_mb);
@@ -613,7 +649,7 @@ pub(crate) fn report_withheld(withheld: &[wardflow_storage::query::Withheld]) {
 
 fn query(config: &Config, args: &QueryArgs) -> anyhow::Result<()> {
     let data_dir = &config.data_dir;
-    let keys = config.keyring()?;
+    let keys = config.keyring_to_read()?;
     let metric = match &args.metric {
         Some(m) => Some(Metric::from_name(m).with_context(|| {
             let known: Vec<&str> = Metric::ALL.iter().map(|m| m.name()).collect();
@@ -700,7 +736,7 @@ fn query(config: &Config, args: &QueryArgs) -> anyhow::Result<()> {
 }
 
 fn deadletters(config: &Config, cmd: &DeadlettersCommand) -> anyhow::Result<()> {
-    let keys = config.keyring()?;
+    let keys = config.keyring_to_read()?;
     let DeadlettersCommand::List {
         device,
         reason,

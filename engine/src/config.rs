@@ -170,29 +170,34 @@ pub struct RetentionSection {
     pub deadletters: String,
 }
 
-/// Parses a retention period: a whole number and `s`, `m`, `h` or `d`.
+/// Parses a retention period: a whole number and `s`, `m`, `h` or `d`, at
+/// most 100 years.
 pub fn parse_period(s: &str) -> Result<Option<i64>, String> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(None);
     }
-    let (n, unit) = s.split_at(s.len() - 1);
+    let bad = || {
+        format!(
+            "{s:?}: give a positive whole number and s, m, h or d (e.g. \"30d\"), at most 100 years"
+        )
+    };
+    let (n, unit) = s.split_at(s.char_indices().last().map_or(0, |(i, _)| i));
     let scale: i64 = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: give a number and s, m, h or d (e.g. \"30d\")"
-            ));
-        }
+        _ => return Err(bad()),
     };
+    const MAX_S: i64 = 100 * 366 * 86_400;
     match n.parse::<i64>() {
-        Ok(n) if n > 0 => Ok(Some(n * scale * 1_000_000_000)),
-        _ => Err(format!(
-            "{s:?}: give a positive whole number and s, m, h or d (e.g. \"30d\")"
-        )),
+        Ok(n) if n > 0 => n
+            .checked_mul(scale)
+            .filter(|&secs| secs <= MAX_S)
+            .map(|secs| Some(secs * 1_000_000_000))
+            .ok_or_else(bad),
+        _ => Err(bad()),
     }
 }
 
@@ -576,6 +581,24 @@ impl Config {
         )?)))
     }
 
+    /// The keyring for a command that only reads: as [`Config::keyring`],
+    /// but a store without a keyring stays without one (it is read in the
+    /// clear, master key or not).
+    pub fn keyring_to_read(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<wardflow_storage::seal::Keyring>>> {
+        use wardflow_storage::seal::{KEYS_DIR, Keyring, MasterKey, MasterKeySource};
+        match &self.storage.master_key {
+            Some(source) if self.data_dir.join(KEYS_DIR).join("keyring.json").exists() => {
+                let source: MasterKeySource = source.parse().map_err(anyhow::Error::msg)?;
+                let master = MasterKey::load(&source, &self.data_dir)?;
+                Ok(Keyring::open_existing(&self.data_dir, master)?.map(std::sync::Arc::new))
+            }
+            Some(_) => Ok(None),
+            None => self.keyring(),
+        }
+    }
+
     pub fn ledger_dir(&self) -> PathBuf {
         self.data_dir.join("ledger")
     }
@@ -647,6 +670,25 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_periods_parse_and_bounds_are_kept() {
+        assert_eq!(parse_period(""), Ok(None));
+        assert_eq!(parse_period("30d"), Ok(Some(30 * 86_400 * 1_000_000_000)));
+        assert_eq!(parse_period(" 90m "), Ok(Some(90 * 60 * 1_000_000_000)));
+        for bad in [
+            "0d",
+            "-1d",
+            "d",
+            "30",
+            "30w",
+            "5µ",
+            "1000000d",
+            "99999999999999999h",
+        ] {
+            assert!(parse_period(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults_round_trip_through_toml() {

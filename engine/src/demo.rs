@@ -318,7 +318,7 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         patient: Some("bed-patient-0000".into()),
         ..Default::default()
     };
-    let keys = config.keyring()?;
+    let keys = config.keyring_to_read()?;
     if let Some(last) = read_readings(&data_dir, keys.as_deref(), &q)?.rows.last() {
         println!(
             "latest stored reading of bed-patient-0000: {} {} = {} {}",

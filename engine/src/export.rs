@@ -112,7 +112,7 @@ pub fn run(config: &Config, args: &ExportArgs) -> anyhow::Result<()> {
     let mut sink = Sink::open(args, meta, &alerts)?;
     // Hour by hour, as the store partitions: memory for one hour of the
     // patient's readings, however long the export.
-    let keys = config.keyring()?;
+    let keys = config.keyring_to_read()?;
     let mut readings = 0;
     let mut withheld: Vec<wardflow_storage::query::Withheld> = Vec::new();
     for (lo, hi) in hour_windows(data_dir, from_ns, to_ns)? {

@@ -77,7 +77,7 @@ pub fn run(config: &Config, cmd: &KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::Status => {
             let keys = config
-                .keyring()?
+                .keyring_to_read()?
                 .context("the store is not encrypted (no --master-key given)")?;
             println!(
                 "master key {}; {} data keys; {} erased",
@@ -94,7 +94,7 @@ pub fn run(config: &Config, cmd: &KeysCommand) -> anyhow::Result<()> {
 /// the erasure on the audit trail.
 pub fn erase(config: &Config, patient: &str, reason: &str, by: Option<&str>) -> anyhow::Result<()> {
     wardflow_model::PatientId::new(patient).context("patient")?;
-    let keys = config.keyring()?.context(
+    let keys = config.keyring_to_read()?.context(
         "the store is not encrypted at rest, so there is no key to destroy: erasure needs --master-key",
     )?;
     let by = by.map(str::to_string).unwrap_or_else(|| {

@@ -185,10 +185,14 @@ fn verify_process(
         .into_iter()
         .filter(|d| d.process == p)
         .collect();
+    // The drops that may have held rows of a batch, and how many rows.
     let expired_in = |a: &Anchor| {
-        drops
+        let hit: Vec<_> = drops
             .iter()
-            .find(|d| d.min_epoch < a.to_ms && d.max_epoch + interval > a.from_ms)
+            .filter(|d| d.min_epoch < a.to_ms && d.max_epoch + interval > a.from_ms)
+            .collect();
+        let rows: u64 = hit.iter().map(|d| d.rows).sum();
+        hit.first().map(|d| (*d, rows))
     };
     let mut problems = 0;
     let mut verified = 0;
@@ -228,8 +232,9 @@ fn verify_process(
                 }
                 Verdict::Mismatch(m)
                     if m.unsealed.is_empty()
-                        && m.missing.is_some()
-                        && let Some(d) = expired_in(anchor) =>
+                        && let Some(missing) = m.missing
+                        && let Some((d, dropped)) = expired_in(anchor)
+                        && (1..=dropped).contains(&missing) =>
                 {
                     // Rows gone by retention, and nothing else changed: every
                     // row still stored was sealed in this batch.
@@ -237,7 +242,7 @@ fn verify_process(
                     println!(
                         "batch {} [{span}): {} of {} sealed rows expired ({} {} dropped at {} under a retention of {} h); the rest are as sealed",
                         anchor.batch,
-                        m.missing.unwrap_or(0),
+                        missing,
                         anchor.leaves,
                         d.table,
                         d.partition,

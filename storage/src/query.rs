@@ -22,7 +22,7 @@ use wardflow_model::{Metric, TimestampNs};
 use crate::StorageError;
 use crate::layout::{self, DEAD_LETTERS_DIR, READINGS_DIR};
 use crate::schema::{self, dead_letters as dl, readings as rd};
-use crate::seal::{self, DataKey, Keyring, UNBOUND, Unavailable};
+use crate::seal::{self, DataKey, KeyError, Keyring, UNBOUND, Unavailable};
 use crate::writer::{DEAD_LETTERS_KIND, READINGS_KIND};
 use std::sync::Arc;
 
@@ -93,9 +93,10 @@ fn may_contain(rg: &RowGroupMetaData, column: usize, value: &str) -> bool {
     }
 }
 
-/// Reads the live files of the partitions `keep` selects, handing each
-/// file's batches (after row-group pruning; `prune` is told whether the
-/// file is sealed) to `each` as one batch.
+/// Reads the live files of the partitions `keep` selects, handing their
+/// batches (after row-group pruning; `prune` is told whether the file is
+/// sealed) to `each`: a clear file's as they are read, a sealed file's
+/// concatenated into one, so its runs are whole.
 fn scan(
     table: &Path,
     keep: impl Fn(i64) -> bool,
@@ -119,31 +120,49 @@ fn scan(
             };
             let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(corrupt)?;
             let sealed = schema::is_sealed(builder.schema());
-            let groups: Vec<usize> = builder
-                .metadata()
-                .row_groups()
+            let all = builder.metadata().row_groups();
+            let mut groups: Vec<usize> = all
                 .iter()
                 .enumerate()
                 .filter(|(_, rg)| prune(rg, sealed))
                 .map(|(i, _)| i)
                 .collect();
+            // A sealed run may cross a row-group boundary: a file of
+            // several groups is read whole, so every run is.
+            if sealed && !groups.is_empty() && all.len() > 1 {
+                groups = (0..all.len()).collect();
+            }
             if groups.is_empty() {
                 continue;
             }
             let file_schema = builder.schema().clone();
             let reader = builder.with_row_groups(groups).build().map_err(corrupt)?;
-            let batches =
-                reader
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| StorageError::Corrupt {
-                        path: f.path.clone(),
-                        what: e.to_string(),
-                    })?;
+            let batches = reader.map(|b| {
+                b.map_err(|e| StorageError::Corrupt {
+                    path: f.path.clone(),
+                    what: e.to_string(),
+                })
+            });
+            if !sealed {
+                for batch in batches {
+                    each(batch?)?;
+                }
+                continue;
+            }
             // A sealed run is opened whole: the file's rows in one batch.
+            let batches = batches.collect::<Result<Vec<_>, _>>()?;
             let batch = concat_batches(&file_schema, &batches)
                 .map_err(|e| StorageError::Encode(e.to_string()))?;
             if batch.num_rows() > 0 {
-                each(batch)?;
+                each(batch).map_err(|e| match e {
+                    StorageError::Encode(what) | StorageError::Keys(KeyError::Open(what)) => {
+                        StorageError::Corrupt {
+                            path: f.path.clone(),
+                            what,
+                        }
+                    }
+                    e => e,
+                })?;
             }
         }
     }

@@ -277,8 +277,8 @@ pub struct DataKey {
 
 impl DataKey {
     fn new(name: &str, generation: u32, bytes: &[u8; 32]) -> DataKey {
-        // The nonce key is derived, not the data key itself: HMAC and GCM
-        // never share key material.
+        // The nonce key is derived from the data key with HMAC-SHA-256 (a
+        // PRF) under a fixed label; the data key itself is the AES key.
         let derive = hmac::Key::new(hmac::HMAC_SHA256, bytes);
         let nonce_key = hmac::sign(&derive, b"wardflow synthetic nonce key v1");
         DataKey {
@@ -395,6 +395,9 @@ struct State {
     file: KeyringFile,
     stamp: Option<Stamp>,
     cache: HashMap<(String, u32), Arc<DataKey>>,
+    /// Throwaway keys for rows received before an erasure but stored after
+    /// it: random, never written anywhere.
+    shredded: HashMap<(String, u32), Arc<DataKey>>,
 }
 
 /// The data keys of one data directory.
@@ -476,8 +479,18 @@ impl Keyring {
                 file,
                 stamp: Some(stamp),
                 cache: HashMap::new(),
+                shredded: HashMap::new(),
             }),
         })
+    }
+
+    /// Opens the keyring of `data_dir` if it has one, without making one:
+    /// for commands that only read.
+    pub fn open_existing(data_dir: &Path, master: MasterKey) -> Result<Option<Keyring>, KeyError> {
+        if !data_dir.join(KEYS_DIR).join(KEYRING_FILE).exists() {
+            return Ok(None);
+        }
+        Keyring::open(data_dir, master).map(Some)
     }
 
     pub fn master_key_id(&self) -> &str {
@@ -560,6 +573,35 @@ impl Keyring {
         st.file = file;
         st.stamp = Some(stamp);
         self.cached(&mut st, name, &entry)
+    }
+
+    /// The generation that was erased after a row of `name` received at
+    /// `received_ns`, if any: such a row, stored only now (it was in an
+    /// interval being flushed, or replayed from the write-ahead log), is
+    /// erased with the rest of its generation.
+    pub fn erased_after(erasures: &[Erasure], received_ns: i64) -> Option<u32> {
+        erasures
+            .iter()
+            .filter(|e| e.erased_at_ns >= received_ns)
+            .min_by_key(|e| e.erased_at_ns)
+            .map(|e| e.generation)
+    }
+
+    /// A key for sealing rows of an erased `generation`: random, kept only
+    /// in memory, so what it seals can never be opened.
+    pub fn shredded_key(&self, name: &str, generation: u32) -> Result<Arc<DataKey>, KeyError> {
+        let mut st = self.state.lock().expect("keyring lock");
+        let k = (name.to_string(), generation);
+        if let Some(key) = st.shredded.get(&k) {
+            return Ok(key.clone());
+        }
+        let mut bytes = [0u8; 32];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| KeyError::Random)?;
+        let key = Arc::new(DataKey::new(name, generation, &bytes));
+        st.shredded.insert(k, key.clone());
+        Ok(key)
     }
 
     /// The data key a seal of `name` with `generation` needs.
@@ -667,12 +709,18 @@ pub fn rotate(data_dir: &Path, old: &MasterKey, new: &MasterKey) -> Result<usize
     Ok(file.keys.len())
 }
 
-/// When a keyring file was last written, and its size: how a change by
-/// another process is noticed.
-type Stamp = (SystemTime, u64);
+/// When a keyring file was last written, its size and inode: how a change
+/// by another process is noticed.
+type Stamp = (SystemTime, u64, u64);
 
 fn stamp_of(m: std::fs::Metadata) -> Stamp {
-    (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len())
+    use std::os::unix::fs::MetadataExt as _;
+    // Every write renames a new file into place: a new inode.
+    (
+        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        m.len(),
+        m.ino(),
+    )
 }
 
 fn read_file(dir: &Path) -> Result<Option<(KeyringFile, Stamp)>, KeyError> {

@@ -424,7 +424,6 @@ impl<S: Serialize> ShardWriter<S> {
         }
 
         // Dead letters, by the hour of receipt.
-        buf.dead.sort_by_key(|(_, d)| d.received_ns);
         for group in buf.dead.chunk_by(|(_, a), (_, b)| {
             layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns)
         }) {
@@ -585,20 +584,31 @@ fn seal_values(
     let mut ciphertext = Vec::with_capacity(rows.len() * 8);
     let mut seals = Vec::new();
     let mut at = 0;
-    for (run, group) in rows.chunk_by(|a, b| a.patient == b.patient).enumerate() {
-        let name = match group[0].patient {
+    let mut run = 0;
+    for patient_rows in rows.chunk_by(|a, b| a.patient == b.patient) {
+        let name = match patient_rows[0].patient {
             NO_PATIENT => UNBOUND,
             p => patients.names[p as usize].as_str(),
         };
-        let key = keys.key_for_write(name)?;
-        let start = ciphertext.len();
-        for r in group {
-            ciphertext.extend_from_slice(&r.value.to_le_bytes());
+        // Rows received before an erasure of the patient are sealed with a
+        // throwaway key of the erased generation: erased like the rest.
+        let erasures = keys.erasures(name);
+        let erased = |r: &Row| Keyring::erased_after(&erasures, r.received_ns);
+        for group in patient_rows.chunk_by(|a, b| erased(a) == erased(b)) {
+            let key = match erased(&group[0]) {
+                Some(generation) => keys.shredded_key(name, generation)?,
+                None => keys.key_for_write(name)?,
+            };
+            let start = ciphertext.len();
+            for r in group {
+                ciphertext.extend_from_slice(&r.value.to_le_bytes());
+            }
+            let ctx = format!("{context}#{run}");
+            let seal = key.seal(READINGS_KIND, ctx.as_bytes(), &mut ciphertext[start..]);
+            seals.push((at, seal));
+            at += group.len();
+            run += 1;
         }
-        let ctx = format!("{context}#{run}");
-        let seal = key.seal(READINGS_KIND, ctx.as_bytes(), &mut ciphertext[start..]);
-        seals.push((at, seal));
-        at += group.len();
     }
     Ok(SealedValues { ciphertext, seals })
 }
@@ -717,7 +727,11 @@ fn dead_letters_batch(
     let mut seals = Vec::with_capacity(rows().len() * SEAL_LEN);
     let mut sealed = Vec::with_capacity(rows().len());
     for (i, d) in rows().enumerate() {
-        let key = keys.key_for_write(d.patient.as_ref().map_or(UNBOUND, |p| p.as_str()))?;
+        let name = d.patient.as_ref().map_or(UNBOUND, |p| p.as_str());
+        let key = match Keyring::erased_after(&keys.erasures(name), d.received_ns) {
+            Some(generation) => keys.shredded_key(name, generation)?,
+            None => keys.key_for_write(name)?,
+        };
         let mut buf = serde_json::to_vec(&(&d.detail, &d.raw))
             .map_err(|e| StorageError::Encode(e.to_string()))?;
         let ctx = format!("{context}#{i}");
@@ -824,9 +838,14 @@ impl<S: Serialize> ShardWriter<S> {
 }
 
 /// Sorts an interval's rows as they are written: by hour, patient, metric,
-/// time (rows of unbound devices last in their hour).
+/// time (rows of unbound devices last in their hour), then by device name,
+/// sequence, receipt and value, a total order that does not depend on the
+/// order rows arrived in: a replay of the write-ahead log writes the same
+/// file, so sealed runs get the same bytes and leaves. The same goes for
+/// dead letters.
 fn sort_rows<S>(buf: &mut Interval<S>) {
     let rank = buf.patients.ranks();
+    let device_rank = buf.devices.ranks();
     let rank_of = |p: u32| {
         if p == NO_PATIENT {
             u32::MAX
@@ -840,7 +859,36 @@ fn sort_rows<S>(buf: &mut Interval<S>) {
             rank_of(r.patient),
             r.metric,
             r.time_ns,
+            device_rank[r.device as usize],
+            r.seq,
+            r.received_ns,
+            r.value.to_bits(),
+            r.quality,
         )
+    });
+    buf.dead.sort_by(|(ea, a), (eb, b)| {
+        (
+            a.received_ns,
+            &a.device,
+            a.time_ns,
+            a.seq,
+            &a.metric,
+            a.reason.code(),
+            &a.detail,
+            &a.raw,
+            ea,
+        )
+            .cmp(&(
+                b.received_ns,
+                &b.device,
+                b.time_ns,
+                b.seq,
+                &b.metric,
+                b.reason.code(),
+                &b.detail,
+                &b.raw,
+                eb,
+            ))
     });
 }
 
@@ -861,7 +909,6 @@ fn interval_leaves<S>(
             crate::leaves::reading_leaves(&batch, out)?;
         }
     }
-    buf.dead.sort_by_key(|(_, d)| d.received_ns);
     for group in buf
         .dead
         .chunk_by(|(_, a), (_, b)| layout::hour_of(a.received_ns) == layout::hour_of(b.received_ns))

@@ -31,6 +31,18 @@ fn value(p: usize, s: u64, m: usize) -> f64 {
 }
 
 fn write(root: &Path, keys: &Arc<Keyring>, seconds: std::ops::Range<u64>, patients: usize) {
+    write_received(root, keys, seconds, patients, None)
+}
+
+/// As `write`, with every publish received at `received_ns` (default: the
+/// reading's time).
+fn write_received(
+    root: &Path,
+    keys: &Arc<Keyring>,
+    seconds: std::ops::Range<u64>,
+    patients: usize,
+    received_ns: Option<i64>,
+) {
     let config = StoreConfig {
         root: root.to_path_buf(),
         process: 0,
@@ -71,7 +83,7 @@ fn write(root: &Path, keys: &Arc<Keyring>, seconds: std::ops::Range<u64>, patien
                 Origin {
                     device: &device,
                     patient: Some(&patient),
-                    received_ns: t,
+                    received_ns: received_ns.unwrap_or(t),
                 },
                 &readings,
                 dead,
@@ -210,11 +222,32 @@ fn erasure_shreds_one_patient_and_leaves_the_others() {
     // The audit trail still verifies: leaves commit to the sealed bytes.
     assert_eq!(leaves(dir.path()), before);
 
-    // Readings stored after the erasure get a new key and read back.
+    // Readings received before the erasure but stored after it (an
+    // interval in flight, a log replay) are erased too.
     write(dir.path(), &keys, 10..11, 3);
+    let a = read_readings(
+        dir.path(),
+        Some(&keys),
+        &ReadingQuery {
+            patient: Some("p-2".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(a.rows.is_empty());
+    assert_eq!(a.withheld.iter().map(|w| w.rows).sum::<u64>(), 12);
+    // Readings received after it get a new key and read back.
+    write_received(
+        dir.path(),
+        &keys,
+        20..21,
+        3,
+        Some(erased.erased_at_ns + SEC),
+    );
     let (values, withheld) = query(dir.path(), Some(&keys), "p-2");
     assert_eq!(values.len(), 3);
     assert_eq!(withheld.len(), 1);
+    assert_eq!(keys.key_for_write("p-2").unwrap().generation(), 2);
 }
 
 #[test]
