@@ -17,7 +17,8 @@
 //!   generation of key.
 //!
 //! Values are sealed a *run* at a time (all of one patient's rows in one
-//! data file, see `writer`): one AES-256-GCM call over the run's values,
+//! data file, see `writer`): one AES-256-GCM call over the run's values
+//! (under a key derived from the data key with HKDF, RFC 5869),
 //! with the patient and key generation as associated data, so a run moved
 //! to another patient does not open. The 96-bit nonce is synthetic, derived
 //! with HMAC-SHA-256 from the data key, the file, the run and its plaintext
@@ -36,8 +37,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use ring::aead::{self, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use ring::{hkdf, hmac};
 use serde::{Deserialize, Serialize};
 use wardflow_ledger_bridge::consent::unhex as parse_hex;
 use wardflow_ledger_bridge::hex;
@@ -53,6 +54,9 @@ pub const KEYS_DIR: &str = "keys";
 const KEYRING_FILE: &str = "keyring.json";
 const LOCK_FILE: &str = "keyring.lock";
 const FORMAT: u32 = 1;
+
+/// The HKDF salt a data key's AES and nonce keys are derived with.
+const HKDF_SALT: &[u8] = b"wardflow data key v1";
 
 /// Bytes of a run's seal: key generation (u32 LE), nonce, tag.
 pub const SEAL_LEN: usize = 4 + aead::NONCE_LEN + 16;
@@ -277,15 +281,20 @@ pub struct DataKey {
 
 impl DataKey {
     fn new(name: &str, generation: u32, bytes: &[u8; 32]) -> DataKey {
-        // The nonce key is derived from the data key with HMAC-SHA-256 (a
-        // PRF) under a fixed label; the data key itself is the AES key.
-        let derive = hmac::Key::new(hmac::HMAC_SHA256, bytes);
-        let nonce_key = hmac::sign(&derive, b"wardflow synthetic nonce key v1");
+        // Two keys from one, with HKDF-SHA-256 (RFC 5869): the AES-256-GCM
+        // key and the HMAC key of the synthetic nonces never share material.
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(bytes);
+        let aes = prk
+            .expand(&[b"aes-256-gcm"], &AES_256_GCM)
+            .expect("a 32-byte output");
+        let nonces = prk
+            .expand(&[b"synthetic nonce"], hmac::HMAC_SHA256)
+            .expect("a 32-byte output");
         DataKey {
             name: name.to_string(),
             generation,
-            aead: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte key")),
-            nonces: hmac::Key::new(hmac::HMAC_SHA256, nonce_key.as_ref()),
+            aead: LessSafeKey::new(UnboundKey::from(aes)),
+            nonces: hmac::Key::from(nonces),
         }
     }
 

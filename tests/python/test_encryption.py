@@ -20,7 +20,9 @@ import unittest
 import paho.mqtt.client as mqtt
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from wardflow_harness import BIN, Server, now_s, wait_for, wardflow
 
@@ -85,10 +87,16 @@ def sealed_runs(data_dir):
     return runs
 
 
+def aes_key(data_key):
+    """The AES-256-GCM key of a data key: HKDF-SHA-256, as docs/storage.md says."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=b"wardflow data key v1",
+                info=b"aes-256-gcm").derive(data_key)
+
+
 def open_run(key, name, seal, ciphertext):
     generation = struct.unpack("<I", seal[:4])[0]
     aad = b"wardflow/readings/value" + name.encode() + b"\0" + struct.pack("<I", generation)
-    plain = AESGCM(key).decrypt(seal[4:16], ciphertext + seal[16:32], aad)
+    plain = AESGCM(aes_key(key)).decrypt(seal[4:16], ciphertext + seal[16:32], aad)
     return list(struct.unpack(f"<{len(plain) // 8}d", plain))
 
 
