@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use arrow::array::{Array, AsArray, BooleanArray};
+use arrow::array::{Array, AsArray, BooleanArray, Float64Array};
 use arrow::compute::concat_batches;
 use arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
@@ -289,17 +289,34 @@ fn key_of(
     )
 }
 
+/// A `readings` batch's values: the clear column itself, or the sealed
+/// ones opened.
+enum Values<'a> {
+    Clear(&'a Float64Array),
+    Opened(Vec<Result<f64, WithheldReason>>),
+}
+
+impl Values<'_> {
+    fn get(&self, i: usize) -> Result<f64, &WithheldReason> {
+        match self {
+            Values::Clear(v) => Ok(v.value(i)),
+            Values::Opened(v) => v[i].as_ref().copied(),
+        }
+    }
+}
+
 /// The values of a `readings` batch's rows that `keep` selects: in the
 /// clear, or opened run by run (only runs holding a selected row are
 /// opened; other rows get NaN and must not be read).
-fn reading_values(
-    batch: &RecordBatch,
+fn reading_values<'a>(
+    batch: &'a RecordBatch,
     keys: Option<&Keyring>,
     keep: &BooleanArray,
-) -> Result<Vec<Result<f64, WithheldReason>>, StorageError> {
+) -> Result<Values<'a>, StorageError> {
     if !schema::is_sealed(&batch.schema()) {
-        let value = batch.column(rd::VALUE).as_primitive::<Float64Type>();
-        return Ok(value.values().iter().map(|&v| Ok(v)).collect());
+        return Ok(Values::Clear(
+            batch.column(rd::VALUE).as_primitive::<Float64Type>(),
+        ));
     }
     let sealed = batch.column(rd::VALUE).as_fixed_size_binary();
     let seals = batch.column(rd::SEAL).as_fixed_size_binary();
@@ -338,7 +355,7 @@ fn reading_values(
         }
         i = end;
     }
-    Ok(out)
+    Ok(Values::Opened(out))
 }
 
 /// Readings matching `q`, ordered by time (then patient and metric). A
@@ -386,7 +403,7 @@ pub fn read_readings(
                 .as_primitive::<TimestampNanosecondType>();
             for i in (0..batch.num_rows()).filter(|&i| keep.value(i)) {
                 let patient = string_at(&batch, rd::PATIENT, i);
-                match &values[i] {
+                match values.get(i) {
                     Ok(value) => answer.rows.push(StoredReading {
                         time_ns: time.value(i),
                         patient: patient.map(str::to_string),
@@ -396,7 +413,7 @@ pub fn read_readings(
                         metric: string_at(&batch, rd::METRIC, i)
                             .unwrap_or_default()
                             .to_string(),
-                        value: *value,
+                        value,
                         unit: string_at(&batch, rd::UNIT, i)
                             .unwrap_or_default()
                             .to_string(),

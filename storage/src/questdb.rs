@@ -26,7 +26,7 @@
 //! `batch_rows` rows. Rows submitted without waiting (alert transitions)
 //! wait up to `max_batch_age` for company.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +38,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use wardflow_model::{DeadLetter, Metric, TimestampNs};
 
 use crate::spool::{Spool, SpoolError};
+use crate::writer::Interner;
 
 /// Table of readings.
 pub const READINGS_TABLE: &str = "readings";
@@ -296,34 +297,17 @@ const NONE: u32 = u32::MAX;
 /// Rows on their way to the receiver, in one piece: what a submitter
 /// hands over, what a spool file holds, what one request sends (up to
 /// `batch_rows` at a time).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Batch {
-    names: Vec<String>,
-    #[serde(skip)]
-    ids: HashMap<String, u32>,
+    names: Interner,
     readings: Vec<Reading>,
     dead_letters: Vec<DeadLetterRow>,
     alerts: Vec<AlertRow>,
 }
 
-impl PartialEq for Batch {
-    fn eq(&self, other: &Self) -> bool {
-        self.names == other.names
-            && self.readings == other.readings
-            && self.dead_letters == other.dead_letters
-            && self.alerts == other.alerts
-    }
-}
-
 impl Batch {
     fn intern(&mut self, s: &str) -> u32 {
-        if let Some(&i) = self.ids.get(s) {
-            return i;
-        }
-        let i = self.names.len() as u32;
-        self.names.push(s.to_string());
-        self.ids.insert(s.to_string(), i);
-        i
+        self.names.intern(s)
     }
 
     pub fn push_reading(&mut self, r: &ReadingRow<'_>) {
@@ -413,11 +397,11 @@ impl Batch {
 
     /// Moves `other`'s rows into this batch.
     pub fn append(&mut self, other: Batch) {
-        if self.is_empty() && self.names.is_empty() {
+        if self.is_empty() && self.names.names.is_empty() {
             *self = other;
             return;
         }
-        let map: Vec<u32> = other.names.iter().map(|n| self.intern(n)).collect();
+        let map: Vec<u32> = other.names.names.iter().map(|n| self.intern(n)).collect();
         let remap = |i: u32| if i == NONE { NONE } else { map[i as usize] };
         self.readings.extend(
             other
@@ -456,9 +440,9 @@ impl Batch {
         let &Reading(time_ns, patient, device, metric, value, seq, quality, received_ns) = r;
         buf.table(READINGS_TABLE)?;
         if patient != NONE {
-            buf.symbol("patient_id", self.names[patient as usize].as_str())?;
+            buf.symbol("patient_id", self.names.names[patient as usize].as_str())?;
         }
-        buf.symbol("device_id", self.names[device as usize].as_str())?
+        buf.symbol("device_id", self.names.names[device as usize].as_str())?
             .symbol("metric", metric.name())?
             .symbol("unit", metric.canonical_unit().ucum())?
             .column_f64("value", value)?;

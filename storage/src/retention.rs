@@ -103,7 +103,7 @@ pub fn drop_expired(
                 .filter(|f| f.name.process() == process)
                 .collect();
             if files.is_empty() {
-                remove_if_empty(&part)?;
+                remove_if_empty(&part);
                 continue;
             }
             let mut d = Dropped {
@@ -148,7 +148,7 @@ pub fn drop_expired(
                 }
             }
             layout::sync_dir(&part).map_err(StorageError::io(&part))?;
-            remove_if_empty(&part)?;
+            remove_if_empty(&part);
             tracing::info!(
                 table,
                 partition = %d.partition,
@@ -162,16 +162,14 @@ pub fn drop_expired(
     Ok(dropped)
 }
 
-/// Removes an hour directory and its date directory once they are empty.
-fn remove_if_empty(part: &Path) -> Result<(), StorageError> {
-    for dir in [Some(part), part.parent()].into_iter().flatten() {
-        match std::fs::remove_dir(dir) {
-            Ok(()) => {}
-            // Not empty (another process's files, or other hours), or gone.
-            Err(_) => break,
-        }
+/// Removes an hour directory and its date directory once they are empty
+/// (one still holding another process's files or other hours stays).
+fn remove_if_empty(part: &Path) {
+    if std::fs::remove_dir(part).is_ok()
+        && let Some(date) = part.parent()
+    {
+        let _ = std::fs::remove_dir(date);
     }
-    Ok(())
 }
 
 #[cfg(test)]

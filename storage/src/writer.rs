@@ -110,14 +110,40 @@ pub(crate) fn sealed_writer_properties() -> WriterProperties {
         .build()
 }
 
-#[derive(Default)]
-struct Interner {
+/// Strings numbered in order of first sight, so rows carry a `u32` per id
+/// (written and read back as the list of names).
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+#[serde(from = "Vec<String>", into = "Vec<String>")]
+pub(crate) struct Interner {
     ids: HashMap<String, u32>,
-    names: Vec<String>,
+    pub(crate) names: Vec<String>,
+}
+
+impl PartialEq for Interner {
+    fn eq(&self, other: &Self) -> bool {
+        self.names == other.names
+    }
+}
+
+impl From<Vec<String>> for Interner {
+    fn from(names: Vec<String>) -> Self {
+        let ids = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i as u32))
+            .collect();
+        Interner { ids, names }
+    }
+}
+
+impl From<Interner> for Vec<String> {
+    fn from(i: Interner) -> Self {
+        i.names
+    }
 }
 
 impl Interner {
-    fn intern(&mut self, s: &str) -> u32 {
+    pub(crate) fn intern(&mut self, s: &str) -> u32 {
         if let Some(&i) = self.ids.get(s) {
             return i;
         }
