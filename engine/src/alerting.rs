@@ -259,6 +259,8 @@ pub struct AlertContext {
     pub out: crossbeam_channel::Sender<AlertOut>,
     /// Open alerts and logged sequence numbers found at start.
     pub restored: HashMap<String, Alert>,
+    /// The console's live board (latest values, devices).
+    pub board: Arc<crate::board::Board>,
 }
 
 /// One worker's share of the alert state.
@@ -276,7 +278,12 @@ pub struct AlertWorker {
     logged: HashMap<String, u32>,
     last_tick: i64,
     emitted: Vec<Alert>,
+    board: crate::board::BoardWriter,
 }
+
+/// How long a value counts towards the board's NEWS2 when no NEWS2 rule
+/// says otherwise.
+const BOARD_NEWS2_FRESHNESS_NS: i64 = 5 * 60 * 1_000_000_000;
 
 impl AlertWorker {
     pub fn new(ctx: Arc<AlertContext>, index: usize, peers: usize) -> AlertWorker {
@@ -292,6 +299,7 @@ impl AlertWorker {
             logged: HashMap::new(),
             last_tick: 0,
             emitted: Vec::new(),
+            board: crate::board::BoardWriter::new(ctx.board.clone()),
             ctx: ctx.clone(),
         };
         let mine = |subject: &str| (route_hash(subject) % peers as u64) as usize == index;
@@ -356,6 +364,7 @@ impl AlertWorker {
 
     /// One publish's readings.
     pub fn on_validated(&mut self, v: &Validated) {
+        self.board.on_validated(v);
         match &v.patient {
             Some(p) => {
                 if let Some((a, _)) = self.unbound.remove(&v.device) {
@@ -496,6 +505,7 @@ impl AlertWorker {
                 }
             }
         }
+        self.publish_board(now);
         if now - self.last_tick < TICK_NS {
             return;
         }
@@ -522,6 +532,33 @@ impl AlertWorker {
         self.emit(out);
     }
 
+    /// Hands the console's board what changed (when due), with each
+    /// changed patient's NEWS2 from the same latest values the rules see.
+    fn publish_board(&mut self, now: i64) {
+        let freshness = self
+            .rules
+            .rules
+            .iter()
+            .find_map(|r| match &r.kind {
+                RuleKind::News2(n) => Some(n.freshness_ns),
+                _ => None,
+            })
+            .unwrap_or(BOARD_NEWS2_FRESHNESS_NS);
+        let patients = &self.patients;
+        self.board.on_time(
+            now,
+            patients.keys().map(|p| p.as_str()),
+            |p| {
+                let (score, _) = patients.get(p)?.monitor().news2(freshness, now)?;
+                Some(crate::board::News2 {
+                    score: score.total,
+                    risk: score.risk,
+                    t_ns: now,
+                })
+            },
+        );
+    }
+
     /// Applies the census: new units and beds; discharged patients' alerts
     /// resolve and their state is dropped.
     fn relocate(&mut self, now: i64) {
@@ -539,6 +576,7 @@ impl AlertWorker {
             if let Some(mut p) = self.patients.remove(&pid) {
                 out.extend(p.resolve_all("discharged", now));
             }
+            self.ctx.board.forget(pid.as_str());
         }
         self.emit(out);
     }

@@ -51,13 +51,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         );
 }
 
-fn error(status: u16, message: &str) -> HttpResponse {
+pub(crate) fn error(status: u16, message: &str) -> HttpResponse {
     let mut r = match status {
         400 => HttpResponse::BadRequest(),
         401 => HttpResponse::Unauthorized(),
         403 => HttpResponse::Forbidden(),
         404 => HttpResponse::NotFound(),
         409 => HttpResponse::Conflict(),
+        415 => HttpResponse::UnsupportedMediaType(),
         503 => HttpResponse::ServiceUnavailable(),
         504 => HttpResponse::GatewayTimeout(),
         _ => HttpResponse::InternalServerError(),
@@ -266,26 +267,39 @@ async fn act(api: &Api, req: &HttpRequest, id: &str, action: AlertAction) -> Htt
         Ok(c) => c,
         Err(r) => return r,
     };
-    let Some(item) = api.hub.get(id) else {
+    act_as(&api.hub, &api.commands, &c.id, |u| c.covers(u), id, action).await
+}
+
+/// Sends a clinician's command about alert `id` to the worker that owns
+/// it, if `may` allows its unit, and answers with the alert's new state.
+pub(crate) async fn act_as(
+    hub: &AlertHub,
+    commands: &Commands,
+    by: &str,
+    may: impl Fn(&str) -> bool,
+    id: &str,
+    action: AlertAction,
+) -> HttpResponse {
+    let Some(item) = hub.get(id) else {
         return error(404, &format!("no alert {id}"));
     };
-    if !c.covers(&item.unit) {
+    if !may(&item.unit) {
         return error(
             403,
-            &format!("clinician {} does not cover unit {}", c.id, item.unit),
+            &format!("clinician {by} does not cover unit {}", item.unit),
         );
     }
     if !item.open {
         return error(409, &format!("alert {id} is resolved"));
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let sent = api.commands.send(ClinicalCommand {
+    let sent = commands.send(ClinicalCommand {
         kind: CommandKind::Alert {
             alert: item.id.clone(),
             subject: item.subject.clone(),
             action,
         },
-        by: c.id.clone(),
+        by: by.to_string(),
         at_ns: now_ns(),
         reply: Some(Arc::new(parking_lot::Mutex::new(Some(tx)))),
     });
@@ -315,7 +329,7 @@ async fn act(api: &Api, req: &HttpRequest, id: &str, action: AlertAction) -> Htt
         } else {
             ntex::time::sleep(Duration::from_millis(10)).await;
         }
-        if let Some(now) = api.hub.get(id).filter(|a| a.seq > item.seq) {
+        if let Some(now) = hub.get(id).filter(|a| a.seq > item.seq) {
             return HttpResponse::Ok()
                 .content_type("application/json")
                 .body(now.json.clone());

@@ -77,6 +77,9 @@ pub enum Command {
     /// Clinician accounts for the alert feeds
     #[command(subcommand)]
     Clinicians(crate::clinical_cli::CliniciansCommand),
+    /// Administrator accounts of the web console
+    #[command(subcommand)]
+    Admins(crate::clinical_cli::AdminsCommand),
     /// Record a manual observation (consciousness, oxygen, SpO2 scale) for NEWS2
     Observe(crate::clinical_cli::ObserveArgs),
     /// The alert log
@@ -131,6 +134,9 @@ pub struct ServeArgs {
     /// HTTP listen address for /healthz and /metrics [http.listen, default 127.0.0.1:8080]
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
+    /// The built web console to serve [http.console_dir, default the source tree's console/dist]
+    #[arg(long, value_name = "DIR")]
+    pub console_dir: Option<PathBuf>,
     /// Timely workers per process, 0 = one per core [dataflow.workers, default 0]
     #[arg(long, short = 'w', value_name = "W")]
     pub workers: Option<usize>,
@@ -238,6 +244,9 @@ impl ServeArgs {
         set!(self.mqtt_max_inflight, c.mqtt.max_inflight);
         set!(self.mqtt_max_inflight_bytes, c.mqtt.max_inflight_bytes);
         set!(self.http, c.http.listen);
+        if self.console_dir.is_some() {
+            c.http.console_dir = self.console_dir.clone();
+        }
         set!(self.flight, c.research.flight);
         set!(self.workers, c.dataflow.workers);
         set!(self.processes, c.dataflow.processes);
@@ -498,6 +507,7 @@ pub fn main() -> anyhow::Result<()> {
             crate::keys::run(&effective_config(&cli, &ServeArgs::default())?, cmd)
         }
         Command::Clinicians(cmd) => crate::clinical_cli::clinicians(&data_dir(&cli)?, cmd),
+        Command::Admins(cmd) => crate::clinical_cli::admins(&data_dir(&cli)?, cmd),
         Command::Observe(args) => crate::clinical_cli::observe(&data_dir(&cli)?, args),
         Command::Alerts(cmd) => crate::clinical_cli::alerts(&data_dir(&cli)?, cmd),
         Command::Rules(cmd) => crate::clinical_cli::rules(cmd),

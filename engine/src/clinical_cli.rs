@@ -111,7 +111,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
-use wardflow_ingest::census::{Census, Clinicians, Sex};
+use wardflow_ingest::census::{Admins, Census, Clinicians, Sex};
 use wardflow_ingest::observations::{self, ObservationBody};
 use wardflow_model::{PatientId, now_ns};
 use wardflow_rules::alarm::Alert;
@@ -184,6 +184,23 @@ pub enum CliniciansCommand {
         format: Format,
     },
     /// Remove a clinician
+    Remove { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminsCommand {
+    /// Add a console administrator (every unit, every device); prints a generated secret unless --secret is given
+    Add {
+        id: String,
+        #[arg(long)]
+        secret: Option<String>,
+    },
+    /// List administrators
+    List {
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Remove an administrator
     Remove { id: String },
 }
 
@@ -334,6 +351,48 @@ pub fn clinicians(dir: &Path, cmd: &CliniciansCommand) -> anyhow::Result<()> {
         CliniciansCommand::Remove { id } => {
             Clinicians::remove(dir, id)?;
             println!("clinician {id} removed");
+        }
+    }
+    Ok(())
+}
+
+pub fn admins(dir: &Path, cmd: &AdminsCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminsCommand::Add { id, secret } => {
+            let s = Admins::add(dir, id, secret.clone())?;
+            println!("administrator {id} added");
+            if secret.is_none() {
+                println!("secret: {s}");
+                eprintln!("(shown once: only a salted hash is stored)");
+            }
+        }
+        AdminsCommand::List { format } => {
+            #[derive(Serialize)]
+            struct Row<'a> {
+                id: &'a str,
+                added: String,
+            }
+            let a = Admins::load(dir)?;
+            let rows: Vec<Row> = a
+                .admins
+                .values()
+                .map(|a| Row {
+                    id: &a.id,
+                    added: format_time(a.added_ns),
+                })
+                .collect();
+            let text = Rows {
+                header: vec!["administrator", "added"],
+                rows: rows
+                    .iter()
+                    .map(|r| vec![r.id.into(), r.added.clone()])
+                    .collect(),
+            };
+            crate::cli::print_rows(*format, &text, &rows)?;
+        }
+        AdminsCommand::Remove { id } => {
+            Admins::remove(dir, id)?;
+            println!("administrator {id} removed");
         }
     }
     Ok(())

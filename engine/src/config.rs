@@ -117,8 +117,13 @@ pub struct MqttSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
-    /// Address of the HTTP listener (/healthz, /metrics).
+    /// Address of the HTTP listener (/healthz, /metrics, the alert API and
+    /// the web console).
     pub listen: String,
+    /// The built web console to serve (docs/console.md); default the
+    /// `console/dist` of the source tree the binary was built from. The
+    /// environment variable WARDFLOW_CONSOLE_DIR takes precedence.
+    pub console_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -336,6 +341,7 @@ impl Default for HttpSection {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            console_dir: None,
         }
     }
 }
@@ -597,6 +603,15 @@ impl Config {
             Some(_) => Ok(None),
             None => self.keyring(),
         }
+    }
+
+    /// Where the built web console is: WARDFLOW_CONSOLE_DIR, the
+    /// setting, or the source tree's `console/dist`.
+    pub fn console_dir(&self) -> PathBuf {
+        std::env::var_os("WARDFLOW_CONSOLE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| self.http.console_dir.clone())
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../console/dist"))
     }
 
     pub fn ledger_dir(&self) -> PathBuf {

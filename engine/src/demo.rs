@@ -78,13 +78,84 @@ use crate::cli::{Cli, DemoArgs, effective_config, stop_flag};
 use crate::node::Node;
 use crate::output::{format_time, parse_duration};
 
+/// Where the demo keeps its patients' keys (each a secret URI, as a
+/// patient's wallet would hold it).
+const PATIENT_KEYS: &str = "demo-patient-keys";
+
+/// A demo patient's key, created and registered as their account on
+/// first use.
+fn patient_key(
+    config: &crate::config::Config,
+    patient: &str,
+) -> anyhow::Result<wardflow_ledger_bridge::chain::Keypair> {
+    use wardflow_ledger_bridge::consent::AccountRegistry;
+    let keys = config.data_dir.join(PATIENT_KEYS);
+    std::fs::create_dir_all(&keys)?;
+    let suri = wardflow_ledger_bridge::chain::load_or_create_suri(&keys.join(patient))?;
+    let key = wardflow_ledger_bridge::chain::load_signer(&suri).map_err(anyhow::Error::msg)?;
+    AccountRegistry::register(
+        &config.ledger_dir(),
+        &format!("patient:{patient}"),
+        &key.public_key().0,
+    )?;
+    Ok(key)
+}
+
+/// The console's demo accounts: a clinician for each unit and an
+/// administrator (secrets, on the first run only), and the consent of the
+/// desaturating patient (icu-a) to the icu-b clinician, which the patient
+/// can revoke from the console.
+struct ConsoleAccounts {
+    rn_a: Option<String>,
+    rn_b: Option<String>,
+    admin: Option<String>,
+}
+
+fn console_accounts(config: &crate::config::Config) -> anyhow::Result<ConsoleAccounts> {
+    use wardflow_ingest::census::{Admins, CensusError};
+    use wardflow_ledger_bridge::consent::{ConsentRecord, Terms};
+    let data = &config.data_dir;
+    let clinician = |id: &str, unit: &str| match Clinicians::add(data, id, &[unit.into()], None) {
+        Ok(s) => Ok(Some(s)),
+        Err(CensusError::ClinicianExists(_)) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let rn_a = clinician("demo-rn-a", "icu-a")?;
+    let rn_b = clinician("demo-rn-b", "icu-b")?;
+    let admin = match Admins::add(data, "demo-admin", None) {
+        Ok(s) => Some(s),
+        Err(CensusError::AdminExists(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    for patient in ["demo-desat", "demo-tachy"] {
+        let key = patient_key(config, patient)?;
+        if patient == "demo-desat" && rn_b.is_some() {
+            let terms = Terms {
+                patient: patient.into(),
+                grantee: "demo-rn-b".into(),
+                purpose: "treatment".into(),
+                scope: vec!["vitals".into(), "alerts".into()],
+                not_after_ms: wardflow_ledger_bridge::now_ms() + 30 * 24 * 3600 * 1000,
+                may_delegate: false,
+                nonce: 1,
+            };
+            crate::consent::record_locally(
+                &config.ledger_dir(),
+                &key,
+                &ConsentRecord::Grant(terms),
+            )?;
+        }
+    }
+    Ok(ConsoleAccounts { rn_a, rn_b, admin })
+}
+
 /// Registers the demo study, its researcher (returns the secret, once) and
 /// every simulated patient's consent to it, signed with a key of their own.
 fn demo_study(
     config: &crate::config::Config,
     creds: &[wardflow_simulator::Credential],
 ) -> anyhow::Result<Option<String>> {
-    use wardflow_ledger_bridge::consent::{AccountRegistry, ConsentRecord, Terms};
+    use wardflow_ledger_bridge::consent::{ConsentRecord, Terms};
     use wardflow_research::store::{Researchers, StoreError, add_study};
     let data = &config.data_dir;
     let secret = match Researchers::add(data, "demo-researcher", None) {
@@ -102,13 +173,9 @@ fn demo_study(
         return Ok(None); // consents were given on the first run
     }
     let ledger = config.ledger_dir();
-    let keys = data.join("demo-patient-keys");
-    std::fs::create_dir_all(&keys)?;
     for c in creds {
         let patient = c.patient.as_str();
-        let suri = wardflow_ledger_bridge::chain::load_or_create_suri(&keys.join(patient))?;
-        let key = wardflow_ledger_bridge::chain::load_signer(&suri).map_err(anyhow::Error::msg)?;
-        AccountRegistry::register(&ledger, &format!("patient:{patient}"), &key.public_key().0)?;
+        let key = patient_key(config, patient)?;
         let terms = Terms {
             patient: patient.to_string(),
             grantee: "demo-vitals".into(),
@@ -185,6 +252,7 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let researcher = demo_study(&config, &creds)?;
+    let accounts = console_accounts(&config)?;
     println!(
         "wardflow demo: {} simulated patients in units icu-a and icu-b on MQTT {}, metrics on http://{}/metrics, data in {}",
         args.patients,
@@ -214,6 +282,22 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> anyhow::Result<()> {
             "  python3 -c \"import pyarrow.flight as f; c = f.connect('grpc://{addr}'); o = f.FlightCallOptions(headers=[c.authenticate_basic_token('demo-researcher', '{secret}')]); [print(b.data.to_pylist()) for b in c.do_get(f.Ticket(b'{{\\\"study\\\": \\\"demo-vitals\\\"}}'), o)]\""
         );
     }
+    println!("the web console: http://{}/", node.http_addr);
+    if let Some(s) = &accounts.rn_a {
+        println!("  clinician demo-rn-a (icu-a), secret {s}");
+    }
+    if let Some(s) = &accounts.rn_b {
+        println!(
+            "  clinician demo-rn-b (icu-b), secret {s}; patient demo-desat (icu-a) consented to them"
+        );
+    }
+    if let Some(s) = &accounts.admin {
+        println!("  administrator demo-admin, secret {s}");
+    }
+    println!(
+        "  patients demo-desat and demo-tachy: their keys are in {}",
+        config.data_dir.join(PATIENT_KEYS).display()
+    );
     println!("one line a second; Ctrl-C stops");
 
     let sim_stop = Arc::new(AtomicBool::new(false));

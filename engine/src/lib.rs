@@ -4,7 +4,8 @@
 //! TOML with a flag for every key), the timely dataflow that carries logged
 //! publishes through validation into storage and advances the checkpoint
 //! ([`dataflow`]), the node that starts and stops everything in a safe order
-//! ([`node`]), the HTTP endpoints (`/healthz`, `/metrics`) and the demo. It
+//! ([`node`]), the HTTP endpoints (`/healthz`, `/metrics`, the alert API and
+//! the web console's API and files, [`console`]) and the demo. It
 //! does not parse payloads, speak MQTT or lay out files: `ingest` and
 //! `storage` do, and depend on nothing here.
 //!
@@ -22,10 +23,12 @@
 
 pub mod alerting;
 mod api;
+pub mod board;
 pub mod cli;
 mod clinical_cli;
 pub mod config;
 pub(crate) mod consent;
+pub mod console;
 pub mod dataflow;
 mod demo;
 mod emergency;

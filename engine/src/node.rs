@@ -143,6 +143,7 @@ impl Node {
         let (shards, sources) = Shards::new(workers);
         let (commands, command_rx) = Commands::new(sources[0].wake.clone());
         let hub = AlertHub::new();
+        let board = crate::board::Board::new();
         let restored = alerting::latest(alerting::read_log(&data_dir)?);
         alerting::publish_restored(&hub, &restored);
         // The ledger: the log must know where sealed epochs end, and the
@@ -173,6 +174,10 @@ impl Node {
         }
         let (alert_tx, alert_rx) = crossbeam_channel::unbounded();
         let (consent_tx, consent_rx) = crossbeam_channel::unbounded();
+        // The console reads the accesses in force from the same changes.
+        let access = Arc::new(crate::console::AccessView::default());
+        let consent_rx = access.tee(consent_rx)?;
+        let console_events = ledger.as_ref().map(|l| l.event_sender());
         // Consent records on the chain (or the local consent log): process
         // 0 reads them for the cluster.
         let consent = match &ledger {
@@ -210,6 +215,7 @@ impl Node {
             registry: registry.clone(),
             out: alert_tx,
             restored,
+            board: board.clone(),
         });
         // Research studies: every process sums its readings per window;
         // process 0 releases them and serves them over Flight.
@@ -276,6 +282,7 @@ impl Node {
         )?;
 
         // Listeners.
+        let registry_watch = registry.clone();
         let ingest = Arc::new(IngestContext {
             registry,
             wal: wal.handle.clone(),
@@ -308,7 +315,26 @@ impl Node {
             hub: hub.clone(),
             commands,
         });
-        let net = start_net(config, mqtt_listener, http_listener, ingest, health, api)?;
+        let console = Arc::new(crate::console::Console::new(
+            config,
+            census.clone(),
+            registry_watch,
+            hub.clone(),
+            board.clone(),
+            api.commands.clone(),
+            access,
+            keys.clone(),
+            console_events,
+        ));
+        let net = start_net(
+            config,
+            mqtt_listener,
+            http_listener,
+            ingest,
+            health,
+            api,
+            console,
+        )?;
 
         // Housekeeping.
         let stop = Arc::new(AtomicBool::new(false));
@@ -553,6 +579,7 @@ fn start_net(
     ingest: Arc<IngestContext>,
     health: Arc<Health>,
     api: Arc<crate::api::Api>,
+    console: Arc<crate::console::Console>,
 ) -> anyhow::Result<NetThread> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(1);
@@ -576,9 +603,11 @@ fn start_net(
                             App::new()
                                 .state(health.clone())
                                 .state(api.clone())
+                                .state(console.clone())
                                 .route("/healthz", web::get().to(healthz))
                                 .route("/metrics", web::get().to(metrics))
                                 .configure(crate::api::routes)
+                                .configure(crate::console::routes)
                         })
                         .listen(http)?
                         .workers(1)

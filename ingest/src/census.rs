@@ -20,6 +20,7 @@ use crate::registry::{Registry, RegistryError, SecretHash, VerifiedCache, new_se
 
 pub const PATIENTS_FILE: &str = "patients.json";
 pub const CLINICIANS_FILE: &str = "clinicians.json";
+pub const ADMINS_FILE: &str = "admins.json";
 /// The unit of alerts whose patient is not admitted (or whose device is
 /// unbound): an operator account covering it sees them.
 pub const UNASSIGNED_UNIT: &str = "unassigned";
@@ -44,6 +45,10 @@ pub enum CensusError {
     ClinicianExists(String),
     #[error("clinician {0} does not exist")]
     NoClinician(String),
+    #[error("administrator {0} already exists")]
+    AdminExists(String),
+    #[error("administrator {0} does not exist")]
+    NoAdmin(String),
     #[error("{0:?} is already a device id; clinician and device ids must differ")]
     IdIsDevice(String),
     #[error("{what} {value:?}: {reason}")]
@@ -262,11 +267,63 @@ impl Clinicians {
     }
 }
 
+/// An administrator account of the console (hospital IT): sees every
+/// unit and device. Kept in `admins.json`, the secret only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Admin {
+    pub id: String,
+    #[serde(flatten)]
+    pub secret: SecretHash,
+    pub added_ns: i64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Admins {
+    #[serde(default)]
+    pub admins: BTreeMap<String, Admin>,
+}
+
+impl Admins {
+    pub fn load(dir: &Path) -> Result<Admins, CensusError> {
+        Ok(jsonstore::load(dir, ADMINS_FILE)?)
+    }
+
+    /// Adds an account; returns its secret (generated unless given).
+    pub fn add(dir: &Path, id: &str, secret: Option<String>) -> Result<String, CensusError> {
+        check_name("administrator id", id)?;
+        let secret = new_secret(secret)?;
+        jsonstore::update(dir, ADMINS_FILE, |a: &mut Admins| {
+            if a.admins.contains_key(id) {
+                return Err(CensusError::AdminExists(id.into()));
+            }
+            a.admins.insert(
+                id.into(),
+                Admin {
+                    id: id.into(),
+                    secret: SecretHash::new(&secret),
+                    added_ns: now_ns(),
+                },
+            );
+            Ok(())
+        })?;
+        Ok(secret)
+    }
+
+    pub fn remove(dir: &Path, id: &str) -> Result<Admin, CensusError> {
+        jsonstore::update(dir, ADMINS_FILE, |a: &mut Admins| {
+            a.admins
+                .remove(id)
+                .ok_or_else(|| CensusError::NoAdmin(id.into()))
+        })
+    }
+}
+
 /// The census and clinician accounts as the server sees them.
 pub struct CensusWatcher {
     dir: std::path::PathBuf,
     pub patients: Arc<Watched<Census>>,
     pub clinicians: Arc<Watched<Clinicians>>,
+    pub admins: Arc<Watched<Admins>>,
     verified: VerifiedCache,
 }
 
@@ -276,6 +333,7 @@ impl CensusWatcher {
             dir: dir.to_path_buf(),
             patients: Watched::open(dir, PATIENTS_FILE)?,
             clinicians: Watched::open(dir, CLINICIANS_FILE)?,
+            admins: Watched::open(dir, ADMINS_FILE)?,
             verified: VerifiedCache::default(),
         }))
     }
@@ -288,6 +346,16 @@ impl CensusWatcher {
     pub fn spawn_pollers(&self, period: Duration) {
         self.patients.spawn_poller(period);
         self.clinicians.spawn_poller(period);
+        self.admins.spawn_poller(period);
+    }
+
+    /// The administrator with this id and secret.
+    pub fn authenticate_admin(&self, id: &str, secret: &[u8]) -> Option<Admin> {
+        let all = self.admins.snapshot();
+        let a = all.admins.get(id)?;
+        self.verified
+            .check(&format!("admin:{id}"), &a.secret, secret)
+            .then(|| a.clone())
     }
 
     /// The clinician with this id and secret.
@@ -377,5 +445,25 @@ mod tests {
             Err(CensusError::ClinicianExists(_))
         ));
         assert!(Clinicians::add(dir.path(), "rn-2", &[], None).is_err());
+    }
+
+    #[test]
+    fn admins_authenticate_apart_from_clinicians() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = Admins::add(dir.path(), "it-1", None).unwrap();
+        let w = CensusWatcher::open(dir.path()).unwrap();
+        assert!(w.authenticate_admin("it-1", secret.as_bytes()).is_some());
+        assert!(w.authenticate_admin("it-1", b"wrong-secret-000").is_none());
+        // An administrator is not a clinician, and the other way round.
+        assert!(w.authenticate("it-1", secret.as_bytes()).is_none());
+        assert!(matches!(
+            Admins::add(dir.path(), "it-1", None),
+            Err(CensusError::AdminExists(_))
+        ));
+        Admins::remove(dir.path(), "it-1").unwrap();
+        assert!(matches!(
+            Admins::remove(dir.path(), "it-1"),
+            Err(CensusError::NoAdmin(_))
+        ));
     }
 }

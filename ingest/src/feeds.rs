@@ -99,6 +99,9 @@ struct Subscriber {
 /// (the audit trail records it as an access to the patient's data).
 pub type DeliveryObserver = Arc<dyn Fn(&FeedItem, &str) + Send + Sync>;
 
+/// A subscription unit that stands for every unit (administrators).
+pub const ALL_UNITS: &str = "*";
+
 /// The open alerts and the connections that follow them.
 #[derive(Default)]
 pub struct AlertHub {
@@ -289,9 +292,11 @@ impl AlertHub {
         }
         let mut to = Vec::new();
         self.subscribers.lock().retain(|id, s| {
-            if !s.units.lock().contains(&item.unit) {
+            let units = s.units.lock();
+            if !units.contains(&item.unit) && !units.contains(ALL_UNITS) {
                 return true;
             }
+            drop(units);
             match s.tx.try_send(item.clone()) {
                 Ok(()) => {
                     to.push(s.who.clone());
