@@ -545,18 +545,15 @@ impl AlertWorker {
             })
             .unwrap_or(BOARD_NEWS2_FRESHNESS_NS);
         let patients = &self.patients;
-        self.board.on_time(
-            now,
-            patients.keys().map(|p| p.as_str()),
-            |p| {
+        self.board
+            .on_time(now, patients.keys().map(|p| p.as_str()), |p| {
                 let (score, _) = patients.get(p)?.monitor().news2(freshness, now)?;
                 Some(crate::board::News2 {
                     score: score.total,
                     risk: score.risk,
                     t_ns: now,
                 })
-            },
-        );
+            });
     }
 
     /// Applies the census: new units and beds; discharged patients' alerts

@@ -123,7 +123,9 @@ impl DeviceStat {
                 None => self.recent.push_back((s, n)),
             }
         }
-        self.recent.make_contiguous().sort_unstable_by_key(|(s, _)| *s);
+        self.recent
+            .make_contiguous()
+            .sort_unstable_by_key(|(s, _)| *s);
         if let Some(last) = self.recent.back().map(|(s, _)| *s) {
             let oldest = last - RATE_WINDOW_NS / 1_000_000_000;
             self.recent.retain(|(s, _)| *s > oldest);

@@ -83,3 +83,13 @@ fn encryption_at_rest_and_erasure() {
 fn export_validates_as_fhir_and_reads_back_with_pyarrow() {
     run_python("test_export.py");
 }
+
+/// The web console's API with urllib and paho-mqtt: sessions in HTTP-only
+/// cookies, what clinicians, administrators and patients may see, the
+/// live stream and the end of an access at a revocation, trends, devices,
+/// the patient's consent pages and access log, the console's files and
+/// the page served when they are missing.
+#[test]
+fn console_api_with_real_clients() {
+    run_python("test_console.py");
+}

@@ -53,7 +53,10 @@ pub(super) fn signed_by_patient(
     }
 }
 
-fn patient_session(console: &super::Console, req: &HttpRequest) -> Result<std::sync::Arc<Session>, HttpResponse> {
+fn patient_session(
+    console: &super::Console,
+    req: &HttpRequest,
+) -> Result<std::sync::Arc<Session>, HttpResponse> {
     let s = console.session(req)?;
     if s.role != Role::Patient {
         return Err(error(403, "this page is the patient's own"));
@@ -221,10 +224,15 @@ pub(super) async fn submit(console: State, req: HttpRequest, body: Bytes) -> Htt
                 "wardflow consent revoke --key <your key file> --patient {} --grant {grant}",
                 s.id
             ),
-            _ => format!(
-                "wardflow consent grant --key <your key file> --patient {} ...",
-                s.id
+            ConsentRecord::Grant(t) => format!(
+                "wardflow consent grant --key <your key file> --patient {} --to {} --purpose {} --scope {} --minutes {}",
+                s.id,
+                t.grantee,
+                t.purpose,
+                t.scope.join(","),
+                t.not_after_ms.saturating_sub(now_ms()) / 60_000
             ),
+            ConsentRecord::Delegate { .. } => unreachable!("refused above"),
         };
         return HttpResponse::Conflict()
             .content_type("application/json")
@@ -278,5 +286,45 @@ pub(super) async fn access_log(console: State, req: HttpRequest) -> HttpResponse
         ),
         Ok(Err(e)) => error(500, &format!("{e:#}")),
         Err(_) => error(500, "the access log could not be read"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The browser derives a patient's key from the seed in their key
+    /// file with @scure/sr25519 (`secretFromSeed`, schnorrkel's Ed25519
+    /// expansion); this is the public key it derives from the seed
+    /// 0x00…01, which must be the account the server checks against.
+    #[test]
+    fn the_browser_and_the_server_derive_the_same_account() {
+        let seed = format!("0x{}01", "00".repeat(31));
+        let key = wardflow_ledger_bridge::chain::load_signer(&seed).unwrap();
+        assert_eq!(
+            hex(&key.public_key().0),
+            "3a3d45dc55b57bf542f4c6ff41af080ec675317f4ed50ae1d2713bf9f892692d"
+        );
+    }
+
+    #[test]
+    fn a_signature_counts_only_from_the_registered_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let bob =
+            wardflow_ledger_bridge::chain::load_signer(&format!("0x{}", "11".repeat(32))).unwrap();
+        let eve =
+            wardflow_ledger_bridge::chain::load_signer(&format!("0x{}", "22".repeat(32))).unwrap();
+        AccountRegistry::register(dir.path(), "patient:p-1", &bob.public_key().0).unwrap();
+        let msg = b"wardflow-console-login:p-1:00";
+        let good = hex(&bob.sign(msg).0);
+        assert!(signed_by_patient(dir.path(), "p-1", msg, &good).is_ok());
+        assert!(signed_by_patient(dir.path(), "p-1", b"another message", &good).is_err());
+        let bad = hex(&eve.sign(msg).0);
+        assert!(signed_by_patient(dir.path(), "p-1", msg, &bad).is_err());
+        assert!(
+            signed_by_patient(dir.path(), "p-2", msg, &good).is_err(),
+            "no account"
+        );
+        assert!(signed_by_patient(dir.path(), "p-1", msg, "zz").is_err());
     }
 }

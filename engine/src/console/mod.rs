@@ -145,10 +145,7 @@ impl Console {
             Role::Clinician => {
                 let census = self.census.patients.snapshot();
                 let units = self.census.units_of(&s.id);
-                if census
-                    .get(patient)
-                    .is_some_and(|a| units.iter().any(|u| *u == a.unit))
-                {
+                if census.get(patient).is_some_and(|a| units.contains(&a.unit)) {
                     return Some(Via::Unit);
                 }
                 let now_ms = (now_ns() / 1_000_000) as u64;
@@ -178,13 +175,13 @@ impl Console {
                 let mut v: Vec<(Admission, Via)> = census
                     .patients
                     .values()
-                    .filter(|a| units.iter().any(|u| *u == a.unit))
+                    .filter(|a| units.contains(&a.unit))
                     .map(|a| (a.clone(), Via::Unit))
                     .collect();
                 let now_ms = (now_ns() / 1_000_000) as u64;
                 for p in self.access.patients_of(&s.id, now_ms) {
                     if let Some(a) = census.get(&p)
-                        && !units.iter().any(|u| *u == a.unit)
+                        && !units.contains(&a.unit)
                         && let Some(access) = self.access.for_clinician(&p, &s.id, now_ms)
                     {
                         v.push((a.clone(), Via::Access(access)));
@@ -398,8 +395,13 @@ fn check_login(console: &Console, login: Login) -> Option<(Role, String)> {
                 (Some(challenge), Some(signature), None) => {
                     // Taken first: a challenge is good for one attempt.
                     console.sessions.take_challenge(&challenge, &patient)
-                        && mine::signed_by_patient(&ledger, &patient, challenge.as_bytes(), &signature)
-                            .is_ok()
+                        && mine::signed_by_patient(
+                            &ledger,
+                            &patient,
+                            challenge.as_bytes(),
+                            &signature,
+                        )
+                        .is_ok()
                 }
                 _ => false,
             };
@@ -477,9 +479,9 @@ fn tile_json(
         devices = t.devices.iter().map(|(d, _)| d.clone()).collect();
         offline = t.last_heard_ns().is_none_or(|h| now - h > OFFLINE_NS);
     }
-    let news2 = tile.and_then(|t| t.news2).map(|n| {
-        json!({ "score": n.score, "risk": n.risk, "t": n.t_ns / 1_000_000 })
-    });
+    let news2 = tile
+        .and_then(|t| t.news2)
+        .map(|n| json!({ "score": n.score, "risk": n.risk, "t": n.t_ns / 1_000_000 }));
     (offline, alarm, via.name(), &adm.unit, &adm.bed).hash(&mut key);
     let v = json!({
         "patient": adm.patient.as_str(),
@@ -554,11 +556,7 @@ async fn alerts(console: State, req: HttpRequest) -> HttpResponse {
         .body(body)
 }
 
-async fn ack(
-    console: State,
-    req: HttpRequest,
-    id: web::types::Path<String>,
-) -> HttpResponse {
+async fn ack(console: State, req: HttpRequest, id: web::types::Path<String>) -> HttpResponse {
     act(&console, &req, &id, AlertAction::Acknowledge).await
 }
 
@@ -642,7 +640,9 @@ fn device_rows(console: &Console, s: &Session) -> Vec<serde_json::Value> {
 
 async fn devices(console: State, req: HttpRequest) -> HttpResponse {
     match console.session(&req) {
-        Ok(s) if s.role == Role::Patient => error(403, "devices are for clinicians and administrators"),
+        Ok(s) if s.role == Role::Patient => {
+            error(403, "devices are for clinicians and administrators")
+        }
         Ok(s) => ok_json(device_rows(&console, &s)),
         Err(r) => r,
     }

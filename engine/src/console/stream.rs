@@ -104,8 +104,10 @@ impl ConsoleStream {
             return;
         }
         let rows = device_rows(&self.console, &self.session);
-        self.queue
-            .push_back(event("devices", &serde_json::to_vec(&rows).unwrap_or_default()));
+        self.queue.push_back(event(
+            "devices",
+            &serde_json::to_vec(&rows).unwrap_or_default(),
+        ));
     }
 
     fn alert(&mut self, item: &FeedItem) {
@@ -140,11 +142,12 @@ impl Stream for ConsoleStream {
             if self.tick.poll_tick(cx).is_ready() {
                 self.ticks += 1;
                 self.refresh_tiles();
-                if self.ticks % DEVICE_TICKS == 0 {
+                if self.ticks.is_multiple_of(DEVICE_TICKS) {
                     self.devices();
                 }
-                if self.ticks % KEEPALIVE_TICKS == 0 {
-                    self.queue.push_back(Bytes::from_static(b": keep-alive\n\n"));
+                if self.ticks.is_multiple_of(KEEPALIVE_TICKS) {
+                    self.queue
+                        .push_back(Bytes::from_static(b": keep-alive\n\n"));
                 }
                 moved = true;
             }
@@ -178,7 +181,8 @@ pub(super) async fn stream(console: State, req: HttpRequest) -> HttpResponse {
         console: console.clone(),
     };
     let hello = super::me_json(&session, &console);
-    s.queue.push_back(event("hello", hello.to_string().as_bytes()));
+    s.queue
+        .push_back(event("hello", hello.to_string().as_bytes()));
     s.refresh_tiles();
     let all = units.contains(super::ALL_UNITS);
     for item in console.hub.open_alerts(None) {

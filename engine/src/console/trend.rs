@@ -47,10 +47,7 @@ pub(super) async fn trend(
         return error(400, "not a patient id");
     }
     let Some(via) = console.may_see(&s, &patient) else {
-        return error(
-            403,
-            &format!("{} may not see patient {patient}", s.actor()),
-        );
+        return error(403, &format!("{} may not see patient {patient}", s.actor()));
     };
     console.record_view(
         &s,
@@ -62,8 +59,7 @@ pub(super) async fn trend(
     let c = console.get_ref().clone();
     let to_ns = now_ns();
     let from_ns = to_ns - hours as i64 * 3_600_000_000_000;
-    let answer =
-        ntex::rt::spawn_blocking(move || build(&c, &patient, from_ns, to_ns)).await;
+    let answer = ntex::rt::spawn_blocking(move || build(&c, &patient, from_ns, to_ns)).await;
     match answer {
         Ok(Ok(v)) => super::ok_json(v),
         Ok(Err(e)) => error(500, &format!("{e:#}")),
@@ -166,7 +162,14 @@ fn build(
                     seq: row.seq,
                     quality: Quality(row.quality),
                 };
-                monitor.on_reading(&rules, &applies, &row.device, row.received_ns, &reading, &mut events);
+                monitor.on_reading(
+                    &rules,
+                    &applies,
+                    &row.device,
+                    row.received_ns,
+                    &reading,
+                    &mut events,
+                );
             }
             r += 1;
         }
@@ -237,7 +240,11 @@ mod tests {
         let mut s = Series::default();
         for i in 0..n {
             s.t.push(i as i64);
-            s.v.push(if i == 12_345 { 250.0 } else { 80.0 + (i % 7) as f64 });
+            s.v.push(if i == 12_345 {
+                250.0
+            } else {
+                80.0 + (i % 7) as f64
+            });
         }
         let t = s.thinned();
         assert!(t.t.len() <= MAX_POINTS + 2);
