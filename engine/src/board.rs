@@ -85,7 +85,9 @@ impl DeviceStat {
     }
 
     fn on_publish(&mut self, at_ns: TimestampNs, patient: Option<&str>) {
-        self.patient = patient.map(str::to_string);
+        if self.patient.as_deref() != patient {
+            self.patient = patient.map(str::to_string);
+        }
         self.last_seen_ns = Some(self.last_seen_ns.map_or(at_ns, |t| t.max(at_ns)));
         let second = at_ns / 1_000_000_000;
         match self.recent.back_mut() {
@@ -270,13 +272,22 @@ impl BoardWriter {
         }
     }
 
-    /// One publish after validation.
+    /// One publish after validation. Allocates only for a device or
+    /// patient not yet seen since the last publish.
     pub fn on_validated(&mut self, v: &Validated) {
         let device = v.device.as_str();
-        let stat = self.devices.entry(device.to_string()).or_default();
-        let (max_seq, gaps) = self.seqs.get(device).copied().unwrap_or_default();
-        stat.max_seq = max_seq;
-        stat.gaps = gaps;
+        if !self.devices.contains_key(device) {
+            let (max_seq, gaps) = self.seqs.get(device).copied().unwrap_or_default();
+            self.devices.insert(
+                device.to_string(),
+                DeviceStat {
+                    max_seq,
+                    gaps,
+                    ..Default::default()
+                },
+            );
+        }
+        let stat = self.devices.get_mut(device).expect("inserted");
         stat.on_publish(v.received_ns, v.patient.as_ref().map(|p| p.as_str()));
         for r in v.readings.iter() {
             if let Some(s) = r.seq {
@@ -287,12 +298,21 @@ impl BoardWriter {
             stat.dead_letters += 1;
             stat.last_dead_reason = Some(d.reason.code().to_string());
         }
-        self.seqs
-            .insert(device.to_string(), (stat.max_seq, stat.gaps));
+        match self.seqs.get_mut(device) {
+            Some(s) => *s = (stat.max_seq, stat.gaps),
+            None => {
+                self.seqs
+                    .insert(device.to_string(), (stat.max_seq, stat.gaps));
+            }
+        }
         let Some(p) = &v.patient else {
             return;
         };
-        let patch = self.tiles.entry(p.as_str().to_string()).or_default();
+        if !self.tiles.contains_key(p.as_str()) {
+            self.tiles
+                .insert(p.as_str().to_string(), TilePatch::default());
+        }
+        let patch = self.tiles.get_mut(p.as_str()).expect("inserted");
         for r in v.readings.iter() {
             let m = r.metric as usize;
             if patch.values[m].is_none_or(|old| old.t_ns <= r.time_ns) {
