@@ -43,7 +43,7 @@ fn console_end_to_end_in_chromium() {
         "no browser test may be skipped:\n{stdout}"
     );
     assert!(
-        stdout.contains("# pass 5"),
+        stdout.contains("# pass 6"),
         "every browser test ran:\n{stdout}"
     );
 }

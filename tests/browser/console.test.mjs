@@ -8,6 +8,8 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import {
   HERE, launch, screenshot, signIn, startDemo, subscribe, waitFor, wardflowBackground,
@@ -15,6 +17,20 @@ import {
 
 let demo;
 let browser;
+
+/** axe-core's script, injected into pages to check them (WCAG 2.1 AA). */
+const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/** The WCAG A and AA violations axe finds on the page, serious or critical. */
+async function accessibilityViolations(page) {
+  await page.addScriptTag({ content: AXE });
+  const result = await page.evaluate(async () =>
+    // eslint-disable-next-line no-undef
+    axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } }));
+  return result.violations
+    .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    .map((v) => `${v.id} (${v.impact}): ${v.help} — ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join('; ')}`);
+}
 
 before(async () => {
   demo = await startDemo({ patients: 20 });
@@ -173,6 +189,43 @@ describe('console', () => {
     assert.ok(['A', 'BUTTON', 'SELECT', 'INPUT'].includes(focused), `focus on ${focused}`);
     await screenshot(page, '08-devices');
     await context.close();
+  });
+
+  test('every screen passes axe-core\'s WCAG 2.1 AA checks, and a tablet can use the overview', async () => {
+    // The sign-in page.
+    // The console's policy allows only its own scripts: axe comes in past it.
+    const anon = await browser.newContext({ bypassCSP: true });
+    const login = await anon.newPage();
+    await login.goto(demo.url);
+    await login.getByTestId('login-submit').waitFor();
+    assert.deepEqual(await accessibilityViolations(login), [], 'sign-in page');
+    await anon.close();
+    // A clinician's screens, on a tablet (768 px wide, touch).
+    const tablet = await browser.newContext({ viewport: { width: 768, height: 1024 }, hasTouch: true, isMobile: true, bypassCSP: true });
+    const page = await signIn(tablet, demo.url, { role: 'clinician', id: 'demo-rn-b', secret: demo.rnB });
+    await page.getByTestId('tile-bed-patient-0001').waitFor({ timeout: 10_000 });
+    assert.deepEqual(await accessibilityViolations(page), [], 'overview');
+    const width = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(width <= 768, `no sideways scrolling on a tablet (${width} px)`);
+    const target = await page.getByTestId('nav-alerts').boundingBox();
+    assert.ok(target.height >= 44, `touch targets are at least 44 px (${target.height})`);
+    await screenshot(page, '10-tablet-overview');
+    for (const [nav, ready] of [['nav-alerts', 'nav-alerts'], ['nav-devices', 'device-bed-0001']]) {
+      await page.getByTestId(nav).click();
+      await page.getByTestId(ready).first().waitFor({ timeout: 10_000 });
+      assert.deepEqual(await accessibilityViolations(page), [], nav);
+    }
+    await page.goto(`${demo.url}#/patient/bed-patient-0001`);
+    await page.getByTestId('chart-hr').waitFor({ timeout: 10_000 });
+    assert.deepEqual(await accessibilityViolations(page), [], 'patient page');
+    await tablet.close();
+    // The patient's own page.
+    const home = await browser.newContext({ bypassCSP: true });
+    const patient = await signIn(home, demo.url, { role: 'patient', patient: 'demo-tachy', key: demo.patientKey('demo-tachy') });
+    await patient.getByTestId('nav-me').click();
+    await patient.getByTestId('access-row').first().waitFor({ timeout: 10_000 }).catch(() => {});
+    assert.deepEqual(await accessibilityViolations(patient), [], 'my data');
+    await home.close();
   });
 
   test('a wrong secret is refused with a message, and the API refuses without a session', async () => {
