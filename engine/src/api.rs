@@ -59,6 +59,7 @@ pub(crate) fn error(status: u16, message: &str) -> HttpResponse {
         404 => HttpResponse::NotFound(),
         409 => HttpResponse::Conflict(),
         415 => HttpResponse::UnsupportedMediaType(),
+        429 => HttpResponse::TooManyRequests(),
         503 => HttpResponse::ServiceUnavailable(),
         504 => HttpResponse::GatewayTimeout(),
         _ => HttpResponse::InternalServerError(),

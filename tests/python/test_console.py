@@ -64,6 +64,7 @@ class ConsoleApi(unittest.TestCase):
         cls.rn_a = secret(wardflow(data, "clinicians", "add", "rn-a", "--units", "icu-a").stdout)
         cls.rn_b = secret(wardflow(data, "clinicians", "add", "rn-b", "--units", "icu-b").stdout)
         cls.admin = secret(wardflow(data, "admins", "add", "it-1").stdout)
+        cls.admin2 = secret(wardflow(data, "admins", "add", "it-2").stdout)
         cls.key = os.path.join(cls.server.tmp.name, "p-a.key")
         wardflow(data, "consent", "keygen", "--out", cls.key)
         wardflow(data, "consent", "register", "--patient", "p-a", "--key", cls.key)
@@ -135,6 +136,13 @@ class ConsoleApi(unittest.TestCase):
         self.assertEqual(Browser(self.port).sign_in(role="admin", id="rn-a", secret=self.rn_a)[0], 401)
         # A patient's token signed by another key is refused.
         self.assertEqual(Browser(self.port).sign_in(role="patient", patient="p-b", token="1:00")[0], 401)
+        # Guessing: after five failures an account waits, whatever is tried.
+        guesser = Browser(self.port)
+        codes = [guesser.sign_in(role="admin", id="it-2", secret=f"guess-{i:012d}")[0] for i in range(6)]
+        self.assertEqual(codes, [401] * 5 + [429])
+        self.assertEqual(guesser.sign_in(role="admin", id="it-2", secret=self.admin2)[0], 429)
+        self.assertEqual(Browser(self.port).sign_in(role="admin", id="it-1", secret=self.admin)[0], 200,
+                         "another account is not held up")
         self.assertEqual(b.call("POST", "/v1/console/logout")[0], 200)
         self.assertEqual(b.call("GET", "/v1/console/me")[0], 401, "signed out")
 

@@ -328,6 +328,17 @@ enum Login {
     },
 }
 
+impl Login {
+    /// The account a sign-in is for (failures are counted per account).
+    fn account(&self) -> String {
+        match self {
+            Login::Clinician { id, .. } => format!("clinician:{id}"),
+            Login::Admin { id, .. } => format!("admin:{id}"),
+            Login::Patient { patient, .. } => format!("patient:{patient}"),
+        }
+    }
+}
+
 fn me_json(s: &Session, console: &Console) -> serde_json::Value {
     json!({
         "role": s.role,
@@ -345,6 +356,13 @@ async fn login(console: State, req: HttpRequest, body: ntex::util::Bytes) -> Htt
         Ok(l) => l,
         Err(e) => return error(400, &format!("not a sign-in request: {e}")),
     };
+    let account = login.account();
+    if !console.sessions.may_try(&account) {
+        return error(
+            429,
+            "too many failed sign-ins for this account: wait a minute and try again",
+        );
+    }
     let c = console.get_ref().clone();
     // Key derivation and signature checks take milliseconds: off the I/O thread.
     let who = ntex::rt::spawn_blocking(move || check_login(&c, login))
@@ -352,9 +370,11 @@ async fn login(console: State, req: HttpRequest, body: ntex::util::Bytes) -> Htt
         .ok()
         .flatten();
     let Some((role, id)) = who else {
-        tracing::info!("console sign-in refused");
+        console.sessions.failed(&account);
+        tracing::info!(%account, "console sign-in refused");
         return error(401, "wrong id, secret, key or token");
     };
+    console.sessions.succeeded(&account);
     let (token, session) = console.sessions.open(role, &id);
     HttpResponse::Ok()
         .content_type("application/json")

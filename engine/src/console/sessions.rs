@@ -25,6 +25,13 @@ const MAX_CHALLENGES: usize = 10_000;
 const MAX_SESSIONS: usize = 100_000;
 /// What a patient's key signs to sign in: this, the patient, a nonce.
 pub const CHALLENGE_PREFIX: &str = "wardflow-console-login";
+/// Failed sign-ins of one account before it must wait.
+const MAX_FAILURES: u32 = 5;
+/// How long an account waits after too many failures, and how long a
+/// failure counts.
+const LOCKOUT: Duration = Duration::from_secs(60);
+/// Accounts with failures remembered at most.
+const MAX_FAILING: usize = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -63,6 +70,8 @@ impl Session {
 pub struct Sessions {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     challenges: Mutex<HashMap<String, (String, Instant)>>,
+    /// Failed sign-ins per account: how many, and the last one's time.
+    failures: Mutex<HashMap<String, (u32, Instant)>>,
 }
 
 fn random_hex<const N: usize>() -> String {
@@ -126,6 +135,36 @@ impl Sessions {
         c
     }
 
+    /// Whether `account` may try to sign in now: not after
+    /// [`MAX_FAILURES`] failures within [`LOCKOUT`] of each other, until
+    /// [`LOCKOUT`] has passed since the last.
+    pub fn may_try(&self, account: &str) -> bool {
+        match self.failures.lock().get(account) {
+            Some((n, last)) => *n < MAX_FAILURES || last.elapsed() >= LOCKOUT,
+            None => true,
+        }
+    }
+
+    /// Counts a failed sign-in of `account`.
+    pub fn failed(&self, account: &str) {
+        let mut all = self.failures.lock();
+        if all.len() >= MAX_FAILING {
+            all.retain(|_, (_, last)| last.elapsed() < LOCKOUT);
+        }
+        let e = all
+            .entry(account.to_string())
+            .or_insert((0, Instant::now()));
+        if e.1.elapsed() >= LOCKOUT {
+            e.0 = 0;
+        }
+        *e = (e.0 + 1, Instant::now());
+    }
+
+    /// Forgets an account's failures (it signed in).
+    pub fn succeeded(&self, account: &str) {
+        self.failures.lock().remove(account);
+    }
+
     /// Takes a challenge issued for `patient`, if it is outstanding.
     pub fn take_challenge(&self, challenge: &str, patient: &str) -> bool {
         match self.challenges.lock().remove(challenge) {
@@ -151,6 +190,22 @@ mod tests {
         assert!(s.get(&a).is_none());
         assert!(s.get(&b).is_some());
         assert!(s.get("not-a-token").is_none());
+    }
+
+    #[test]
+    fn repeated_failures_make_an_account_wait() {
+        let s = Sessions::default();
+        for _ in 0..MAX_FAILURES {
+            assert!(s.may_try("clinician:rn-1"));
+            s.failed("clinician:rn-1");
+        }
+        assert!(!s.may_try("clinician:rn-1"));
+        assert!(
+            s.may_try("clinician:rn-2"),
+            "other accounts are not held up"
+        );
+        s.succeeded("clinician:rn-1");
+        assert!(s.may_try("clinician:rn-1"));
     }
 
     #[test]
