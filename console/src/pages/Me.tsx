@@ -9,6 +9,7 @@ import { patientHref } from '../router';
 import { useAuth } from '../auth';
 import { useLive } from '../stream';
 import type { AccessRow, Consent } from '../types';
+import { Table } from '../components/Table';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const errText = (e: unknown) => (e instanceof Error ? e.message : String(e));
@@ -145,60 +146,44 @@ function Consents() {
       )}
       {list && list.length === 0 && <p className="muted">No consents recorded.</p>}
       {list && list.length > 0 && (
-        <div className="table-wrap">
-          <table>
-            <thead>
-              <tr>
-                <th scope="col">Grant</th>
-                <th scope="col">Grantee</th>
-                <th scope="col">Purpose</th>
-                <th scope="col">Scope</th>
-                <th scope="col">Until</th>
-                <th scope="col">Recorded</th>
-                <th scope="col">Status</th>
-                <th scope="col">Action</th>
-              </tr>
-            </thead>
-            <tbody>
-              {list.map((c) => (
-                <tr
-                  key={c.id}
-                  data-testid={`consent-${c.id}`}
-                  data-revoked={String(c.revoked)}
-                  data-in-force={String(c.in_force)}
-                >
-                  <th scope="row" className="mono small">
-                    {c.id}
-                    {c.parent && <div className="muted">from {c.parent}</div>}
-                  </th>
-                  <td>
-                    {c.grantee}
-                    {c.may_delegate && <div className="small muted">may delegate</div>}
-                  </td>
-                  <td>{c.purpose}</td>
-                  <td>{c.scope.join(', ')}</td>
-                  <td>{dateTime(asMs(c.not_after))}</td>
-                  <td>
-                    {dateTime(c.recorded)}
-                    <div className="small muted">block {c.block}</div>
-                  </td>
-                  <td>
-                    <span className={`badge ${c.in_force ? 'status-online' : 'status-offline'}`}>
-                      {c.revoked ? 'revoked' : c.in_force ? 'in force' : 'not in force'}
-                    </span>
-                  </td>
-                  <td>
-                    {c.in_force && !c.revoked && (
-                      <button type="button" data-testid={`revoke-${c.id}`} disabled={busy} onClick={() => revoke(c.id)}>
-                        Revoke
-                      </button>
-                    )}
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <Table columns={['Grant', 'Grantee', 'Purpose', 'Scope', 'Until', 'Recorded', 'Status', 'Action']}>
+          {list.map((c) => (
+            <tr
+              key={c.id}
+              data-testid={`consent-${c.id}`}
+              data-revoked={String(c.revoked)}
+              data-in-force={String(c.in_force)}
+            >
+              <th scope="row" className="mono small">
+                {c.id}
+                {c.parent && <div className="muted">from {c.parent}</div>}
+              </th>
+              <td>
+                {c.grantee}
+                {c.may_delegate && <div className="small muted">may delegate</div>}
+              </td>
+              <td>{c.purpose}</td>
+              <td>{c.scope.join(', ')}</td>
+              <td>{dateTime(asMs(c.not_after))}</td>
+              <td>
+                {dateTime(c.recorded)}
+                <div className="small muted">block {c.block}</div>
+              </td>
+              <td>
+                <span className={`badge ${c.in_force ? 'status-online' : 'status-offline'}`}>
+                  {c.revoked ? 'revoked' : c.in_force ? 'in force' : 'not in force'}
+                </span>
+              </td>
+              <td>
+                {c.in_force && !c.revoked && (
+                  <button type="button" data-testid={`revoke-${c.id}`} disabled={busy} onClick={() => revoke(c.id)}>
+                    Revoke
+                  </button>
+                )}
+              </td>
+            </tr>
+          ))}
+        </Table>
       )}
 
       {awaitingKey && (
@@ -403,34 +388,20 @@ function AccessLog() {
       )}
       {rows && rows.length === 0 && <p className="muted">No access recorded.</p>}
       {rows && rows.length > 0 && (
-        <div className="table-wrap">
-          <table>
-            <thead>
-              <tr>
-                <th scope="col">Time</th>
-                <th scope="col">Actor</th>
-                <th scope="col">Action</th>
-                <th scope="col">Purpose</th>
-                <th scope="col">Detail</th>
-                <th scope="col">Proof</th>
-              </tr>
-            </thead>
-            <tbody>
-              {rows.map((r, i) => (
-                <tr key={i} data-testid="access-row">
-                  <td>{dateTime(r.at)}</td>
-                  <td>{r.actor}</td>
-                  <td>{r.action}</td>
-                  <td>{r.purpose}</td>
-                  <td className="small">{r.detail}</td>
-                  <td>
-                    <span className={`badge proof proof-${r.proof.replace(/[^a-z0-9-]/gi, '')}`}>{r.proof}</span>
-                  </td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <Table columns={['Time', 'Actor', 'Action', 'Purpose', 'Detail', 'Proof']}>
+          {rows.map((r, i) => (
+            <tr key={i} data-testid="access-row">
+              <td>{dateTime(r.at)}</td>
+              <td>{r.actor}</td>
+              <td>{r.action}</td>
+              <td>{r.purpose}</td>
+              <td className="small">{r.detail}</td>
+              <td>
+                <span className={`badge proof proof-${r.proof.replace(/[^a-z0-9-]/gi, '')}`}>{r.proof}</span>
+              </td>
+            </tr>
+          ))}
+        </Table>
       )}
     </section>
   );

@@ -9,6 +9,7 @@ import { TrendChart, type Marker, type SeriesDef } from '../components/TrendChar
 import { clock, dateTime, nsToMs } from '../format';
 import { useLive, useStore } from '../stream';
 import type { Alert, Metric, Observation, Series, Tile as TileT, Trend } from '../types';
+import { Table } from '../components/Table';
 
 type ChartKey = 'hr' | 'spo2' | 'rr' | 'bp' | 'temp' | 'news2';
 type Source = Metric | 'news2';
@@ -318,39 +319,25 @@ function PatientAlerts({ alerts }: { alerts: Alert[] }) {
       {alerts.length === 0 ? (
         <p className="muted">None in this range.</p>
       ) : (
-        <div className="table-wrap">
-          <table>
-            <thead>
-              <tr>
-                <th scope="col">Time</th>
-                <th scope="col">Event</th>
-                <th scope="col">State</th>
-                <th scope="col">Priority</th>
-                <th scope="col">Rule</th>
-                <th scope="col">By</th>
-              </tr>
-            </thead>
-            <tbody>
-              {alerts.map((a) => (
-                <tr key={`${a.id}:${a.seq}`}>
-                  <td>{dateTime(nsToMs(a.at_ns))}</td>
-                  <td>
-                    {a.event}
-                    {a.event === 'escalated' && <span className="badge badge-escalated">tier {a.tier}</span>}
-                  </td>
-                  <td>{a.state}</td>
-                  <td>
-                    <PriorityBadge p={a.priority} />
-                  </td>
-                  <td>
-                    <strong>{a.rule}</strong> <span className="small">{a.description}</span>
-                  </td>
-                  <td>{a.by ?? '–'}</td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <Table columns={['Time', 'Event', 'State', 'Priority', 'Rule', 'By']}>
+          {alerts.map((a) => (
+            <tr key={`${a.id}:${a.seq}`}>
+              <td>{dateTime(nsToMs(a.at_ns))}</td>
+              <td>
+                {a.event}
+                {a.event === 'escalated' && <span className="badge badge-escalated">tier {a.tier}</span>}
+              </td>
+              <td>{a.state}</td>
+              <td>
+                <PriorityBadge p={a.priority} />
+              </td>
+              <td>
+                <strong>{a.rule}</strong> <span className="small">{a.description}</span>
+              </td>
+              <td>{a.by ?? '–'}</td>
+            </tr>
+          ))}
+        </Table>
       )}
     </section>
   );
@@ -363,30 +350,17 @@ function Observations({ list }: { list: Observation[] }) {
       {list.length === 0 ? (
         <p className="muted">None in this range.</p>
       ) : (
-        <div className="table-wrap">
-          <table>
-            <thead>
-              <tr>
-                <th scope="col">Time</th>
-                <th scope="col">Consciousness</th>
-                <th scope="col">Oxygen</th>
-                <th scope="col">SpO₂ scale</th>
-                <th scope="col">By</th>
-              </tr>
-            </thead>
-            <tbody>
-              {list.map((o, i) => (
-                <tr key={i}>
-                  <td>{dateTime(o.t)}</td>
-                  <td>{o.consciousness ?? '–'}</td>
-                  <td>{o.oxygen ?? '–'}</td>
-                  <td>{o.spo2_scale ?? '–'}</td>
-                  <td>{o.by}</td>
-                </tr>
-              ))}
-            </tbody>
-          </table>
-        </div>
+        <Table columns={['Time', 'Consciousness', 'Oxygen', 'SpO₂ scale', 'By']}>
+          {list.map((o, i) => (
+            <tr key={i}>
+              <td>{dateTime(o.t)}</td>
+              <td>{o.consciousness ?? '–'}</td>
+              <td>{o.oxygen ?? '–'}</td>
+              <td>{o.spo2_scale ?? '–'}</td>
+              <td>{o.by}</td>
+            </tr>
+          ))}
+        </Table>
       )}
     </section>
   );
