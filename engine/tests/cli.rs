@@ -258,6 +258,16 @@ fn demo_runs_and_stops_by_itself() {
         .filter(|l| l.contains("accepted") && l.contains("stored") && l.contains("dead letters"))
         .count();
     assert!(status_lines >= 3, "one status line a second:\n{stdout}");
+    // The console's address and accounts (tests/browser signs in with them).
+    for expected in [
+        "the web console: http://127.0.0.1:",
+        "clinician demo-rn-a (icu-a), secret ",
+        "clinician demo-rn-b (icu-b), secret ",
+        "administrator demo-admin, secret ",
+        "their keys are in ",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing:\n{stdout}");
+    }
     let summary = stdout
         .lines()
         .find(|l| l.starts_with("accepted "))
