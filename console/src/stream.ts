@@ -4,6 +4,9 @@
 import { createContext, useContext, useSyncExternalStore } from 'react';
 import type { Alert, Device, Me, Tile } from './types';
 
+/** Alert ids remembered at most (open ones always are). */
+const MAX_REMEMBERED = 2000;
+
 export type Connection = 'connecting' | 'open' | 'reconnecting' | 'closed';
 
 export type Snapshot = {
@@ -134,11 +137,26 @@ export class LiveStore {
     if (seen !== undefined && a.seq < seen) return;
     this.seqs.set(a.id, a.seq);
     const previous = this.current.get(a.id);
-    if (a.state === 'resolved') this.current.delete(a.id);
-    else this.current.set(a.id, a);
+    if (a.state === 'resolved') {
+      this.current.delete(a.id);
+      this.forgetResolved();
+    } else this.current.set(a.id, a);
     this.pendingAlerts.set(a.id, a);
     for (const fn of this.alertListeners) fn(a, previous);
     this.schedule();
+  }
+
+  /**
+   * Keeps the memory of resolved alerts bounded over a long shift: past a
+   * limit, the oldest resolved ids are forgotten (a stream delivers an
+   * alert's transitions in order, so only a stray late event could need them).
+   */
+  private forgetResolved() {
+    if (this.seqs.size <= MAX_REMEMBERED) return;
+    for (const id of this.seqs.keys()) {
+      if (this.seqs.size <= MAX_REMEMBERED / 2) break;
+      if (!this.current.has(id)) this.seqs.delete(id);
+    }
   }
 
   private applyTile(t: Tile) {
