@@ -112,10 +112,11 @@ function SignedIn({
     api.logout().finally(onSignedOut);
   }, [store, onSignedOut]);
 
-  let page: React.ReactNode;
+  // The overview stays mounted (hidden) while another page shows: coming
+  // back to it then costs no re-creation of every bed's tile.
+  let page: React.ReactNode = null;
   switch (route.page) {
     case 'overview':
-      page = <OverviewPage />;
       break;
     case 'alerts':
       page = <AlertsPage />;
@@ -150,6 +151,9 @@ function SignedIn({
           {(sound) => <Header route={route} onLogout={logout} sound={sound} />}
         </AlarmCues>
         <main id="main" tabIndex={-1}>
+          <div hidden={route.page !== 'overview'}>
+            <OverviewPage />
+          </div>
           {page}
         </main>
       </LiveContext.Provider>
