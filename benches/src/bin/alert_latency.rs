@@ -85,6 +85,10 @@ struct Options {
     /// Nice value of the load generator during the levels.
     #[arg(long, default_value_t = 19)]
     load_nice: i32,
+    /// An extra argument for `wardflow serve` (repeatable), e.g.
+    /// `--serve-arg=--memory-mb --serve-arg=4096`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -181,6 +185,7 @@ impl Server {
                 "--rules",
             ])
             .arg(rules)
+            .args(&o.serve_args)
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
