@@ -163,7 +163,13 @@ impl Node {
                     let access = wardflow_ledger_bridge::events::AccessRequest::new(
                         wardflow_model::now_ns(),
                         patient,
-                        &format!("clinician:{who}"),
+                        // Clinicians subscribe by id; other readers (a
+                        // console administrator) by `role:id`.
+                        &if who.contains(':') {
+                            who.to_string()
+                        } else {
+                            format!("clinician:{who}")
+                        },
                         "alert-delivery",
                         purpose,
                         &format!("alert {} transition {}{under}", item.id, item.seq),

@@ -229,6 +229,12 @@ class ConsoleApi(unittest.TestCase):
                                  and "8 h" in r["detail"]], timeout=15)
         self.assertTrue(rows, "the view is on the access log")
         self.assertEqual(rows[-1]["purpose"], "treatment")
+        admin = Browser(self.port)
+        admin.sign_in(role="admin", id="it-1", secret=self.admin)
+        admin.json("GET", "/v1/console/tiles")
+        self.assertTrue(wait_for(lambda: [r for r in patient.json("GET", "/v1/console/me/access")[1]
+                                          if r["actor"] == "admin:it-1" and r["purpose"] == "administration"],
+                                 timeout=15), "an administrator's view is recorded as theirs")
         self.assertIn(self.grant, rows[-1]["detail"], "the consent it was under")
         self.assertTrue(rows[-1]["proof"])
 

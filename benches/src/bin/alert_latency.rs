@@ -14,9 +14,10 @@
 //! rate from the simulator. The load generator stands in for devices on
 //! other machines: during the levels it runs at nice 19 (`--load-nice`), so
 //! that on a small machine it takes the CPU time the engine leaves, not the
-//! engine's (the maximum-rate run keeps nice 0, so the levels are the same
-//! share of the same maximum; the table shows the load the store actually
-//! took). During each level four probe devices, one MQTT
+//! engine's; `--load-idle` puts it in the idle scheduling class instead,
+//! where it never preempts the engine (the maximum-rate run keeps nice 0,
+//! so the levels are the same share of the same maximum; the table shows
+//! the load the store actually took). During each level four probe devices, one MQTT
 //! 3.1.1 connection each, publish EtCO2 alternately 120 (raises) and 40
 //! (clears) every 100 ms as SenML at QoS 1, with the send time as the
 //! reading's time; a clinician subscribed to `wardflow/v1/alerts/probe/#`
@@ -85,6 +86,11 @@ struct Options {
     /// Nice value of the load generator during the levels.
     #[arg(long, default_value_t = 19)]
     load_nice: i32,
+    /// During the levels, run the load generator in the idle scheduling
+    /// class (`chrt --idle 0`) instead of at `--load-nice`: it then runs only
+    /// on CPU time the server leaves, as devices on other machines would.
+    #[arg(long)]
+    load_idle: bool,
     /// An extra argument for `wardflow serve` (repeatable), e.g.
     /// `--serve-arg=--memory-mb --serve-arg=4096`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
@@ -97,13 +103,21 @@ fn options() -> anyhow::Result<Options> {
     Ok(o)
 }
 
+/// The "nice value" that stands for the idle scheduling class.
+const IDLE: i32 = i32::MIN;
+
 fn wardflow(o: &Options, data: &Path) -> Command {
     wardflow_niced(o, data, 0)
 }
 
-/// `wardflow` run at a nice value (0: as this process runs).
+/// `wardflow` run at a nice value (0: as this process runs; `IDLE`: in
+/// the idle scheduling class).
 fn wardflow_niced(o: &Options, data: &Path, nice: i32) -> Command {
-    let mut c = if nice == 0 {
+    let mut c = if nice == IDLE {
+        let mut c = Command::new("chrt");
+        c.args(["--idle", "0"]).arg(&o.wardflow);
+        c
+    } else if nice == 0 {
         Command::new(&o.wardflow)
     } else {
         let mut c = Command::new("nice");
@@ -683,7 +697,7 @@ fn run_level(
             creds,
             target / o.devices as f64,
             run_for,
-            o.load_nice,
+            if o.load_idle { IDLE } else { o.load_nice },
         )?;
         std::thread::sleep(WARMUP);
         Some(sim)
@@ -861,12 +875,16 @@ fn main() -> anyhow::Result<()> {
     println!(
         "# wardflow alert latency: device publish → alert at an MQTT subscriber\n\n\
          {} rules for every patient ({} shipped incl. NEWS2 + `{PROBE_RULE}`), {} load devices \
-         (binary frames of 50 readings, QoS 1; the load generator at nice {}), {PROBES} probe devices \
+         (binary frames of 50 readings, QoS 1; the load generator {}), {PROBES} probe devices \
          publishing SenML at QoS 1 every {} ms each (alternately raise and clear), {} s per level\n",
         rules_loaded.map_or("?".into(), |r| format!("{r:.0}")),
         rules_loaded.map_or("?".into(), |r| format!("{:.0}", r - 1.0)),
         o.devices,
-        o.load_nice,
+        if o.load_idle {
+            "in the idle scheduling class".to_string()
+        } else {
+            format!("at nice {}", o.load_nice)
+        },
         PROBE_PERIOD.as_millis(),
         o.duration,
     );

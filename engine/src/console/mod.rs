@@ -224,6 +224,15 @@ impl Console {
         let _ = events.send(LedgerEvent::Access(access));
     }
 
+    /// Who the alert hub delivers to for `s`: a clinician by id (as on
+    /// the other feeds), anyone else by `role:id`.
+    fn reader(&self, s: &Session) -> String {
+        match s.role {
+            Role::Clinician => s.id.clone(),
+            _ => s.actor(),
+        }
+    }
+
     /// The session of a request's cookie.
     fn session(&self, req: &HttpRequest) -> Result<Arc<Session>, HttpResponse> {
         token(req)
@@ -528,6 +537,13 @@ async fn tiles(console: State, req: HttpRequest) -> HttpResponse {
         .visible(&s)
         .iter()
         .map(|(adm, via)| {
+            console.record_view(
+                &s,
+                adm.patient.as_str(),
+                via,
+                "view",
+                "console: latest vitals",
+            );
             let tile = console.board.tile(adm.patient.as_str());
             tile_json(
                 adm,
@@ -567,7 +583,7 @@ async fn alerts(console: State, req: HttpRequest) -> HttpResponse {
         }
         first = false;
         body.extend_from_slice(&a.json);
-        console.hub.delivered(&a, &s.id);
+        console.hub.delivered(&a, &console.reader(&s));
     }
     body.push(b']');
     HttpResponse::Ok()

@@ -166,7 +166,8 @@ pub(super) async fn stream(console: State, req: HttpRequest) -> HttpResponse {
     let console = console.get_ref().clone();
     let units: HashSet<String> = console.alert_units(&session).into_iter().collect();
     // Subscribe before reading the board, so no transition falls between.
-    let alerts = console.hub.subscribe(units.clone(), &session.id);
+    let reader = console.reader(&session);
+    let alerts = console.hub.subscribe(units.clone(), &reader);
     let board = console.board.watch();
     let mut s = ConsoleStream {
         queue: VecDeque::new(),
@@ -188,7 +189,7 @@ pub(super) async fn stream(console: State, req: HttpRequest) -> HttpResponse {
     for item in console.hub.open_alerts(None) {
         if all || units.contains(&item.unit) {
             s.alert(&item);
-            console.hub.delivered(&item, &session.id);
+            console.hub.delivered(&item, &reader);
         }
     }
     s.devices();
