@@ -573,7 +573,7 @@ impl AlertWorker {
             if let Some(mut p) = self.patients.remove(&pid) {
                 out.extend(p.resolve_all("discharged", now));
             }
-            self.ctx.board.forget(pid.as_str());
+            self.board.forget(pid.as_str());
         }
         self.emit(out);
     }

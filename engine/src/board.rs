@@ -328,6 +328,13 @@ impl BoardWriter {
         }
     }
 
+    /// Forgets a patient (discharged): what this worker had not published
+    /// yet, and the board's tile.
+    pub fn forget(&mut self, patient: &str) {
+        self.tiles.remove(patient);
+        self.board.forget(patient);
+    }
+
     /// Time passes; publishes when due. `news2` scores a patient now.
     pub fn on_time<'a>(
         &mut self,

@@ -158,17 +158,17 @@ impl Node {
                     // the consent it was sent under says which, and its version.
                     let (purpose, under) = match &item.grant {
                         Some(g) => (g.purpose.as_str(), format!(" under consent {}", g.version)),
+                        None if who.starts_with("admin/") => ("administration", String::new()),
                         None => ("treatment", String::new()),
                     };
                     let access = wardflow_ledger_bridge::events::AccessRequest::new(
                         wardflow_model::now_ns(),
                         patient,
-                        // Clinicians subscribe by id; other readers (a
-                        // console administrator) by `role:id`.
-                        &if who.contains(':') {
-                            who.to_string()
-                        } else {
-                            format!("clinician:{who}")
+                        // Clinicians subscribe by id, a console's other
+                        // readers by `role/id` ('/' is in no id).
+                        &match who.split_once('/') {
+                            Some((role, id)) => format!("{role}:{id}"),
+                            None => format!("clinician:{who}"),
                         },
                         "alert-delivery",
                         purpose,

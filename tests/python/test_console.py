@@ -71,6 +71,7 @@ class ConsoleApi(unittest.TestCase):
         out = wardflow(data, "consent", "grant", "--key", cls.key, "--patient", "p-a", "--to", "rn-b",
                        "--purpose", "treatment", "--scope", "vitals", "--minutes", "60").stdout
         cls.grant = re.search(r"grant ([0-9a-f]{32})", out).group(1)
+        wardflow(data, "observe", "p-a", "--consciousness", "V")
         cls.server.start()
         cls.port = cls.server.http_port
         cls.devices = {}
@@ -176,6 +177,11 @@ class ConsoleApi(unittest.TestCase):
             self.assertAlmostEqual(got, t * 1000, delta=1)
         self.assertEqual(set(trend["series"]), {"hr", "spo2", "rr", "sbp", "dbp", "temp"})
         self.assertIsInstance(trend["news2"]["v"], list)
+        # The consent covers vitals only: not the manual observations, which
+        # the patient's own unit sees.
+        self.assertEqual(trend["observations"], [])
+        own = self.clinician("rn-a").json("GET", "/v1/console/patients/p-a/trend?hours=1")[1]
+        self.assertEqual([o["consciousness"] for o in own["observations"]], ["V"])
 
     def test_c_devices_and_alarm_commands(self):
         admin = Browser(self.port)
@@ -237,6 +243,44 @@ class ConsoleApi(unittest.TestCase):
                                  timeout=15), "an administrator's view is recorded as theirs")
         self.assertIn(self.grant, rows[-1]["detail"], "the consent it was under")
         self.assertTrue(rows[-1]["proof"])
+
+    def open_stream(self, browser):
+        """The console stream of `browser`, and a reader of its events."""
+        r = browser.opener.open(urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/console/stream"),
+                                timeout=15)
+        events = []
+
+        def read_until(pred, timeout):
+            deadline = time.time() + timeout
+            name = None
+            while time.time() < deadline:
+                line = r.readline()
+                if not line:
+                    return "closed"
+                line = line.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    events.append((name, json.loads(line[6:])))
+                    if pred(events[-1]):
+                        return events[-1]
+            return None
+
+        return r, read_until
+
+    def test_f_signing_out_ends_the_stream_and_a_transfer_removes_the_tile(self):
+        b = self.clinician("rn-b")
+        r, read_until = self.open_stream(b)
+        with r:
+            self.assertIsNotNone(read_until(lambda e: e[0] == "tile" and e[1]["patient"] == "p-b", 5))
+            wardflow(self.server.data, "patients", "transfer", "p-b", "--unit", "icu-a", "--bed", "b2")
+            gone = read_until(lambda e: e[0] == "access", 10)
+            self.assertEqual(gone[1], {"patient": "p-b", "lost": True}, "transferred out of rn-b's unit")
+            wardflow(self.server.data, "patients", "transfer", "p-b", "--unit", "icu-b", "--bed", "b1")
+            back = read_until(lambda e: e[0] == "tile" and e[1]["patient"] == "p-b", 10)
+            self.assertEqual(back[1]["unit"], "icu-b")
+            self.assertEqual(b.call("POST", "/v1/console/logout")[0], 200)
+            self.assertEqual(read_until(lambda e: False, 10), "closed", "signing out ends the open stream")
 
     def test_e_stream_and_the_end_of_an_access(self):
         b = self.clinician("rn-b")

@@ -127,9 +127,10 @@ pub(super) async fn prepare(console: State, req: HttpRequest, body: Bytes) -> Ht
     let (record, summary) = match ask {
         Prepare::Revoke { grant } => {
             let dir = console.config.ledger_dir();
-            let book = match load_book(&dir) {
-                Ok((b, _)) => b,
-                Err(e) => return error(500, &e.to_string()),
+            let book = match ntex::rt::spawn_blocking(move || load_book(&dir)).await {
+                Ok(Ok((b, _))) => b,
+                Ok(Err(e)) => return error(500, &e.to_string()),
+                Err(_) => return error(500, "the consent book could not be read"),
             };
             match book.get(&grant) {
                 Some(g) if g.terms.patient == s.id && g.revoked_at.is_none() => {}
@@ -213,9 +214,20 @@ pub(super) async fn submit(console: State, req: HttpRequest, body: Bytes) -> Htt
         return error(403, "a patient signs their own grants and revocations only");
     }
     let ledger = console.config.ledger_dir();
-    let account = match signed_by_patient(&ledger, &s.id, &payload, &signed.signature) {
-        Ok(a) => a,
-        Err(e) => return error(400, &e),
+    let checked = {
+        let (ledger, patient, payload, signature) = (
+            ledger.clone(),
+            s.id.clone(),
+            payload.clone(),
+            signed.signature.clone(),
+        );
+        ntex::rt::spawn_blocking(move || signed_by_patient(&ledger, &patient, &payload, &signature))
+            .await
+    };
+    let account = match checked {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return error(400, &e),
+        Err(_) => return error(500, "the signature could not be checked"),
     };
     let id = grant_id(&account, &payload);
     if console.config.ledger.url.is_some() {
@@ -227,9 +239,9 @@ pub(super) async fn submit(console: State, req: HttpRequest, body: Bytes) -> Htt
             ConsentRecord::Grant(t) => format!(
                 "wardflow consent grant --key <your key file> --patient {} --to {} --purpose {} --scope {} --minutes {}",
                 s.id,
-                t.grantee,
-                t.purpose,
-                t.scope.join(","),
+                shell_quote(&t.grantee),
+                shell_quote(&t.purpose),
+                shell_quote(&t.scope.join(",")),
                 t.not_after_ms.saturating_sub(now_ms()) / 60_000
             ),
             ConsentRecord::Delegate { .. } => unreachable!("refused above"),
@@ -258,6 +270,18 @@ pub(super) async fn submit(console: State, req: HttpRequest, body: Bytes) -> Htt
     match written {
         Ok(Ok(())) => ok_json(json!({ "id": id })),
         _ => error(500, "the consent record could not be written"),
+    }
+}
+
+/// `s` as one shell word (single-quoted unless it is plain).
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:,/@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
     }
 }
 
@@ -305,6 +329,14 @@ mod tests {
             hex(&key.public_key().0),
             "3a3d45dc55b57bf542f4c6ff41af080ec675317f4ed50ae1d2713bf9f892692d"
         );
+    }
+
+    #[test]
+    fn shell_words_are_quoted() {
+        assert_eq!(shell_quote("rn-b"), "rn-b");
+        assert_eq!(shell_quote("research:s1"), "research:s1");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]

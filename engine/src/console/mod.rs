@@ -81,6 +81,15 @@ pub enum Via {
 }
 
 impl Via {
+    /// Whether the patient's data of `category` is shown (an access names
+    /// the categories it covers).
+    pub fn shows(&self, category: &str) -> bool {
+        match self {
+            Via::Access(a) => wardflow_ledger_bridge::consent::covers(&a.scope, category),
+            _ => true,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Via::Unit => "unit",
@@ -225,19 +234,37 @@ impl Console {
     }
 
     /// Who the alert hub delivers to for `s`: a clinician by id (as on
-    /// the other feeds), anyone else by `role:id`.
+    /// the other feeds), anyone else by `role/id` ('/' is in no id, so no
+    /// clinician can pass for one).
     fn reader(&self, s: &Session) -> String {
         match s.role {
             Role::Clinician => s.id.clone(),
-            _ => s.actor(),
+            Role::Admin => format!("admin/{}", s.id),
+            Role::Patient => format!("patient/{}", s.id),
         }
     }
 
-    /// The session of a request's cookie.
+    /// The session of a request's cookie, while its account exists.
     fn session(&self, req: &HttpRequest) -> Result<Arc<Session>, HttpResponse> {
         token(req)
-            .and_then(|t| self.sessions.get(&t))
+            .and_then(|t| self.live_session(&t))
             .ok_or_else(|| error(401, "sign in first (no session, or it expired)"))
+    }
+
+    /// The session of a token if it has not expired, was not closed, and
+    /// its account was not removed since (which closes it).
+    fn live_session(&self, token: &str) -> Option<Arc<Session>> {
+        let s = self.sessions.get(token)?;
+        let exists = match s.role {
+            Role::Clinician => self.census.is_clinician(&s.id),
+            Role::Admin => self.census.admins.snapshot().admins.contains_key(&s.id),
+            Role::Patient => true, // their key stays theirs
+        };
+        if !exists {
+            self.sessions.close(token);
+            return None;
+        }
+        Some(s)
     }
 }
 
@@ -338,6 +365,15 @@ enum Login {
 }
 
 impl Login {
+    fn id_is_valid(&self) -> Result<(), wardflow_model::IdError> {
+        match self {
+            Login::Clinician { id, .. } | Login::Admin { id, .. } => {
+                wardflow_model::PatientId::new(id).map(|_| ())
+            }
+            Login::Patient { patient, .. } => wardflow_model::PatientId::new(patient).map(|_| ()),
+        }
+    }
+
     /// The account a sign-in is for (failures are counted per account).
     fn account(&self) -> String {
         match self {
@@ -366,6 +402,10 @@ async fn login(console: State, req: HttpRequest, body: ntex::util::Bytes) -> Htt
         Err(e) => return error(400, &format!("not a sign-in request: {e}")),
     };
     let account = login.account();
+    if login.id_is_valid().is_err() {
+        // Not an id at all: nothing to count failures against.
+        return error(401, "wrong id, secret, key or token");
+    }
     if !console.sessions.may_try(&account) {
         return error(
             429,
@@ -471,7 +511,12 @@ fn alarms(hub: &AlertHub) -> HashMap<String, Priority> {
             continue;
         };
         use wardflow_rules::alarm::AlertState;
-        if matches!(a.state, AlertState::Active | AlertState::Escalated) {
+        // Silencing pauses the sound only: the alarm stays visible until
+        // acknowledged (IEC 60601-1-8 audio paused, visual signal kept).
+        if matches!(
+            a.state,
+            AlertState::Active | AlertState::Escalated | AlertState::Silenced
+        ) {
             let e = m.entry(p.clone()).or_insert(a.priority);
             *e = (*e).max(a.priority);
         }
@@ -511,6 +556,7 @@ fn tile_json(
     let news2 = tile
         .and_then(|t| t.news2)
         .map(|n| json!({ "score": n.score, "risk": n.risk, "t": n.t_ns / 1_000_000 }));
+    let alarm = alarm.filter(|_| via.shows("alerts"));
     (offline, alarm, via.name(), &adm.unit, &adm.bed).hash(&mut key);
     let v = json!({
         "patient": adm.patient.as_str(),
@@ -572,10 +618,18 @@ async fn alerts(console: State, req: HttpRequest) -> HttpResponse {
         Ok(s) => s,
         Err(r) => return r,
     };
+    // Patients outside the clinician's units whose access covers alerts.
+    let granted: HashMap<String, Via> = console
+        .visible(&s)
+        .into_iter()
+        .filter(|(_, via)| matches!(via, Via::Access(_)) && via.shows("alerts"))
+        .map(|(adm, via)| (adm.patient.as_str().to_string(), via))
+        .collect();
     let mut body = Vec::from(&b"["[..]);
     let mut first = true;
     for a in console.hub.open_alerts(None) {
-        if !covers_unit(&console, &s, &a.unit) {
+        let under = a.patient.as_ref().and_then(|p| granted.get(p));
+        if !covers_unit(&console, &s, &a.unit) && under.is_none() {
             continue;
         }
         if !first {
@@ -583,7 +637,16 @@ async fn alerts(console: State, req: HttpRequest) -> HttpResponse {
         }
         first = false;
         body.extend_from_slice(&a.json);
-        console.hub.delivered(&a, &console.reader(&s));
+        match (under, &a.patient) {
+            (Some(via), Some(p)) => console.record_view(
+                &s,
+                p,
+                via,
+                "alert-delivery",
+                &format!("alert {} transition {}", a.id, a.seq),
+            ),
+            _ => console.hub.delivered(&a, &console.reader(&s)),
+        }
     }
     body.push(b']');
     HttpResponse::Ok()
@@ -625,7 +688,7 @@ async fn act(console: &Console, req: &HttpRequest, id: &str, action: AlertAction
     crate::api::act_as(
         &console.hub,
         &console.commands,
-        &s.id,
+        &console.reader(&s),
         |unit| covers_unit(console, &s, unit),
         id,
         action,

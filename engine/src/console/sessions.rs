@@ -151,6 +151,14 @@ impl Sessions {
         if all.len() >= MAX_FAILING {
             all.retain(|_, (_, last)| last.elapsed() < LOCKOUT);
         }
+        if all.len() >= MAX_FAILING {
+            // A flood of names: the oldest go, so memory stays bounded.
+            let mut by_age: Vec<_> = all.iter().map(|(k, (_, t))| (*t, k.clone())).collect();
+            by_age.sort();
+            for (_, k) in by_age.into_iter().take(MAX_FAILING / 10) {
+                all.remove(&k);
+            }
+        }
         let e = all
             .entry(account.to_string())
             .or_insert((0, Instant::now()));

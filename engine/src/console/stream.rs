@@ -17,6 +17,7 @@ use ntex::util::{Bytes, Stream};
 use ntex::web::{HttpRequest, HttpResponse};
 use serde_json::json;
 use wardflow_ingest::feeds::{FeedItem, Subscription};
+use wardflow_ledger_bridge::consent::covers;
 use wardflow_model::now_ns;
 
 use super::{Console, Role, Session, State, Via, alarms, device_rows, tile_json};
@@ -31,6 +32,11 @@ const KEEPALIVE_TICKS: u64 = 15;
 struct ConsoleStream {
     console: Arc<Console>,
     session: Arc<Session>,
+    /// The session's token: checked each tick, so signing out, expiry or
+    /// a removed account ends the stream.
+    token: String,
+    /// Tiles need sending again (an alert moved).
+    dirty: bool,
     queue: VecDeque<Bytes>,
     alerts: Subscription,
     board: tokio::sync::mpsc::Receiver<()>,
@@ -38,8 +44,9 @@ struct ConsoleStream {
     ticks: u64,
     /// What each tile showed when last sent.
     sent: HashMap<String, u64>,
-    /// Patients seen through an access (consent, break-glass) last time.
-    by_access: HashSet<String>,
+    /// Patients seen through an access (consent, break-glass) last time,
+    /// and whether its scope covers their alerts.
+    by_access: HashMap<String, bool>,
     /// Patients whose view is recorded in the audit trail already.
     recorded: HashSet<String>,
 }
@@ -55,19 +62,35 @@ fn event(name: &str, data: &[u8]) -> Bytes {
 }
 
 impl ConsoleStream {
-    /// Queues every tile whose content changed since it was last sent.
+    /// Queues every tile whose content changed since it was last sent, and
+    /// the end of every patient no longer visible (transferred,
+    /// discharged, an access ended).
     fn refresh_tiles(&mut self) {
         let visible = self.console.visible(&self.session);
         let alarms = alarms(&self.console.hub);
         let now = now_ns();
-        let mut access_now = HashSet::new();
+        let mut access_now = HashMap::new();
         for (adm, via) in &visible {
             let p = adm.patient.as_str();
-            if let Via::Access(_) = via {
-                access_now.insert(p.to_string());
-                if !self.by_access.contains(p) {
-                    // Its alerts reach this stream under the consent join.
+            if let Via::Access(a) = via {
+                let alerts = covers(&a.scope, "alerts");
+                access_now.insert(p.to_string(), alerts);
+                if alerts && self.by_access.get(p) != Some(&true) {
+                    // Its alerts reach this stream under the consent join
+                    // from now on; those open already, at once.
                     self.console.hub.follow_patient(self.alerts.id, p);
+                    for item in self.console.hub.open_alerts(None) {
+                        if item.patient.as_deref() == Some(p) {
+                            self.queue.push_back(event("alert", &item.json));
+                            self.console.record_view(
+                                &self.session,
+                                p,
+                                via,
+                                "alert-delivery",
+                                &format!("alert {} transition {}", item.id, item.seq),
+                            );
+                        }
+                    }
                 }
             }
             if self.recorded.insert(p.to_string()) {
@@ -82,13 +105,21 @@ impl ConsoleStream {
                     .push_back(event("tile", &serde_json::to_vec(&v).unwrap_or_default()));
             }
         }
-        // An access that ended: the console must stop showing the patient.
-        let lost: Vec<String> = self.by_access.difference(&access_now).cloned().collect();
-        for p in lost {
-            if visible.iter().any(|(a, _)| a.patient.as_str() == p) {
-                continue; // visible another way now (admitted to a covered unit)
+        // A patient gone from view: the console must stop showing them.
+        let gone: Vec<String> = self
+            .sent
+            .keys()
+            .filter(|p| {
+                !visible
+                    .iter()
+                    .any(|(a, _)| a.patient.as_str() == p.as_str())
+            })
+            .cloned()
+            .collect();
+        for p in gone {
+            if self.by_access.contains_key(&p) {
+                self.console.hub.unfollow_patient(self.alerts.id, &p);
             }
-            self.console.hub.unfollow_patient(self.alerts.id, &p);
             self.sent.remove(&p);
             self.recorded.remove(&p);
             self.queue.push_back(event(
@@ -96,7 +127,28 @@ impl ConsoleStream {
                 json!({ "patient": p, "lost": true }).to_string().as_bytes(),
             ));
         }
+        for (p, alerts) in &self.by_access {
+            if *alerts && access_now.get(p) == Some(&false) {
+                self.console.hub.unfollow_patient(self.alerts.id, p);
+            }
+        }
         self.by_access = access_now;
+    }
+
+    /// Follows the units the session covers now (accounts change).
+    fn refresh_units(&mut self) {
+        let now: HashSet<String> = self
+            .console
+            .alert_units(&self.session)
+            .into_iter()
+            .collect();
+        let before = self.alerts.units.lock().clone();
+        for u in now.difference(&before) {
+            self.console.hub.follow(self.alerts.id, u);
+        }
+        for u in before.difference(&now) {
+            self.console.hub.unfollow(self.alerts.id, u);
+        }
     }
 
     fn devices(&mut self) {
@@ -128,7 +180,7 @@ impl Stream for ConsoleStream {
                 Poll::Ready(Some(item)) => {
                     self.alert(&item);
                     // The tile's alarm may have changed with it.
-                    self.refresh_tiles();
+                    self.dirty = true;
                     moved = true;
                 }
                 // Dropped by the hub (too slow): end; the browser reconnects.
@@ -136,12 +188,16 @@ impl Stream for ConsoleStream {
                 Poll::Pending => {}
             }
             if let Poll::Ready(Some(())) = self.board.poll_recv(cx) {
-                self.refresh_tiles();
+                self.dirty = true;
                 moved = true;
             }
             if self.tick.poll_tick(cx).is_ready() {
                 self.ticks += 1;
-                self.refresh_tiles();
+                if self.console.live_session(&self.token).is_none() {
+                    return Poll::Ready(None); // signed out, expired or removed
+                }
+                self.refresh_units();
+                self.dirty = true;
                 if self.ticks.is_multiple_of(DEVICE_TICKS) {
                     self.devices();
                 }
@@ -150,6 +206,10 @@ impl Stream for ConsoleStream {
                         .push_back(Bytes::from_static(b": keep-alive\n\n"));
                 }
                 moved = true;
+            }
+            if self.dirty {
+                self.dirty = false;
+                self.refresh_tiles();
             }
             if !moved {
                 return Poll::Pending;
@@ -163,6 +223,7 @@ pub(super) async fn stream(console: State, req: HttpRequest) -> HttpResponse {
         Ok(s) => s,
         Err(r) => return r,
     };
+    let token = super::token(&req).unwrap_or_default();
     let console = console.get_ref().clone();
     let units: HashSet<String> = console.alert_units(&session).into_iter().collect();
     // Subscribe before reading the board, so no transition falls between.
@@ -176,8 +237,10 @@ pub(super) async fn stream(console: State, req: HttpRequest) -> HttpResponse {
         tick: ntex::time::interval(TICK),
         ticks: 0,
         sent: HashMap::new(),
-        by_access: HashSet::new(),
+        by_access: HashMap::new(),
         recorded: HashSet::new(),
+        token,
+        dirty: false,
         session: session.clone(),
         console: console.clone(),
     };

@@ -59,7 +59,20 @@ pub(super) async fn trend(
     let c = console.get_ref().clone();
     let to_ns = now_ns();
     let from_ns = to_ns - hours as i64 * 3_600_000_000_000;
-    let answer = ntex::rt::spawn_blocking(move || build(&c, &patient, from_ns, to_ns)).await;
+    let (alerts, observations) = (via.shows("alerts"), via.shows("observations"));
+    let answer = ntex::rt::spawn_blocking(move || {
+        build(&c, &patient, from_ns, to_ns).map(|mut v| {
+            // What an access does not cover stays out.
+            if !alerts {
+                v["alerts"] = json!([]);
+            }
+            if !observations {
+                v["observations"] = json!([]);
+            }
+            v
+        })
+    })
+    .await;
     match answer {
         Ok(Ok(v)) => super::ok_json(v),
         Ok(Err(e)) => error(500, &format!("{e:#}")),
@@ -93,11 +106,12 @@ impl Series {
                     hi = i;
                 }
             }
-            for i in if lo <= hi { [lo, hi] } else { [hi, lo] } {
-                if out.t.last() != Some(&self.t[i]) || i == start {
-                    out.t.push(self.t[i]);
-                    out.v.push(self.v[i]);
-                }
+            let (a, b) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+            out.t.push(self.t[a]);
+            out.v.push(self.v[a]);
+            if b != a {
+                out.t.push(self.t[b]);
+                out.v.push(self.v[b]);
             }
         }
         out
