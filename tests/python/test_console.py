@@ -284,24 +284,9 @@ class ConsoleApi(unittest.TestCase):
 
     def test_e_stream_and_the_end_of_an_access(self):
         b = self.clinician("rn-b")
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/v1/console/stream")
-        events = []
-        with b.opener.open(req, timeout=15) as r:
+        r, read_until = self.open_stream(b)
+        with r:
             self.assertEqual(r.headers["Content-Type"], "text/event-stream")
-
-            def read_until(pred, timeout):
-                deadline = time.time() + timeout
-                name = None
-                while time.time() < deadline:
-                    line = r.readline().decode().rstrip("\n")
-                    if line.startswith("event: "):
-                        name = line[7:]
-                    elif line.startswith("data: "):
-                        events.append((name, json.loads(line[6:])))
-                        if pred(events[-1]):
-                            return events[-1]
-                return None
-
             hello = read_until(lambda e: e[0] == "hello", 5)
             self.assertEqual(hello[1]["id"], "rn-b")
             tile = read_until(lambda e: e[0] == "tile" and e[1]["patient"] == "p-a", 5)
