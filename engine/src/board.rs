@@ -70,7 +70,7 @@ pub struct DeviceStat {
     pub gaps: u64,
     max_seq: Option<u64>,
     pub dead_letters: u64,
-    pub last_dead_reason: Option<String>,
+    pub last_dead_reason: Option<&'static str>,
 }
 
 impl DeviceStat {
@@ -296,7 +296,7 @@ impl BoardWriter {
         }
         for d in &v.dead {
             stat.dead_letters += 1;
-            stat.last_dead_reason = Some(d.reason.code().to_string());
+            stat.last_dead_reason = Some(d.reason.code());
         }
         match self.seqs.get_mut(device) {
             Some(s) => *s = (stat.max_seq, stat.gaps),

@@ -731,7 +731,7 @@ fn device_rows(console: &Console, s: &Session) -> Vec<serde_json::Value> {
             "rate": stat.map_or(0, |st| st.rate_per_minute(now)),
             "gaps": stat.map_or(0, |st| st.gaps),
             "dead_letters": stat.map_or(0, |st| st.dead_letters),
-            "last_dead_reason": stat.and_then(|st| st.last_dead_reason.clone()),
+            "last_dead_reason": stat.and_then(|st| st.last_dead_reason),
         }));
     }
     rows
