@@ -256,6 +256,7 @@ fn day_store(root: &std::path::Path, keys: Option<Arc<Keyring>>, t0: i64) {
         &CompactionPolicy {
             min_files: 2,
             max_rows: 1 << 22,
+            ..CompactionPolicy::default()
         },
     )
     .unwrap();

@@ -158,6 +158,9 @@ pub struct ServeArgs {
     /// Most rows per compacted file [storage.compaction_max_rows, default 1048576]
     #[arg(long, value_name = "ROWS")]
     pub compaction_max_rows: Option<usize>,
+    /// Leave intervals of at least this many rows uncompacted [storage.compaction_large_rows, default 262144]
+    #[arg(long, value_name = "ROWS")]
+    pub compaction_large_rows: Option<usize>,
     /// Where readings go: embedded, questdb or both [storage.backend, default embedded]
     #[arg(long, value_name = "BACKEND")]
     pub storage_backend: Option<crate::config::Backend>,
@@ -257,6 +260,7 @@ impl ServeArgs {
         set!(self.flush_interval_ms, c.storage.flush_interval_ms);
         set!(self.compaction_min_files, c.storage.compaction_min_files);
         set!(self.compaction_max_rows, c.storage.compaction_max_rows);
+        set!(self.compaction_large_rows, c.storage.compaction_large_rows);
         set!(self.storage_backend, c.storage.backend);
         set!(self.questdb, c.storage.questdb.conf);
         if self.questdb_spool_dir.is_some() {

@@ -150,6 +150,8 @@ pub struct StorageSection {
     pub compaction_min_files: usize,
     /// Most rows in one compacted file.
     pub compaction_max_rows: usize,
+    /// An interval whose files hold this many rows is not compacted.
+    pub compaction_large_rows: usize,
     /// Seal stored values under per-patient data keys wrapped by this
     /// master key: `file:PATH`, `env:VARIABLE` or `command:COMMAND` (64
     /// hexadecimal digits; never inside the data directory). Unset: values
@@ -363,6 +365,7 @@ impl Default for StorageSection {
             flush_interval_ms: 1000,
             compaction_min_files: 16,
             compaction_max_rows: 1 << 20,
+            compaction_large_rows: 1 << 18,
             master_key: None,
             retention: RetentionSection::default(),
             backend: Backend::default(),

@@ -219,6 +219,7 @@ impl Ledger {
         let join = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || {
+                crate::dataflow::lower_priority();
                 run(
                     ledger,
                     Events {

@@ -25,7 +25,7 @@ use wardflow_ingest::registry::RegistryWatcher;
 use wardflow_ingest::server::{IngestContext, mqtt_config, mqtt_service};
 use wardflow_ingest::wal::{Shards, Wal, WalConfig, WalControl};
 use wardflow_storage::checkpoint::consolidate_states;
-use wardflow_storage::compact::{CompactionPolicy, compact};
+use wardflow_storage::compact::{CompactionPolicy, Compactor};
 
 use crate::alerting::{self, AlertContext, RuleBook};
 use crate::config::Config;
@@ -358,6 +358,7 @@ impl Node {
             let policy = CompactionPolicy {
                 min_files: config.storage.compaction_min_files,
                 max_rows: config.storage.compaction_max_rows,
+                large_rows: config.storage.compaction_large_rows,
             };
             std::thread::Builder::new()
                 .name("housekeeping".into())
@@ -675,6 +676,7 @@ fn housekeeping(
     keys: Option<Arc<wardflow_storage::seal::Keyring>>,
     retention: wardflow_storage::retention::Retention,
 ) {
+    let mut compactor = Compactor::new(policy);
     let mut last_compaction = Instant::now();
     let mut last_retention: Option<Instant> = None;
     let mut erasures = keys.as_ref().map_or(0, |k| k.erasure_count());
@@ -727,20 +729,20 @@ fn housekeeping(
             last_compaction = Instant::now();
             let checkpoint = progress.checkpoint.load(Ordering::Relaxed);
             if checkpoint > 0 {
-                compact_once(&root, process, checkpoint, &policy, &metrics);
+                compact_once(&mut compactor, &root, process, checkpoint, &metrics);
             }
         }
     }
 }
 
 fn compact_once(
+    compactor: &mut Compactor,
     root: &Path,
     process: usize,
     checkpoint: u64,
-    policy: &CompactionPolicy,
     metrics: &Metrics,
 ) {
-    match compact(root, process, checkpoint, policy) {
+    match compactor.run(root, process, checkpoint) {
         Ok(s) if s.files_in > 0 => {
             metrics
                 .engine

@@ -4,12 +4,25 @@
 //!
 //! Only committed files (every interval before the checkpoint) of this
 //! process are merged, in runs of consecutive intervals up to a row budget.
+//! A run always takes every file of each interval it spans: a compacted
+//! file's name covers whole intervals (every worker's file of them), so a
+//! run that ended between two workers' files of one interval would hide the
+//! other file from readers and let recovery delete it.
+//!
+//! Compaction is size-tiered: an interval whose files already hold
+//! `large_rows` rows (a busy second) is left as it is and ends the run
+//! before it. Rewriting files that large would cost as much CPU and I/O as
+//! writing them did and save a query little, and under heavy load that work
+//! competed with ingest for the CPU. A quiet ward's one-second files stay
+//! small and are merged as before.
+//!
 //! The merged file is written under a temporary name, fsynced and renamed;
 //! then its inputs are deleted. A crash between the two leaves inputs that
 //! the compacted file covers: readers skip them and recovery deletes them.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use arrow::compute::{SortColumn, concat_batches, lexsort_to_indices, take_record_batch};
 use arrow::record_batch::RecordBatch;
@@ -23,10 +36,14 @@ use crate::writer::{sealed_writer_properties, write_parquet_file, writer_propert
 /// When and how much to compact.
 #[derive(Debug, Clone, Copy)]
 pub struct CompactionPolicy {
-    /// Compact a partition once it holds this many committed interval files.
+    /// Compact a partition once it holds this many committed interval files
+    /// of small intervals.
     pub min_files: usize,
     /// Most rows in one compacted file.
     pub max_rows: usize,
+    /// An interval whose files hold this many rows together is left as it
+    /// is.
+    pub large_rows: usize,
 }
 
 impl Default for CompactionPolicy {
@@ -34,6 +51,7 @@ impl Default for CompactionPolicy {
         Self {
             min_files: 16,
             max_rows: 1 << 20,
+            large_rows: 1 << 18,
         }
     }
 }
@@ -46,49 +64,144 @@ pub struct CompactionStats {
     pub rows: u64,
 }
 
-/// Compacts this process's committed files in every partition of both tables.
+/// Compacts this process's committed files in every partition of both
+/// tables, once. [`Compactor`] does the same pass after pass, remembering
+/// the row counts it has read.
 pub fn compact(
     root: &Path,
     process: usize,
     checkpoint: u64,
     policy: &CompactionPolicy,
 ) -> Result<CompactionStats, StorageError> {
-    let mut stats = CompactionStats::default();
-    for (table, sort) in [
-        (READINGS_DIR, Sort::Readings),
-        (DEAD_LETTERS_DIR, Sort::DeadLetters),
-    ] {
-        let table = root.join(table);
-        for (hour, dir) in layout::partitions(&table).map_err(StorageError::io(&table))? {
-            let files: Vec<DataFile> = layout::files_in(hour, &dir)
-                .map_err(StorageError::io(&dir))?
-                .into_iter()
-                .filter(|f| {
-                    matches!(f.name, FileName::Interval { process: p, start, .. } if p == process && start < checkpoint)
-                })
-                .collect();
-            if files.len() < policy.min_files {
-                continue;
-            }
-            let mut run: Vec<(DataFile, usize)> = Vec::new();
-            let mut run_rows = 0;
-            let mut run_sealed = false;
-            for f in files {
-                let (rows, sealed) = row_count(&f.path)?;
-                // Sealed and clear files (encryption turned on or off) are
-                // merged apart: their schemas differ.
-                if !run.is_empty() && (run_rows + rows > policy.max_rows || sealed != run_sealed) {
-                    merge_run(&dir, process, std::mem::take(&mut run), sort, &mut stats)?;
-                    run_rows = 0;
-                }
-                run_rows += rows;
-                run_sealed = sealed;
-                run.push((f, rows));
-            }
-            merge_run(&dir, process, run, sort, &mut stats)?;
+    Compactor::new(*policy).run(root, process, checkpoint)
+}
+
+/// Compaction pass after pass. Files of large intervals stay where they are,
+/// so each pass would read their footers again; the compactor keeps each
+/// file's row count and whether it is sealed, for the files that still
+/// exist.
+pub struct Compactor {
+    policy: CompactionPolicy,
+    sizes: HashMap<PathBuf, (usize, bool)>,
+}
+
+/// One interval's committed files of this process in one partition.
+struct Interval {
+    files: Vec<(DataFile, usize)>,
+    rows: usize,
+    /// `None`: sealed and clear files (encryption turned on or off within
+    /// the interval), which cannot share a file.
+    sealed: Option<bool>,
+}
+
+impl Compactor {
+    pub fn new(policy: CompactionPolicy) -> Self {
+        Self {
+            policy,
+            sizes: HashMap::new(),
         }
     }
-    Ok(stats)
+
+    /// One pass over every partition of both tables.
+    pub fn run(
+        &mut self,
+        root: &Path,
+        process: usize,
+        checkpoint: u64,
+    ) -> Result<CompactionStats, StorageError> {
+        let mut stats = CompactionStats::default();
+        let mut seen = HashMap::with_capacity(self.sizes.len());
+        let result = self.pass(root, process, checkpoint, &mut seen, &mut stats);
+        // Files that are gone (merged, expired) are forgotten; on an error
+        // the counts read so far are kept for the next pass.
+        if result.is_ok() {
+            self.sizes = seen;
+        } else {
+            self.sizes.extend(seen);
+        }
+        result.map(|()| stats)
+    }
+
+    fn pass(
+        &mut self,
+        root: &Path,
+        process: usize,
+        checkpoint: u64,
+        seen: &mut HashMap<PathBuf, (usize, bool)>,
+        stats: &mut CompactionStats,
+    ) -> Result<(), StorageError> {
+        let policy = self.policy;
+        for (table, sort) in [
+            (READINGS_DIR, Sort::Readings),
+            (DEAD_LETTERS_DIR, Sort::DeadLetters),
+        ] {
+            let table = root.join(table);
+            for (hour, dir) in layout::partitions(&table).map_err(StorageError::io(&table))? {
+                let files: Vec<DataFile> = layout::files_in(hour, &dir)
+                    .map_err(StorageError::io(&dir))?
+                    .into_iter()
+                    .filter(|f| {
+                        matches!(f.name, FileName::Interval { process: p, start, .. } if p == process && start < checkpoint)
+                    })
+                    .collect();
+                if files.len() < policy.min_files {
+                    continue;
+                }
+                let mut intervals: Vec<Interval> = Vec::new();
+                for f in files {
+                    let (rows, sealed) = match self.sizes.get(&f.path) {
+                        Some(&known) => known,
+                        None => row_count(&f.path)?,
+                    };
+                    seen.insert(f.path.clone(), (rows, sealed));
+                    match intervals.last_mut() {
+                        Some(i) if i.files[0].0.name.min_interval() == f.name.min_interval() => {
+                            i.rows += rows;
+                            if i.sealed != Some(sealed) {
+                                i.sealed = None;
+                            }
+                            i.files.push((f, rows));
+                        }
+                        _ => intervals.push(Interval {
+                            files: vec![(f, rows)],
+                            rows,
+                            sealed: Some(sealed),
+                        }),
+                    }
+                }
+                let small = intervals
+                    .iter()
+                    .filter(|i| i.rows < policy.large_rows && i.sealed.is_some())
+                    .map(|i| i.files.len())
+                    .sum::<usize>();
+                if small < policy.min_files {
+                    continue;
+                }
+                let mut run: Vec<(DataFile, usize)> = Vec::new();
+                let mut run_rows = 0;
+                let mut run_sealed = false;
+                for i in intervals {
+                    let Some(sealed) = i.sealed.filter(|_| i.rows < policy.large_rows) else {
+                        // Left as it is; the run cannot span it.
+                        merge_run(&dir, process, std::mem::take(&mut run), sort, stats)?;
+                        run_rows = 0;
+                        continue;
+                    };
+                    if !run.is_empty()
+                        && (run_rows + i.rows > policy.max_rows || sealed != run_sealed)
+                    {
+                        merge_run(&dir, process, std::mem::take(&mut run), sort, stats)?;
+                        run_rows = 0;
+                    }
+                    run_rows += i.rows;
+                    run_sealed = sealed;
+                    run.extend(i.files);
+                }
+                merge_run(&dir, process, run, sort, stats)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Copy)]

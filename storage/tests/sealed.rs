@@ -265,7 +265,7 @@ fn compaction_and_rotation_keep_values_and_leaves() {
         E0 + 100_000,
         &CompactionPolicy {
             min_files: 4,
-            max_rows: 1 << 20,
+            ..CompactionPolicy::default()
         },
     )
     .unwrap();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use wardflow_model::{DeadLetter, DeviceId, Metric, PatientId, Quality, Reading, RejectReason};
 use wardflow_storage::checkpoint::{consolidate_states, load_states, recover};
-use wardflow_storage::compact::{CompactionPolicy, compact};
+use wardflow_storage::compact::{CompactionPolicy, Compactor, compact};
 use wardflow_storage::query::{DeadLetterQuery, ReadingQuery, query_dead_letters, query_readings};
 use wardflow_storage::{Origin, ShardWriter, StoreConfig};
 
@@ -40,8 +40,17 @@ fn reading(metric: Metric, t: i64, value: f64, seq: u64) -> Reading {
 
 /// `n` seconds of 1 Hz hr and spo2 for patients 0..patients, one interval a second.
 fn write_seconds(w: &mut ShardWriter<u64>, seconds: std::ops::Range<u64>, patients: usize) {
+    write_patients(w, seconds, 0..patients);
+}
+
+/// `n` seconds of 1 Hz hr and spo2 for the given patients.
+fn write_patients(
+    w: &mut ShardWriter<u64>,
+    seconds: std::ops::Range<u64>,
+    patients: std::ops::Range<usize>,
+) {
     for s in seconds {
-        for p in 0..patients {
+        for p in patients.clone() {
             let (d, pat) = ids(p);
             let t = T0 + s as i64 * SEC;
             let rs = [
@@ -256,7 +265,7 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
         E0 + 10_000,
         &CompactionPolicy {
             min_files: 4,
-            max_rows: 1 << 20,
+            ..CompactionPolicy::default()
         },
     )
     .unwrap();
@@ -286,6 +295,7 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
         &CompactionPolicy {
             min_files: 2,
             max_rows: 25,
+            ..CompactionPolicy::default()
         },
     )
     .unwrap();
@@ -295,6 +305,82 @@ fn compaction_keeps_answers_and_survives_a_crash_before_deleting_inputs() {
         .map(|p| all_of(dir.path(), p))
         .collect();
     assert_eq!(before, last);
+}
+
+fn answers(root: &Path, patients: std::ops::Range<usize>) -> Vec<Vec<(i64, String, f64)>> {
+    patients.map(|p| all_of(root, &format!("p-{p}"))).collect()
+}
+
+/// A merge takes whole intervals: a row budget that fills up between two
+/// workers' files of one interval must not leave the second file named
+/// covered by the merged one (readers would skip it, recovery delete it).
+#[test]
+fn compaction_never_splits_an_interval_between_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w0 = ShardWriter::new(config(dir.path()), 0);
+    let mut w1 = ShardWriter::new(config(dir.path()), 1);
+    // Each worker: 4 rows an interval; intervals hold 8.
+    write_patients(&mut w0, 0..11, 0..2);
+    write_patients(&mut w1, 0..11, 2..4);
+    w0.flush_before(None).unwrap();
+    w1.flush_before(None).unwrap();
+    let before = answers(dir.path(), 0..4);
+    assert_eq!(before.iter().map(Vec::len).sum::<usize>(), 11 * 8);
+
+    // 12 rows: room for one interval and half of the next. Split by file,
+    // the last run would be one file, left unmerged yet named covered.
+    let policy = CompactionPolicy {
+        min_files: 2,
+        max_rows: 12,
+        ..CompactionPolicy::default()
+    };
+    let stats = compact(dir.path(), 0, E0 + 11_000, &policy).unwrap();
+    assert_eq!(answers(dir.path(), 0..4), before);
+    assert_eq!((stats.files_in, stats.files_out), (22, 11), "{stats:?}");
+    let report = recover(dir.path(), 0, E0 + 11_000).unwrap();
+    assert_eq!(report.covered, 0);
+    assert_eq!(answers(dir.path(), 0..4), before);
+}
+
+/// Size tiers: an interval that is large already is left as it is, and
+/// the small ones on either side of it are merged apart.
+#[test]
+fn compaction_leaves_large_intervals_and_merges_around_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ShardWriter::new(config(dir.path()), 0);
+    write_patients(&mut w, 0..5, 0..1);
+    write_patients(&mut w, 5..6, 0..10);
+    write_patients(&mut w, 6..12, 0..1);
+    w.flush_before(None).unwrap();
+    let before = answers(dir.path(), 0..10);
+    let policy = CompactionPolicy {
+        min_files: 2,
+        max_rows: 1 << 20,
+        large_rows: 20,
+    };
+    let mut compactor = Compactor::new(policy);
+    let stats = compactor.run(dir.path(), 0, E0 + 12_000).unwrap();
+    assert_eq!((stats.files_in, stats.files_out), (11, 2), "{stats:?}");
+    let part = dir.path().join("readings/date=2025-11-25/hour=14");
+    let mut names: Vec<String> = std::fs::read_dir(&part)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            format!("c{E0}-{}-p0.parquet", E0 + 4000),
+            format!("c{}-{}-p0.parquet", E0 + 6000, E0 + 11_000),
+            format!("e{}-p0-w0.parquet", E0 + 5000),
+        ]
+    );
+    assert_eq!(answers(dir.path(), 0..10), before);
+    // Nothing is left to merge: the next pass changes nothing.
+    let again = compactor.run(dir.path(), 0, E0 + 12_000).unwrap();
+    assert_eq!(again.files_in, 0);
+    assert_eq!(recover(dir.path(), 0, E0 + 12_000).unwrap().covered, 0);
+    assert_eq!(answers(dir.path(), 0..10), before);
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //! engine's maximum ingest rate (the simulator as fast as the server takes it,
 //! 50 devices, binary frames of 50 readings, QoS 1; readings stored per second
 //! from `/metrics`), then runs three levels: no load, 50 % and 90 % of that
-//! rate from the simulator. The load generator stands in for devices on
+//! rate from the simulator (`--levels` chooses others). The load generator
+//! stands in for devices on
 //! other machines: during the levels it runs at nice 19 (`--load-nice`), so
 //! that on a small machine it takes the CPU time the engine leaves, not the
 //! engine's; `--load-idle` puts it in the idle scheduling class instead,
@@ -41,8 +42,6 @@ use wardflow_benches::{
 };
 use wardflow_simulator::mqtt;
 
-/// Load levels, in percent of the measured maximum ingest rate.
-const LEVELS: [u32; 3] = [0, 50, 90];
 /// Probe devices (and patients).
 const PROBES: usize = 4;
 /// One publish per probe device this often, alternately raising and clearing.
@@ -57,6 +56,7 @@ const CLINICIAN: &str = "bench-rn";
 const STORED: &str = "wardflow_readings_stored_total";
 const FSYNC: &str = "wardflow_wal_fsync_seconds";
 const FLUSH: &str = "wardflow_storage_flush_seconds";
+const WAITS: &str = "wardflow_backpressure_waits";
 
 const PROBE_RULES: &str = r#"# Latency probe: one threshold without sustain, for the probe patients only.
 [[rule]]
@@ -77,6 +77,10 @@ struct Options {
     /// Seconds of probing per level.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     duration: u64,
+    /// Load levels, in percent of the measured maximum ingest rate.
+    #[arg(long, value_delimiter = ',', default_values_t = [0u32, 50, 90],
+          value_parser = clap::value_parser!(u32).range(0..=100))]
+    levels: Vec<u32>,
     /// Seconds of the maximum-rate run.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     max_duration: u64,
@@ -364,11 +368,11 @@ struct Shared {
     /// Raises sent and not yet seen as alerts: (probe, send time in µs) →
     /// level.
     pending: HashMap<(usize, u64), usize>,
-    raises_sent: [u64; LEVELS.len()],
+    raises_sent: Vec<u64>,
     /// Publish to alert receipt, ns, per level.
-    latencies_ns: [Vec<u64>; LEVELS.len()],
+    latencies_ns: Vec<Vec<u64>>,
     /// Publish to PUBACK of the probes' publishes, µs, per level.
-    puback_us: [Vec<u64>; LEVELS.len()],
+    puback_us: Vec<Vec<u64>>,
     /// `raised` transitions of the probe rule that match no probe publish.
     unmatched: u64,
     /// Other transitions seen on the probe unit, by event.
@@ -654,6 +658,8 @@ struct LevelOutcome {
     /// WAL fsync and storage flush p99, as bucket bounds.
     fsync_p99: String,
     flush_p99: String,
+    /// Publishes that waited for the memory budget during the level.
+    waits: u64,
     rss_max_kib: u64,
 }
 
@@ -685,7 +691,7 @@ fn run_level(
     index: usize,
     max: f64,
 ) -> anyhow::Result<LevelOutcome> {
-    let percent = LEVELS[index];
+    let percent = o.levels[index];
     let target = max * percent as f64 / 100.0;
     let probe_time = Duration::from_secs(o.duration);
     let sim = if percent > 0 {
@@ -729,6 +735,7 @@ fn run_level(
         stored_per_s,
         fsync_p99: histogram_p99(&m0, &m1, FSYNC),
         flush_p99: histogram_p99(&m0, &m1, FLUSH),
+        waits: (metric(&m1, WAITS).unwrap_or(0.0) - metric(&m0, WAITS).unwrap_or(0.0)) as u64,
         rss_max_kib: rss_max,
     })
 }
@@ -810,7 +817,12 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
     let rules_loaded = metric(&server.metrics()?, "wardflow_rules_loaded");
 
-    let shared = Arc::new(Mutex::new(Shared::default()));
+    let shared = Arc::new(Mutex::new(Shared {
+        raises_sent: vec![0; o.levels.len()],
+        latencies_ns: vec![Vec::new(); o.levels.len()],
+        puback_us: vec![Vec::new(); o.levels.len()],
+        ..Shared::default()
+    }));
     let done = Arc::new(AtomicBool::new(false));
     let probes = start_probes(
         server.mqtt,
@@ -829,7 +841,7 @@ fn main() -> anyhow::Result<()> {
     drain(&mut server, Duration::from_secs(60))?;
 
     let mut outcomes = Vec::new();
-    for (index, &percent) in LEVELS.iter().enumerate() {
+    for (index, &percent) in o.levels.iter().enumerate() {
         eprintln!(
             "level {percent} %: {} s of probes{}",
             o.duration,
@@ -868,7 +880,7 @@ fn main() -> anyhow::Result<()> {
     server.stop()?;
 
     let mut s = shared.lock().expect("probe state");
-    let mut missing = [0u64; LEVELS.len()];
+    let mut missing = vec![0u64; o.levels.len()];
     for level in s.pending.values() {
         missing[*level] += 1;
     }
@@ -890,10 +902,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("maximum ingest rate: {max:.0} readings/s stored (simulator at --rate 0)\n");
     println!(
-        "| load | target readings/s | stored readings/s | alerts | missing | p50 ms | p99 ms | p99.9 ms | max ms | probe PUBACK p99 ms | WAL fsync p99 | storage flush p99 | server RSS |"
+        "| load | target readings/s | stored readings/s | alerts | missing | p50 ms | p99 ms | p99.9 ms | max ms | probe PUBACK p99 ms | WAL fsync p99 | storage flush p99 | budget waits | server RSS |"
     );
     println!(
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut p99_at_50 = None;
     for (i, outcome) in outcomes.iter().enumerate() {
@@ -906,7 +918,7 @@ fn main() -> anyhow::Result<()> {
         let puback = &mut s.puback_us[i];
         puback.sort_unstable();
         println!(
-            "| {} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MiB |",
+            "| {} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MiB |",
             outcome.percent,
             outcome.target_per_s,
             outcome.stored_per_s,
@@ -919,6 +931,7 @@ fn main() -> anyhow::Result<()> {
             ms(percentile(&s.puback_us[i], 0.99).map(|us| us * 1000)),
             outcome.fsync_p99,
             outcome.flush_p99,
+            outcome.waits,
             outcome.rss_max_kib as f64 / 1024.0,
         );
     }
@@ -927,7 +940,7 @@ fn main() -> anyhow::Result<()> {
         peak as f64 / 1024.0
     );
     println!(
-        "WAL fsync and storage flush p99: the bound of the `{FSYNC}` / `{FLUSH}` bucket that holds it; server RSS: the largest sample during the level"
+        "WAL fsync and storage flush p99: the bound of the `{FSYNC}` / `{FLUSH}` bucket that holds it; budget waits: publishes that waited for the memory budget (`{WAITS}`); server RSS: the largest sample during the level"
     );
     let sent: u64 = s.raises_sent.iter().sum();
     let received: usize = s.latencies_ns.iter().map(Vec::len).sum();
