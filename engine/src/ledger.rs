@@ -219,7 +219,6 @@ impl Ledger {
         let join = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || {
-                crate::dataflow::lower_priority();
                 run(
                     ledger,
                     Events {

@@ -27,6 +27,7 @@ pub struct IngestMetrics {
     pub readings_sequence_gap: Counter,
     pub sequence_resets: Counter,
     pub wal_fsync_seconds: Histogram,
+    pub publish_durable_seconds: Histogram,
     pub wal_bytes: Counter,
     pub wal_commits: Counter,
     pub wal_records: Counter,
@@ -59,6 +60,7 @@ impl Default for IngestMetrics {
             sequence_resets: Counter::default(),
             // 50 µs .. ~1.6 s
             wal_fsync_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+            publish_durable_seconds: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
             wal_bytes: Counter::default(),
             wal_commits: Counter::default(),
             wal_records: Counter::default(),
@@ -169,6 +171,11 @@ impl IngestMetrics {
             "wal_fsync_seconds",
             "Write-ahead log group-commit fsync latency",
             self.wal_fsync_seconds.clone(),
+        );
+        r.register(
+            "publish_durable_seconds",
+            "From a QoS 1 publish's receipt to its durability in the write-ahead log (its PUBACK)",
+            self.publish_durable_seconds.clone(),
         );
         r.register(
             "wal_bytes",

@@ -447,10 +447,13 @@ async fn accept_publish(
     if ctx.wal.submit(req).is_err() {
         return refuse(Refusal::LogFailed, "log_failed");
     }
-    if let Some(wait) = wait
-        && !matches!(wait.await, Ok(Ok(())))
-    {
-        return refuse(Refusal::LogFailed, "log_failed");
+    if let Some(wait) = wait {
+        if !matches!(wait.await, Ok(Ok(()))) {
+            return refuse(Refusal::LogFailed, "log_failed");
+        }
+        ctx.metrics
+            .publish_durable_seconds
+            .observe((now_ns() - received_ns) as f64 * 1e-9);
     }
     ctx.metrics
         .publishes

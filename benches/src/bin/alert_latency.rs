@@ -25,8 +25,10 @@
 //! takes each `raised` transition's latency as its receipt time minus the
 //! triggering reading's time (one machine, one clock). It prints p50, p99,
 //! p99.9 and max per level, the load the store actually took, the probes'
-//! PUBACK p99, the write-ahead log's fsync and the storage flush p99 and the
-//! server's memory, and counts raises that never arrived.
+//! PUBACK p99, the server's own receipt-to-durable p99 over every QoS 1
+//! publish, the write-ahead log's fsync and the storage flush p99, the
+//! publishes that waited for the memory budget and the server's memory, and
+//! counts raises that never arrived.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,7 @@ const STORED: &str = "wardflow_readings_stored_total";
 const FSYNC: &str = "wardflow_wal_fsync_seconds";
 const FLUSH: &str = "wardflow_storage_flush_seconds";
 const WAITS: &str = "wardflow_backpressure_waits";
+const DURABLE: &str = "wardflow_publish_durable_seconds";
 
 const PROBE_RULES: &str = r#"# Latency probe: one threshold without sustain, for the probe patients only.
 [[rule]]
@@ -87,6 +90,9 @@ struct Options {
     /// Load devices.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
     devices: u64,
+    /// QoS 1 publishes each load device keeps in flight.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=65535))]
+    window: u64,
     /// Nice value of the load generator during the levels.
     #[arg(long, default_value_t = 19)]
     load_nice: i32,
@@ -299,7 +305,7 @@ impl Simulator {
             .args(["--rate", &format!("{rate:.3}")])
             .args(["--duration", &format!("{}ms", duration.as_millis())])
             .args(["--payload", "binary", "--batch", "50", "--qos", "1"])
-            .args(["--window", "32", "--json", "--credentials"])
+            .args(["--window", &o.window.to_string(), "--json", "--credentials"])
             .arg(creds)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -658,6 +664,8 @@ struct LevelOutcome {
     /// WAL fsync and storage flush p99, as bucket bounds.
     fsync_p99: String,
     flush_p99: String,
+    /// Receipt to durability (PUBACK) of every QoS 1 publish, p99.
+    durable_p99: String,
     /// Publishes that waited for the memory budget during the level.
     waits: u64,
     rss_max_kib: u64,
@@ -735,6 +743,7 @@ fn run_level(
         stored_per_s,
         fsync_p99: histogram_p99(&m0, &m1, FSYNC),
         flush_p99: histogram_p99(&m0, &m1, FLUSH),
+        durable_p99: histogram_p99(&m0, &m1, DURABLE),
         waits: (metric(&m1, WAITS).unwrap_or(0.0) - metric(&m0, WAITS).unwrap_or(0.0)) as u64,
         rss_max_kib: rss_max,
     })
@@ -902,10 +911,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("maximum ingest rate: {max:.0} readings/s stored (simulator at --rate 0)\n");
     println!(
-        "| load | target readings/s | stored readings/s | alerts | missing | p50 ms | p99 ms | p99.9 ms | max ms | probe PUBACK p99 ms | WAL fsync p99 | storage flush p99 | budget waits | server RSS |"
+        "| load | target readings/s | stored readings/s | alerts | missing | p50 ms | p99 ms | p99.9 ms | max ms | probe PUBACK p99 ms | receipt to durable p99 | WAL fsync p99 | storage flush p99 | budget waits | server RSS |"
     );
     println!(
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let mut p99_at_50 = None;
     for (i, outcome) in outcomes.iter().enumerate() {
@@ -918,7 +927,7 @@ fn main() -> anyhow::Result<()> {
         let puback = &mut s.puback_us[i];
         puback.sort_unstable();
         println!(
-            "| {} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MiB |",
+            "| {} % | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} MiB |",
             outcome.percent,
             outcome.target_per_s,
             outcome.stored_per_s,
@@ -929,6 +938,7 @@ fn main() -> anyhow::Result<()> {
             ms(percentile(&s.latencies_ns[i], 0.999)),
             ms(s.latencies_ns[i].last().copied()),
             ms(percentile(&s.puback_us[i], 0.99).map(|us| us * 1000)),
+            outcome.durable_p99,
             outcome.fsync_p99,
             outcome.flush_p99,
             outcome.waits,
@@ -940,7 +950,7 @@ fn main() -> anyhow::Result<()> {
         peak as f64 / 1024.0
     );
     println!(
-        "WAL fsync and storage flush p99: the bound of the `{FSYNC}` / `{FLUSH}` bucket that holds it; budget waits: publishes that waited for the memory budget (`{WAITS}`); server RSS: the largest sample during the level"
+        "receipt to durable, WAL fsync and storage flush p99: the bound of the `{DURABLE}` / `{FSYNC}` / `{FLUSH}` bucket that holds it; budget waits: publishes that waited for the memory budget (`{WAITS}`); server RSS: the largest sample during the level"
     );
     let sent: u64 = s.raises_sent.iter().sum();
     let received: usize = s.latencies_ns.iter().map(Vec::len).sum();
