@@ -750,15 +750,10 @@ fn flush_job(
     })
 }
 
-/// Lowers the calling thread's scheduling priority (nice 10), for threads
-/// that encode Parquet: they can wait; readings and alerts cannot.
+/// Lowers the calling thread's CPU and I/O priority, for threads that
+/// encode Parquet: they can wait; readings and alerts cannot.
 pub(crate) fn lower_priority() {
-    // SAFETY: setpriority only reads its arguments; on Linux, PRIO_PROCESS
-    // with id 0 applies to the calling thread alone.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
-    if rc != 0 {
-        tracing::debug!("could not lower a background thread's priority");
-    }
+    wardflow_ingest::priority::lower_current_thread();
 }
 
 fn report_recovery(ctx: &DataflowContext, result: anyhow::Result<u64>) {

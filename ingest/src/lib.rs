@@ -43,6 +43,7 @@ pub mod feeds;
 pub mod jsonstore;
 pub mod metrics;
 pub mod observations;
+pub mod priority;
 pub mod registry;
 pub mod server;
 pub mod validate;

@@ -901,6 +901,7 @@ impl Helper {
         let thread = std::thread::Builder::new()
             .name("wal-helper".into())
             .spawn(move || {
+                crate::priority::lower_current_thread();
                 for job in rx {
                     match job {
                         HelperJob::Prepare { base, path, bytes } => {
