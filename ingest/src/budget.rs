@@ -8,6 +8,13 @@
 //! reading pauses and TCP slows the device. A publish that was admitted is
 //! charged in full without waiting, so no accepted publish is ever abandoned
 //! halfway; the cap can be exceeded by at most one publish per connection.
+//!
+//! Admission is fair to light senders: a connection that holds less than
+//! its [`MemoryBudget::light_share`] (a bedside monitor's few readings a
+//! second hold a few kilobytes until stored) is admitted from the reserve
+//! when the budget is spent, so a patient's monitor keeps flowing while the
+//! heavy senders that spent the budget wait. The reserve still bounds the
+//! total.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,10 +43,29 @@ pub struct MemoryBudget {
     waits: AtomicU64,
 }
 
+/// What one connection holds of the budget: its publishes admitted and not
+/// yet stored.
+#[derive(Debug, Default)]
+pub struct Share {
+    held: AtomicU64,
+}
+
+impl Share {
+    pub fn new() -> Arc<Share> {
+        Arc::new(Share::default())
+    }
+
+    /// Bytes this connection's publishes hold.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
 /// Memory charged by one publish; returned on drop.
 pub struct Permit {
     budget: Arc<MemoryBudget>,
     n: u64,
+    share: Option<Arc<Share>>,
 }
 
 impl std::fmt::Debug for Permit {
@@ -50,6 +76,9 @@ impl std::fmt::Debug for Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(s) = &self.share {
+            s.held.fetch_sub(self.n, Ordering::AcqRel);
+        }
         let before = self.budget.in_use.fetch_sub(self.n, Ordering::AcqRel);
         if before >= self.budget.capacity && before - self.n < self.budget.capacity {
             self.budget.freed.notify_waiters();
@@ -115,6 +144,32 @@ impl MemoryBudget {
         Permit {
             budget: self.clone(),
             n,
+            share: None,
+        }
+    }
+
+    /// Charges `bytes` to the budget and to a connection's share.
+    pub fn charge_to(self: &Arc<Self>, bytes: usize, share: &Arc<Share>) -> Permit {
+        let mut p = self.charge(bytes);
+        share.held.fetch_add(p.n, Ordering::AcqRel);
+        p.share = Some(share.clone());
+        p
+    }
+
+    /// What a connection may hold and still be admitted from the reserve:
+    /// 1/1024 of the budget (256 KiB of the default), at least 16 KiB.
+    pub fn light_share(&self) -> u64 {
+        (self.capacity / 1024).max(16 << 10)
+    }
+
+    /// Waits until a publish of the connection holding `share` may be
+    /// admitted: while the budget has room, or from the reserve while the
+    /// connection is a light sender.
+    pub async fn wait_admission(&self, share: &Share) {
+        if share.held() < self.light_share() {
+            self.wait_reserve().await;
+        } else {
+            self.wait_available().await;
         }
     }
 
@@ -187,5 +242,56 @@ mod tests {
         let p = waiter.await.unwrap();
         assert_eq!(p.n, 5);
         assert_eq!(b.waits(), 1);
+    }
+
+    /// A light sender is admitted from the reserve while the budget is
+    /// spent; a heavy one waits for the budget; the reserve bounds both.
+    #[tokio::test(flavor = "current_thread")]
+    async fn light_senders_pass_while_heavy_ones_wait() {
+        // The reserve's wait uses ntex's timer, which needs a local set.
+        tokio::task::LocalSet::new()
+            .run_until(light_and_heavy())
+            .await;
+    }
+
+    async fn light_and_heavy() {
+        let b = MemoryBudget::new(1 << 20);
+        let (light, heavy) = (Share::new(), Share::new());
+        let spent = b.charge_to(1 << 20, &heavy);
+        assert_eq!(heavy.held(), 1 << 20);
+        assert!(b.light_share() < 1 << 20);
+
+        let held = b.charge_to(100, &light);
+        let b2 = b.clone();
+        let l2 = light.clone();
+        let light_waiter = tokio::task::spawn_local(async move { b2.wait_admission(&l2).await });
+        let b3 = b.clone();
+        let h3 = heavy.clone();
+        let heavy_waiter = tokio::task::spawn_local(async move { b3.wait_admission(&h3).await });
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
+        assert!(light_waiter.is_finished(), "the light sender is admitted");
+        assert!(!heavy_waiter.is_finished(), "the heavy sender waits");
+
+        // The reserve is half the budget again: past it the light sender
+        // waits too.
+        let reserve = b.charge(1 << 19);
+        let b4 = b.clone();
+        let l4 = light.clone();
+        let late = tokio::task::spawn_local(async move { b4.wait_admission(&l4).await });
+        tokio::task::yield_now().await;
+        assert!(!late.is_finished(), "the reserve is spent");
+        drop(reserve);
+        late.await.unwrap();
+
+        drop(held);
+        assert_eq!(
+            light.held(),
+            0,
+            "a stored publish leaves its connection's share"
+        );
+        drop(spent);
+        heavy_waiter.await.unwrap();
+        assert_eq!((b.in_use(), heavy.held()), (0, 0));
     }
 }

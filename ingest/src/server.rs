@@ -28,7 +28,9 @@
 //!   again instead of waiting for the budget itself: memory stays under 1.5
 //!   times the budget. (Letting such packets through unchecked, as an
 //!   earlier version did, let in-flight memory reach ten times the budget
-//!   at full load.)
+//!   at full load.) A light sender, a connection holding less than
+//!   1/1024 of the budget, draws on the same reserve, so a bedside monitor
+//!   is not held up by the heavy senders that spent the budget.
 //! - Clinicians connect to the same server with username = their id; see
 //!   [`crate::feeds`] for their topics. Subscriptions outside their units
 //!   are refused (v5 0x87, v3 0x80), except a patient's alert topic, which
@@ -48,7 +50,7 @@ use ntex_mqtt::v5::codec::{ConnectAckReason, PublishAckReason, SubscribeAckReaso
 use ntex_mqtt::{Control, MqttServer, MqttServiceConfig, QoS, Reason, v3, v5};
 use wardflow_model::{DeviceId, now_ns};
 
-use crate::budget::MemoryBudget;
+use crate::budget::{MemoryBudget, Share};
 use crate::census::{CensusWatcher, Clinician};
 use crate::feeds::{
     AlertAction, AlertHub, ClinicalCommand, ClinicianTopic, CommandKind, Commands, Subscription,
@@ -408,6 +410,7 @@ fn is_own_readings_topic(topic: &str, device: &DeviceId) -> bool {
 async fn accept_publish(
     ctx: &IngestContext,
     session: &DeviceSession,
+    share: &Arc<Share>,
     topic: &str,
     qos: QoS,
     payload: Bytes,
@@ -428,7 +431,7 @@ async fn accept_publish(
         return refuse(Refusal::Removed, "removed_device");
     };
     let received_ns = now_ns();
-    let permit = ctx.budget.charge(crate::budget::weight(&payload));
+    let permit = ctx.budget.charge_to(crate::budget::weight(&payload), share);
     let len = payload.len() as u64;
     let (done, wait) = if qos == QoS::AtLeastOnce {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -872,6 +875,8 @@ struct PublishService<S> {
     /// Publishes whose payload is still arriving in chunks: their chunks
     /// must be dispatched whatever the budget says, or they would wait forever.
     streaming: std::cell::Cell<usize>,
+    /// What this connection's publishes hold of the memory budget.
+    share: Arc<Share>,
 }
 
 impl<S> PublishService<S> {
@@ -880,6 +885,7 @@ impl<S> PublishService<S> {
             ctx,
             session,
             streaming: std::cell::Cell::new(0),
+            share: Share::new(),
         }
     }
 
@@ -887,7 +893,8 @@ impl<S> PublishService<S> {
     /// decoding this connection and TCP pushes back on the device.
     async fn wait_for_budget(&self) {
         if self.streaming.get() == 0 {
-            self.ctx.budget.wait_available().await;
+            // A light sender passes on the reserve (see crate::budget).
+            self.ctx.budget.wait_admission(&self.share).await;
         } else {
             // The next packet may be the chunk a publish waits for: it may
             // use the budget's reserve (half again its size), no more.
@@ -930,7 +937,7 @@ impl<S: std::ops::Deref<Target = Peer>> PublishService<S> {
     /// The common publish path of devices and clinicians.
     async fn accept(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), Refusal> {
         match &*self.session {
-            Peer::Device(d) => accept_publish(&self.ctx, d, topic, qos, payload).await,
+            Peer::Device(d) => accept_publish(&self.ctx, d, &self.share, topic, qos, payload).await,
             Peer::Clinician(c) if c.id.starts_with(PATIENT_USER_PREFIX) => {
                 tracing::info!(who = %c.id, topic, "publish refused: patients publish nothing here");
                 self.ctx
