@@ -162,7 +162,10 @@ impl<F: DeserializeOwned + Default + Send + Sync + 'static> Watched<F> {
     pub fn reload_if_changed(&self) -> Result<bool, StoreError> {
         let now = stamp(&self.dir.join(self.name));
         let mut last = self.stamp.lock();
-        if *last == now && now.is_some() {
+        // A file still missing is unchanged too, once it has been read
+        // (as empty) the first time.
+        let read_once = self.version.load(std::sync::atomic::Ordering::Acquire) > 0;
+        if *last == now && (now.is_some() || read_once) {
             return Ok(false);
         }
         let contents: F = load(&self.dir, self.name)?;
@@ -201,6 +204,32 @@ impl<F: DeserializeOwned + Default + Send + Sync + 'static> Watched<F> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// A file that does not exist is read once, as empty, and then left
+    /// alone until it appears.
+    #[test]
+    fn a_missing_file_is_not_reloaded_again_and_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Watched::<BTreeMap<String, u32>>::open(dir.path(), "x.json").unwrap();
+        let v = w.version();
+        assert!(!w.reload_if_changed().unwrap());
+        assert!(!w.reload_if_changed().unwrap());
+        assert_eq!(w.version(), v);
+        update(dir.path(), "x.json", |m: &mut BTreeMap<String, u32>| {
+            m.insert("a".into(), 1);
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+        assert!(w.reload_if_changed().unwrap());
+        assert_eq!(w.snapshot()["a"], 1);
+        std::fs::remove_file(dir.path().join("x.json")).unwrap();
+        assert!(
+            w.reload_if_changed().unwrap(),
+            "a deleted file is read as empty"
+        );
+        assert!(w.snapshot().is_empty());
+        assert!(!w.reload_if_changed().unwrap());
+    }
 
     #[test]
     fn update_then_watch() {

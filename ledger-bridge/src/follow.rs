@@ -258,6 +258,31 @@ impl Drop for ConsentFollower {
     }
 }
 
+/// Runs `f` until it completes or `stop` is set (checked every 50 ms). A
+/// node that hangs (a stopped process keeps its socket open) would
+/// otherwise hold the engine's shutdown for a request's whole timeout.
+/// Dropping `f` at an await is like a crash there, which the record file
+/// and the cursor are written to survive.
+fn until_stopped<T>(
+    rt: &tokio::runtime::Runtime,
+    stop: &AtomicBool,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    rt.block_on(async {
+        tokio::pin!(f);
+        loop {
+            tokio::select! {
+                r = &mut f => return Some(r),
+                () = tokio::time::sleep(Duration::from_millis(50)) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+}
+
 struct Follower {
     url: String,
     dir: PathBuf,
@@ -282,27 +307,30 @@ impl Follower {
         };
         let mut client: Option<(ChainClient, RpcClient)> = None;
         let mut backoff = self.poll;
+        let stop = self.stop.clone();
         while !self.stop.load(Ordering::Relaxed) {
             let api = match &client {
                 Some(c) => c.clone(),
-                None => match rt.block_on(connect_with_rpc(&self.url)) {
-                    Ok(c) => {
+                None => match until_stopped(&rt, &stop, connect_with_rpc(&self.url)) {
+                    None => break,
+                    Some(Ok(c)) => {
                         self.status.connected.store(true, Ordering::Relaxed);
                         client = Some(c.clone());
                         c
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         self.fail(&mut backoff, e);
                         continue;
                     }
                 },
             };
-            match rt.block_on(self.catch_up(&api.0, &api.1, report)) {
-                Ok(()) => {
+            match until_stopped(&rt, &stop, self.catch_up(&api.0, &api.1, report)) {
+                None => break,
+                Some(Ok(())) => {
                     backoff = self.poll;
                     self.sleep(self.poll);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     client = None;
                     self.status.connected.store(false, Ordering::Relaxed);
                     self.fail(&mut backoff, e);
@@ -491,4 +519,33 @@ pub async fn records_in_block(api: &ChainClient, number: u64) -> Result<Vec<Seen
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that takes the connection and never answers (a stopped
+    /// process) does not hold up a stop: the handshake would wait for its
+    /// 10 s timeout, a request for 60 s.
+    #[test]
+    fn a_hung_node_does_not_hold_up_a_stop() {
+        // Never accepted: the kernel completes the TCP handshake, and the
+        // WebSocket handshake gets no answer.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let f =
+            ConsentFollower::start(url, dir.path(), 0, Duration::from_millis(100), |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!f.status.connected.load(Ordering::Relaxed));
+        let t = std::time::Instant::now();
+        f.stop();
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the stop took {:?}",
+            t.elapsed()
+        );
+        drop(listener);
+    }
 }
