@@ -339,7 +339,9 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 std::thread::Builder::new()
                     .name(format!("flush-{index}"))
                     .spawn(move || {
-                        lower_priority();
+                        // Flushes hold the memory budget until written:
+                        // their I/O steps back but is never starved.
+                        lower_priority(wardflow_ingest::priority::BackgroundIo::Lowest);
                         while let Ok(mut job) = job_rx.recv() {
                             let result = flush_job(&mut job, questdb.as_ref(), embedded);
                             // The leaves of what was written go to the ledger
@@ -752,8 +754,8 @@ fn flush_job(
 
 /// Lowers the calling thread's CPU and I/O priority, for threads that
 /// encode Parquet: they can wait; readings and alerts cannot.
-pub(crate) fn lower_priority() {
-    wardflow_ingest::priority::lower_current_thread();
+pub(crate) fn lower_priority(io: wardflow_ingest::priority::BackgroundIo) {
+    wardflow_ingest::priority::lower_current_thread(io);
 }
 
 fn report_recovery(ctx: &DataflowContext, result: anyhow::Result<u64>) {

@@ -364,7 +364,8 @@ impl Node {
                 .name("housekeeping".into())
                 .spawn(move || {
                     // Compaction rewrites Parquet: it runs behind ingest and alerts.
-                    crate::dataflow::lower_priority();
+                    // Compaction can wait as long as it must.
+                    crate::dataflow::lower_priority(wardflow_ingest::priority::BackgroundIo::Idle);
                     housekeeping(
                         stop, progress, metrics, handle, budget, root, process, policy, keys,
                         retention,

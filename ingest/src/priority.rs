@@ -2,12 +2,24 @@
 //! preparing log segments) yields the CPU and the disk to work that cannot
 //! (reading publishes, the write-ahead log's commits, alerts).
 
-/// Lowers the calling thread's priority: nice 10 for the CPU, and the idle
-/// I/O class, so that its writes and fsyncs queue behind the write-ahead
-/// log's on schedulers that honour I/O classes (mq-deadline, BFQ; requests
-/// of the idle class still age into service). Without permission, or on
-/// another kernel, the thread runs as it was.
-pub fn lower_current_thread() {
+/// How far a background thread's disk requests step back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackgroundIo {
+    /// The lowest best-effort level: a smaller share where the I/O
+    /// scheduler weighs levels (BFQ), never starved. For work that holds
+    /// memory until it is done (storage flushes, log segments).
+    Lowest,
+    /// The idle class: disk time only when no other request waits (on
+    /// mq-deadline and BFQ; mq-deadline still serves a waiting request
+    /// after 10 s). For work that may wait however long (compaction).
+    Idle,
+}
+
+/// Lowers the calling thread's priority: nice 10 for the CPU, and `io` for
+/// its disk requests, so that its writes and fsyncs queue behind the
+/// write-ahead log's. Without permission, or on another kernel, the thread
+/// runs as it was.
+pub fn lower_current_thread(io: BackgroundIo) {
     // SAFETY: setpriority only reads its arguments; on Linux, PRIO_PROCESS
     // with id 0 applies to the calling thread alone.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
@@ -16,9 +28,15 @@ pub fn lower_current_thread() {
     }
     #[cfg(target_os = "linux")]
     {
+        // include/uapi/linux/ioprio.h
         const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+        const IOPRIO_CLASS_BE: libc::c_long = 2;
         const IOPRIO_CLASS_IDLE: libc::c_long = 3;
         const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+        let value = match io {
+            BackgroundIo::Lowest => (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7,
+            BackgroundIo::Idle => IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        };
         // SAFETY: ioprio_set takes three integers; who 0 is the calling
         // thread.
         let rc = unsafe {
@@ -26,7 +44,7 @@ pub fn lower_current_thread() {
                 libc::SYS_ioprio_set,
                 IOPRIO_WHO_PROCESS,
                 0 as libc::c_long,
-                IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+                value,
             )
         };
         if rc != 0 {

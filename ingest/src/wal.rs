@@ -901,7 +901,7 @@ impl Helper {
         let thread = std::thread::Builder::new()
             .name("wal-helper".into())
             .spawn(move || {
-                crate::priority::lower_current_thread();
+                crate::priority::lower_current_thread(crate::priority::BackgroundIo::Lowest);
                 for job in rx {
                     match job {
                         HelperJob::Prepare { base, path, bytes } => {
