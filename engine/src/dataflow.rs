@@ -50,6 +50,7 @@ use wardflow_ingest::budget::Permit;
 use wardflow_ingest::codec::{self, DecodedReading};
 use wardflow_ingest::feeds::{ClinicalCommand, CommandKind};
 use wardflow_ingest::observations::ObservationTail;
+use wardflow_ingest::priority::BackgroundIo;
 use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validator};
 use wardflow_ingest::wal::{InputEvent, ShardSource};
 use wardflow_ingest::{Envelope, metrics::IngestMetrics};
@@ -118,6 +119,9 @@ pub struct DataflowContext {
     /// Whether flushes write the embedded store's readings and dead
     /// letters (device states are written either way).
     pub embedded: bool,
+    /// The memory budget readings hold until stored: flushes step back on
+    /// the disk only while it is far from spent.
+    pub budget: Arc<wardflow_ingest::budget::MemoryBudget>,
 }
 
 /// A change to the accesses in force.
@@ -336,13 +340,27 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                 let (done_tx, done) = crossbeam_channel::unbounded();
                 let wake = scope.worker().sync_activator_for(info.address.to_vec());
                 let (questdb, embedded) = (ctx.questdb.clone(), ctx.embedded);
+                let budget = ctx.budget.clone();
                 std::thread::Builder::new()
                     .name(format!("flush-{index}"))
                     .spawn(move || {
-                        // Flushes hold the memory budget until written:
-                        // their I/O steps back but is never starved.
-                        lower_priority(wardflow_ingest::priority::BackgroundIo::Lowest);
+                        // A flush's disk requests wait behind the
+                        // write-ahead log's while readings waiting for
+                        // storage hold under half the memory budget; past
+                        // that they compete, so that no other process's
+                        // I/O can starve a flush while ingest waits on it.
+                        lower_priority(BackgroundIo::Idle);
+                        let mut io = BackgroundIo::Idle;
                         while let Ok(mut job) = job_rx.recv() {
+                            let wanted = if budget.in_use() * 2 < budget.capacity() {
+                                BackgroundIo::Idle
+                            } else {
+                                BackgroundIo::Lowest
+                            };
+                            if wanted != io {
+                                io = wanted;
+                                wardflow_ingest::priority::set_current_thread_io(io);
+                            }
                             let result = flush_job(&mut job, questdb.as_ref(), embedded);
                             // The leaves of what was written go to the ledger
                             // before the flush is reported: the stored

@@ -252,6 +252,7 @@ impl Node {
             keys: keys.clone(),
             questdb: questdb.as_ref().map(|q| q.handle()),
             embedded: config.storage.backend.embedded(),
+            budget: budget.clone(),
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();

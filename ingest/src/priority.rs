@@ -6,12 +6,13 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackgroundIo {
     /// The lowest best-effort level: a smaller share where the I/O
-    /// scheduler weighs levels (BFQ), never starved. For work that holds
-    /// memory until it is done (storage flushes, log segments).
+    /// scheduler weighs levels (BFQ), never starved. For work that must
+    /// not wait long (log segments; flushes once memory runs short).
     Lowest,
     /// The idle class: disk time only when no other request waits (on
     /// mq-deadline and BFQ; mq-deadline still serves a waiting request
-    /// after 10 s). For work that may wait however long (compaction).
+    /// after 10 s). For work that may wait (compaction; flushes while
+    /// memory is plentiful).
     Idle,
 }
 
@@ -26,6 +27,11 @@ pub fn lower_current_thread(io: BackgroundIo) {
     if rc != 0 {
         tracing::debug!("could not lower a background thread's CPU priority");
     }
+    set_current_thread_io(io);
+}
+
+/// Sets the I/O priority of the calling thread's disk requests.
+pub fn set_current_thread_io(io: BackgroundIo) {
     #[cfg(target_os = "linux")]
     {
         // include/uapi/linux/ioprio.h
