@@ -50,7 +50,7 @@ use wardflow_ingest::budget::Permit;
 use wardflow_ingest::codec::{self, DecodedReading};
 use wardflow_ingest::feeds::{ClinicalCommand, CommandKind};
 use wardflow_ingest::observations::ObservationTail;
-use wardflow_ingest::priority::BackgroundIo;
+use wardflow_ingest::priority::{BackgroundIo, lower_current_thread};
 use wardflow_ingest::validate::{DeviceState, Receipt, ValidationConfig, Validator};
 use wardflow_ingest::wal::{InputEvent, ShardSource};
 use wardflow_ingest::{Envelope, metrics::IngestMetrics};
@@ -349,7 +349,7 @@ pub fn run_worker(worker: &mut Worker, ctx: &DataflowContext) {
                         // storage hold under half the memory budget; past
                         // that they compete, so that no other process's
                         // I/O can starve a flush while ingest waits on it.
-                        lower_priority(BackgroundIo::Idle);
+                        lower_current_thread(BackgroundIo::Idle);
                         let mut io = BackgroundIo::Idle;
                         while let Ok(mut job) = job_rx.recv() {
                             let wanted = if budget.in_use() * 2 < budget.capacity() {
@@ -768,12 +768,6 @@ fn flush_job(
     } else {
         job.flush_states_before(None)?
     })
-}
-
-/// Lowers the calling thread's CPU and I/O priority, for threads that
-/// encode Parquet: they can wait; readings and alerts cannot.
-pub(crate) fn lower_priority(io: wardflow_ingest::priority::BackgroundIo) {
-    wardflow_ingest::priority::lower_current_thread(io);
 }
 
 fn report_recovery(ctx: &DataflowContext, result: anyhow::Result<u64>) {

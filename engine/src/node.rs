@@ -366,7 +366,9 @@ impl Node {
                 .spawn(move || {
                     // Compaction rewrites Parquet: it runs behind ingest and alerts.
                     // Compaction can wait as long as it must.
-                    crate::dataflow::lower_priority(wardflow_ingest::priority::BackgroundIo::Idle);
+                    wardflow_ingest::priority::lower_current_thread(
+                        wardflow_ingest::priority::BackgroundIo::Idle,
+                    );
                     housekeeping(
                         stop, progress, metrics, handle, budget, root, process, policy, keys,
                         retention,
