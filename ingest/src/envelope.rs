@@ -60,10 +60,12 @@ impl<'de> Deserialize<'de> for Payload {
     }
 }
 
-/// One durable publish: the unit the dataflow receives from ingest.
+/// One logged publish: the unit the dataflow receives from ingest, as soon
+/// as it is written to the write-ahead log (its fsync follows; see
+/// [`crate::wal`]).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Envelope {
-    /// The dataflow time of the write-ahead-log commit that made it durable
+    /// The dataflow time of the write-ahead-log write that logged it
     /// (milliseconds since the epoch, monotone per process).
     pub epoch: u64,
     /// Its position in the write-ahead log.

@@ -1,11 +1,23 @@
 //! The write-ahead log: a publish is durable once it is here.
 //!
 //! One writer thread per process appends publishes to segment files in
-//! `wal/` and makes them durable with group commit: it takes every request
-//! waiting in its queue, writes them with one `write`, calls `fdatasync`
-//! once, and only then acknowledges the QoS 1 publishes (so the PUBACK
-//! follows durability) and hands the envelopes to the dataflow. While one
-//! fsync runs, the next batch gathers, so one fsync covers many publishes.
+//! `wal/`: it takes every request waiting in its queue, writes them with
+//! one `write`, and hands the envelopes to the dataflow at once. A syncer
+//! thread makes them durable with group commit: it takes every batch
+//! written since its last `fdatasync`, calls `fdatasync` once, and only
+//! then acknowledges their QoS 1 publishes, so the PUBACK follows
+//! durability. While one fsync runs, the next batches are written and
+//! gather, so one fsync covers many publishes.
+//!
+//! The dataflow, and so the alert rules, see a publish once it is written,
+//! without waiting for the disk: an `fdatasync` takes a tenth of a
+//! millisecond here but now and then tens of milliseconds, and alerts do
+//! not wait for those. A publish seen but never made durable (a crash, or
+//! a failed fsync, before the syncer got to it) was never acknowledged;
+//! the device sends it again. Whatever the dataflow stored of it stays
+//! stored (recovery may drop it with the rest of an interval after the
+//! checkpoint, and the resend brings it back), so nothing acknowledged is
+//! lost either way.
 //!
 //! Each commit is stamped with an epoch (milliseconds since the epoch,
 //! monotone even if the clock steps back); that epoch is the publish's
@@ -34,7 +46,9 @@
 //! store's Parquet files, on ext4 in its default ordered mode), and that
 //! was the tail of a publish's latency under load. For the same reason
 //! segments are deleted on the helper thread, and starting a segment costs
-//! the writer no fsync at all unless no prepared one was ready.
+//! the writer one fsync of the segment it leaves (so a later segment never
+//! holds records while an earlier one may still lose some) and no other
+//! unless no prepared one was ready.
 //!
 //! On start the log is scanned: a torn record at the end of the last
 //! segment (a crash mid-write; never acknowledged) is overwritten with
@@ -332,6 +346,7 @@ impl Wal {
             durable_lsn: AtomicU64::new(next_lsn),
             epoch: AtomicU64::new(last_epoch),
         });
+        let syncer = Syncer::start(shared.clone(), metrics.clone())?;
         let mut writer = Writer {
             config,
             rx,
@@ -341,6 +356,7 @@ impl Wal {
             budget,
             segments,
             current: None,
+            syncer,
             next_lsn,
             last_epoch,
             buf: Vec::with_capacity(1 << 20),
@@ -353,12 +369,14 @@ impl Wal {
         let thread = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || {
+                crate::priority::alert_path_current_thread();
                 if let Err(e) = writer.replay(replay_from) {
                     tracing::error!("write-ahead log replay failed: {e}");
                     writer.shared.failed.store(true, Ordering::SeqCst);
                     return;
                 }
                 writer.run();
+                writer.syncer.finish();
                 writer.helper.finish();
             })
             .map_err(|e| io_err(Path::new("wal-writer thread"))(e))?;
@@ -557,7 +575,9 @@ struct Writer {
     metrics: Arc<IngestMetrics>,
     budget: Arc<MemoryBudget>,
     segments: Vec<Segment>,
-    current: Option<File>,
+    current: Option<Arc<OpenSegment>>,
+    /// Makes written batches durable and acknowledges them.
+    syncer: Syncer,
     next_lsn: u64,
     last_epoch: u64,
     buf: Vec<u8>,
@@ -667,12 +687,11 @@ impl Writer {
                 }
             }
             let epoch = self.next_epoch();
-            match self.commit(epoch, &batch) {
+            match self.write(epoch, &batch) {
                 Ok(lsns) => {
+                    let mut acks = Vec::new();
                     for (req, lsn) in batch.drain(..).zip(lsns) {
-                        if let Some(done) = req.done {
-                            let _ = done.send(Ok(()));
-                        }
+                        acks.extend(req.done);
                         self.shards.send(Envelope {
                             epoch,
                             lsn,
@@ -684,33 +703,50 @@ impl Writer {
                         });
                     }
                     self.shards.advance_all(epoch);
+                    let segment = self.current.clone().expect("written above");
+                    self.syncer.send(SyncJob {
+                        segment,
+                        end_lsn: self.next_lsn,
+                        acks,
+                    });
+                    if self.shared.failed.load(Ordering::SeqCst) {
+                        // The syncer's fsync failed: it said why.
+                        self.refuse_the_rest(&mut batch);
+                        break;
+                    }
                 }
                 Err(e) => {
                     tracing::error!("{e}; the write-ahead log stops accepting publishes");
                     self.shared.failed.store(true, Ordering::SeqCst);
                     self.metrics.wal_failed.set(1);
-                    for req in batch.drain(..) {
-                        if let Some(done) = req.done {
-                            let _ = done.send(Err(()));
-                        }
-                    }
-                    // Refuse everything still queued; submit() refuses the rest.
-                    while let Ok(req) = self.rx.recv() {
-                        if let Some(done) = req.done {
-                            let _ = done.send(Err(()));
-                        }
-                    }
+                    self.refuse_the_rest(&mut batch);
                     break;
                 }
             }
         }
-        if let Some(f) = self.current.take() {
-            let _ = f.sync_all();
+        if let Some(s) = self.current.take() {
+            let _ = s.file.sync_all();
         }
     }
 
-    /// Writes and fsyncs one batch; returns each request's LSN.
-    fn commit(&mut self, epoch: u64, batch: &[WalRequest]) -> Result<Vec<u64>, WalError> {
+    /// After a failure: refuses `batch` and everything still queued (submit()
+    /// refuses the rest), until every handle is dropped.
+    fn refuse_the_rest(&mut self, batch: &mut Vec<WalRequest>) {
+        for req in batch.drain(..) {
+            if let Some(done) = req.done {
+                let _ = done.send(Err(()));
+            }
+        }
+        while let Ok(req) = self.rx.recv() {
+            if let Some(done) = req.done {
+                let _ = done.send(Err(()));
+            }
+        }
+    }
+
+    /// Writes one batch (the syncer makes it durable); returns each
+    /// request's LSN.
+    fn write(&mut self, epoch: u64, batch: &[WalRequest]) -> Result<Vec<u64>, WalError> {
         self.buf.clear();
         self.offsets.clear();
         for req in batch {
@@ -719,24 +755,15 @@ impl Writer {
         }
         self.segment_for(self.buf.len() as u64)?;
         let seg = self.segments.last_mut().expect("a current segment");
-        let file = self.current.as_ref().expect("opened above");
+        let file = &self.current.as_ref().expect("opened above").file;
         file.write_all_at(&self.buf, seg.len)
             .map_err(io_err(&seg.path))?;
-        let t = Instant::now();
-        file.sync_data().map_err(io_err(&seg.path))?;
-        self.metrics
-            .wal_fsync_seconds
-            .observe(t.elapsed().as_secs_f64());
         let start = seg.base_lsn + seg.len;
         let n = self.buf.len() as u64;
         seg.len += n;
         seg.max_epoch = seg.max_epoch.max(epoch);
         self.next_lsn = start + n;
-        self.shared
-            .durable_lsn
-            .store(self.next_lsn, Ordering::Relaxed);
         self.metrics.wal_bytes.inc_by(n);
-        self.metrics.wal_commits.inc();
         self.metrics.wal_records.inc_by(batch.len() as u64);
         self.maybe_prepare();
         Ok(self.offsets.iter().map(|o| start + o).collect())
@@ -754,7 +781,10 @@ impl Writer {
                         .write(true)
                         .open(&s.path)
                         .map_err(io_err(&s.path))?;
-                    self.current = Some(f);
+                    self.current = Some(Arc::new(OpenSegment {
+                        file: f,
+                        path: s.path.clone(),
+                    }));
                 }
                 Ok(())
             }
@@ -765,6 +795,11 @@ impl Writer {
     /// Starts the next segment at or after `next_lsn`: a prepared one if
     /// ready, else one created here.
     fn start_segment(&mut self) -> Result<(), WalError> {
+        if let Some(s) = self.current.take() {
+            // Recovery trusts every segment but the last to be whole: the
+            // one left is durable before the next holds a record.
+            s.file.sync_data().map_err(io_err(&s.path))?;
+        }
         let dir = self.config.dir.clone();
         let end = self.next_lsn;
         self.poll_helper();
@@ -797,9 +832,10 @@ impl Writer {
             .write(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        // The previous segment's data is durable already: each commit
-        // fsyncs it.
-        self.current = Some(f);
+        self.current = Some(Arc::new(OpenSegment {
+            file: f,
+            path: path.clone(),
+        }));
         self.segments.push(Segment {
             base_lsn: base,
             path,
@@ -869,6 +905,98 @@ impl Writer {
         }
         self.metrics.wal_segments.set(self.segments.len() as i64);
     }
+}
+
+/// The segment the writer writes to.
+struct OpenSegment {
+    file: File,
+    path: PathBuf,
+}
+
+/// Batches written to a segment, to make durable.
+struct SyncJob {
+    segment: Arc<OpenSegment>,
+    /// The LSN just past the batch.
+    end_lsn: u64,
+    /// The batch's QoS 1 publishes, answered once it is durable.
+    acks: Vec<tokio::sync::oneshot::Sender<Result<(), ()>>>,
+}
+
+/// The thread that fsyncs what the writer wrote (group commit) and
+/// acknowledges it.
+struct Syncer {
+    tx: Option<Sender<SyncJob>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(shared: Arc<WalShared>, metrics: Arc<IngestMetrics>) -> Result<Syncer, WalError> {
+        let (tx, rx) = crossbeam_channel::unbounded::<SyncJob>();
+        let thread = std::thread::Builder::new()
+            .name("wal-syncer".into())
+            .spawn(move || {
+                let mut jobs = Vec::new();
+                while let Ok(first) = rx.recv() {
+                    jobs.push(first);
+                    jobs.extend(rx.try_iter());
+                    let result = if shared.failed.load(Ordering::SeqCst) {
+                        Err(())
+                    } else {
+                        sync_jobs(&jobs, &shared, &metrics)
+                    };
+                    for job in jobs.drain(..) {
+                        for ack in job.acks {
+                            let _ = ack.send(result);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| io_err(Path::new("wal-syncer thread"))(e))?;
+        Ok(Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, job: SyncJob) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(job);
+        }
+    }
+
+    /// Lets the syncer answer every batch sent and waits for it.
+    fn finish(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One group commit: fsyncs each file the jobs wrote to (two when the
+/// writer moved to a new segment), in order. On failure the log stops.
+fn sync_jobs(jobs: &[SyncJob], shared: &WalShared, metrics: &IngestMetrics) -> Result<(), ()> {
+    let t = Instant::now();
+    for (i, job) in jobs.iter().enumerate() {
+        let last_of_file = jobs
+            .get(i + 1)
+            .is_none_or(|next| !Arc::ptr_eq(&next.segment, &job.segment));
+        if !last_of_file {
+            continue;
+        }
+        if let Err(e) = job.segment.file.sync_data() {
+            let e = io_err(&job.segment.path)(e);
+            tracing::error!("{e}; the write-ahead log stops accepting publishes");
+            shared.failed.store(true, Ordering::SeqCst);
+            metrics.wal_failed.set(1);
+            return Err(());
+        }
+    }
+    metrics.wal_fsync_seconds.observe(t.elapsed().as_secs_f64());
+    metrics.wal_commits.inc();
+    let end = jobs.last().map_or(0, |j| j.end_lsn);
+    shared.durable_lsn.fetch_max(end, Ordering::Relaxed);
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
@@ -1086,6 +1214,63 @@ mod tests {
         .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         assert!(drain(&sources).is_empty());
+        wal.shutdown();
+    }
+
+    #[test]
+    fn acknowledgements_follow_durability_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = MemoryBudget::new(1 << 20);
+        let metrics = Arc::new(IngestMetrics::default());
+        let mut config = WalConfig::new(dir.path().into());
+        // A few records per segment: the writer moves on many times.
+        config.segment_bytes = 512;
+        let (shards, sources) = Shards::new(2);
+        let wal = Wal::start(config.clone(), 0, shards, budget.clone(), metrics.clone()).unwrap();
+        let control = wal.handle.control();
+        // Rounds of ten publishes; after each round's acknowledgements, how
+        // far the log is durable.
+        let mut durable = Vec::new();
+        for round in 0..30 {
+            let mut acks = Vec::new();
+            for i in 0..10 {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let device = format!("mon-{}", (round * 10 + i) % 7);
+                let mut req = request(&budget, &device, b"[1,2,3,4,5,6,7,8]");
+                req.done = Some(tx);
+                wal.handle.submit(req).unwrap();
+                acks.push(rx);
+            }
+            for ack in acks {
+                assert_eq!(ack.blocking_recv().unwrap(), Ok(()));
+            }
+            durable.push(control.durable_lsn());
+        }
+        let got = wait_for(&sources, 300);
+        assert_eq!(got.len(), 300);
+        for (i, env) in got.iter().enumerate() {
+            assert!(
+                env.lsn < durable[i / 10],
+                "publish {i} acknowledged at LSN {} with the log durable to {}",
+                env.lsn,
+                durable[i / 10]
+            );
+        }
+        assert!(metrics.wal_commits.get() >= 1);
+        drop(got);
+        wal.shutdown();
+        let segments = fs::read_dir(dir.path()).unwrap().count();
+        assert!(segments > 10, "{segments} segments");
+
+        // Every acknowledged publish replays, in order, from every segment.
+        let (shards, sources) = Shards::new(1);
+        let wal = Wal::start(config, 0, shards, budget.clone(), metrics).unwrap();
+        let got = wait_for(&sources, 300);
+        assert_eq!(got.len(), 300);
+        for (i, e) in got.iter().enumerate() {
+            assert_eq!(e.device.as_str(), format!("mon-{}", i % 7));
+        }
+        drop(got);
         wal.shutdown();
     }
 
