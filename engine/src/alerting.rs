@@ -630,6 +630,7 @@ pub fn spawn_alert_thread(
     Ok(std::thread::Builder::new()
         .name("alerts".into())
         .spawn(move || {
+            wardflow_ingest::priority::alert_path_current_thread();
             let mut buf = Vec::new();
             let mut lines: Vec<(u64, usize)> = Vec::new();
             let mut rows = wardflow_storage::questdb::Batch::default();

@@ -219,6 +219,10 @@ impl Ledger {
         let join = std::thread::Builder::new()
             .name("ledger".into())
             .spawn(move || {
+                // Hashing and sealing can wait; alerts cannot.
+                wardflow_ingest::priority::lower_current_thread(
+                    wardflow_ingest::priority::BackgroundIo::Lowest,
+                );
                 run(
                     ledger,
                     Events {

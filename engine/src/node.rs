@@ -256,7 +256,10 @@ impl Node {
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
-            move |worker| run_worker(worker, &ctx)
+            move |worker| {
+                wardflow_ingest::priority::alert_path_current_thread();
+                run_worker(worker, &ctx)
+            }
         })
         .map_err(|e| anyhow::anyhow!("starting the dataflow: {e}"))?;
         let checkpoint = recovered_rx
@@ -605,7 +608,11 @@ fn start_net(
                 .block_on(async move {
                     let started = (|| {
                         let mqtt = ntex::server::build()
-                            .listen("mqtt", mqtt, async move |_| mqtt_service(ingest.clone()))?
+                            .listen("mqtt", mqtt, async move |_| {
+                                // Runs on each MQTT worker thread as it starts.
+                                wardflow_ingest::priority::alert_path_current_thread();
+                                mqtt_service(ingest.clone())
+                            })?
                             .config("mqtt", mqtt_config(&limits))
                             .workers(io_threads)
                             .disable_signals()
