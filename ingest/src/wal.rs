@@ -346,7 +346,7 @@ impl Wal {
             durable_lsn: AtomicU64::new(next_lsn),
             epoch: AtomicU64::new(last_epoch),
         });
-        let syncer = Syncer::start(shared.clone(), metrics.clone())?;
+        let syncer = start_syncer(shared.clone(), metrics.clone())?;
         let mut writer = Writer {
             config,
             rx,
@@ -377,7 +377,7 @@ impl Wal {
                 }
                 writer.run();
                 writer.syncer.finish();
-                writer.helper.finish();
+                writer.helper.jobs.finish();
             })
             .map_err(|e| io_err(Path::new("wal-writer thread"))(e))?;
         Ok(Wal {
@@ -577,7 +577,7 @@ struct Writer {
     segments: Vec<Segment>,
     current: Option<Arc<OpenSegment>>,
     /// Makes written batches durable and acknowledges them.
-    syncer: Syncer,
+    syncer: JobThread<SyncJob>,
     next_lsn: u64,
     last_epoch: u64,
     buf: Vec<u8>,
@@ -860,7 +860,7 @@ impl Writer {
         }
         let base = s.base_lsn + s.len.max(self.config.segment_bytes);
         self.preparing = Some(base);
-        self.helper.send(HelperJob::Prepare {
+        self.helper.jobs.send(HelperJob::Prepare {
             base,
             path: segment_path(&self.config.dir, base),
             bytes: self.config.segment_bytes,
@@ -900,7 +900,7 @@ impl Writer {
             .count();
         if removed > 0 {
             let paths = self.segments.drain(..removed).map(|s| s.path).collect();
-            self.helper.send(HelperJob::Delete(paths));
+            self.helper.jobs.send(HelperJob::Delete(paths));
             self.metrics.wal_segments_deleted.inc_by(removed as u64);
         }
         self.metrics.wal_segments.set(self.segments.len() as i64);
@@ -922,55 +922,66 @@ struct SyncJob {
     acks: Vec<tokio::sync::oneshot::Sender<Result<(), ()>>>,
 }
 
-/// The thread that fsyncs what the writer wrote (group commit) and
-/// acknowledges it.
-struct Syncer {
-    tx: Option<Sender<SyncJob>>,
+/// A thread that works through the jobs sent to it, in order.
+struct JobThread<J> {
+    tx: Option<Sender<J>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Syncer {
-    fn start(shared: Arc<WalShared>, metrics: Arc<IngestMetrics>) -> Result<Syncer, WalError> {
-        let (tx, rx) = crossbeam_channel::unbounded::<SyncJob>();
+impl<J: Send + 'static> JobThread<J> {
+    fn spawn(
+        name: &'static str,
+        work: impl FnOnce(Receiver<J>) + Send + 'static,
+    ) -> Result<Self, WalError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
         let thread = std::thread::Builder::new()
-            .name("wal-syncer".into())
-            .spawn(move || {
-                let mut jobs = Vec::new();
-                while let Ok(first) = rx.recv() {
-                    jobs.push(first);
-                    jobs.extend(rx.try_iter());
-                    let result = if shared.failed.load(Ordering::SeqCst) {
-                        Err(())
-                    } else {
-                        sync_jobs(&jobs, &shared, &metrics)
-                    };
-                    for job in jobs.drain(..) {
-                        for ack in job.acks {
-                            let _ = ack.send(result);
-                        }
-                    }
-                }
-            })
-            .map_err(|e| io_err(Path::new("wal-syncer thread"))(e))?;
-        Ok(Syncer {
+            .name(name.into())
+            .spawn(move || work(rx))
+            .map_err(io_err(Path::new(name)))?;
+        Ok(JobThread {
             tx: Some(tx),
             thread: Some(thread),
         })
     }
 
-    fn send(&self, job: SyncJob) {
+    fn send(&self, job: J) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(job);
         }
     }
 
-    /// Lets the syncer answer every batch sent and waits for it.
+    /// Lets the thread finish the jobs sent and waits for it.
     fn finish(&mut self) {
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// The syncer: fsyncs what the writer wrote (group commit), then
+/// acknowledges it.
+fn start_syncer(
+    shared: Arc<WalShared>,
+    metrics: Arc<IngestMetrics>,
+) -> Result<JobThread<SyncJob>, WalError> {
+    JobThread::spawn("wal-syncer", move |rx: Receiver<SyncJob>| {
+        let mut jobs = Vec::new();
+        while let Ok(first) = rx.recv() {
+            jobs.push(first);
+            jobs.extend(rx.try_iter());
+            let result = if shared.failed.load(Ordering::SeqCst) {
+                Err(())
+            } else {
+                sync_jobs(&jobs, &shared, &metrics)
+            };
+            for job in jobs.drain(..) {
+                for ack in job.acks {
+                    let _ = ack.send(result);
+                }
+            }
+        }
+    })
 }
 
 /// One group commit: fsyncs each file the jobs wrote to (two when the
@@ -1015,60 +1026,37 @@ enum HelperJob {
 }
 
 /// The writer's helper thread: it prepares segments and deletes old ones,
-/// so that the writer itself only writes and fsyncs.
+/// so that the writer itself only writes.
 struct Helper {
-    tx: Option<Sender<HelperJob>>,
+    jobs: JobThread<HelperJob>,
     done: Receiver<(u64, Result<(), WalError>)>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Helper {
     fn start(dir: PathBuf) -> Result<Helper, WalError> {
-        let (tx, rx) = crossbeam_channel::unbounded::<HelperJob>();
         let (done_tx, done) = crossbeam_channel::unbounded();
-        let thread = std::thread::Builder::new()
-            .name("wal-helper".into())
-            .spawn(move || {
-                crate::priority::lower_current_thread(crate::priority::BackgroundIo::Lowest);
-                for job in rx {
-                    match job {
-                        HelperJob::Prepare { base, path, bytes } => {
-                            let result = prepare_segment(&dir, &path, bytes);
-                            let _ = done_tx.send((base, result));
-                        }
-                        HelperJob::Delete(paths) => {
-                            for p in paths {
-                                if let Err(e) = fs::remove_file(&p) {
-                                    tracing::warn!(
-                                        "could not delete write-ahead log segment {}: {e}",
-                                        p.display()
-                                    );
-                                }
+        let jobs = JobThread::spawn("wal-helper", move |rx: Receiver<HelperJob>| {
+            crate::priority::lower_current_thread(crate::priority::BackgroundIo::Lowest);
+            for job in rx {
+                match job {
+                    HelperJob::Prepare { base, path, bytes } => {
+                        let result = prepare_segment(&dir, &path, bytes);
+                        let _ = done_tx.send((base, result));
+                    }
+                    HelperJob::Delete(paths) => {
+                        for p in paths {
+                            if let Err(e) = fs::remove_file(&p) {
+                                tracing::warn!(
+                                    "could not delete write-ahead log segment {}: {e}",
+                                    p.display()
+                                );
                             }
                         }
                     }
                 }
-            })
-            .map_err(|e| io_err(Path::new("wal-helper thread"))(e))?;
-        Ok(Helper {
-            tx: Some(tx),
-            done,
-            thread: Some(thread),
-        })
-    }
-
-    fn send(&self, job: HelperJob) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(job);
-        }
-    }
-
-    /// Lets the helper finish its jobs and waits for it.
-    fn finish(&mut self) {
-        self.tx = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+            }
+        })?;
+        Ok(Helper { jobs, done })
     }
 }
 
