@@ -38,9 +38,10 @@ pub fn lower_current_thread(io: BackgroundIo) {
 /// kernel grants (0.1 ms). Under the EEVDF scheduler (Linux 6.12 and
 /// later), a thread with a shorter slice than the one running has the
 /// earlier virtual deadline and preempts it when it wakes, instead of
-/// waiting out the other's slice (0.75 ms times 1 + log2 of the CPUs, and
-/// several of them when several threads are runnable). Its share of the
-/// CPU is unchanged: that is the nice value's business, and stays 0.
+/// waiting out the other's slice (by default 0.7 ms times 1 + log2 of the
+/// CPUs, 1.4 ms on two, and several of them when several threads are
+/// runnable). Its share of the CPU is unchanged: that is the nice value's
+/// business, and stays 0.
 const ALERT_PATH_SLICE_NS: u64 = 100_000;
 
 /// Marks the calling thread as one a publish passes through on its way to
