@@ -944,8 +944,14 @@ fn patient_rank(patient: u32, rank: &[u32]) -> u32 {
 /// compared on the rest. Rows spread over more than 65,536 hours (device
 /// clocks years apart) are sorted on the full key.
 fn sort_readings(rows: &mut Vec<Row>, rank: &[u32], device_rank: &[u32]) {
-    let hours = rows.iter().map(|r| layout::hour_of(r.time_ns));
-    let (Some(first), Some(last)) = (hours.clone().min(), hours.max()) else {
+    let Some((first, last)) =
+        rows.iter()
+            .map(|r| layout::hour_of(r.time_ns))
+            .fold(None, |span, h| match span {
+                None => Some((h, h)),
+                Some((lo, hi)) => Some((h.min(lo), h.max(hi))),
+            })
+    else {
         return;
     };
     if last - first > i64::from(u16::MAX) {
