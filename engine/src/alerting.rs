@@ -596,7 +596,8 @@ pub fn spawn_alert_thread(
     rx: crossbeam_channel::Receiver<AlertOut>,
     hub: Arc<AlertHub>,
     path: PathBuf,
-    metrics: Arc<crate::metrics::EngineMetrics>,
+    metrics: Arc<crate::metrics::Metrics>,
+    scheduling: wardflow_ingest::priority::AlertPathScheduling,
     ledger: Option<crossbeam_channel::Sender<crate::ledger::LedgerEvent>>,
     questdb: Option<wardflow_storage::questdb::SinkHandle>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -630,7 +631,7 @@ pub fn spawn_alert_thread(
     Ok(std::thread::Builder::new()
         .name("alerts".into())
         .spawn(move || {
-            wardflow_ingest::priority::alert_path_current_thread();
+            metrics.ingest.enter_alert_path(scheduling);
             let mut buf = Vec::new();
             let mut lines: Vec<(u64, usize)> = Vec::new();
             let mut rows = wardflow_storage::questdb::Batch::default();
@@ -646,6 +647,7 @@ pub fn spawn_alert_thread(
                     hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
                     if log {
                         metrics
+                            .engine
                             .alert_transitions
                             .get_or_create(&[("event", event_name(a.event))])
                             .inc();
@@ -681,7 +683,7 @@ pub fn spawn_alert_thread(
                     }
                     Err(e) => {
                         tracing::error!("alert log {}: {e}", path.display());
-                        metrics.alert_log_errors.inc();
+                        metrics.engine.alert_log_errors.inc();
                         // Where the file ends now, whatever part was written.
                         end = file.metadata().map_or(end, |m| m.len());
                     }

@@ -230,6 +230,9 @@ pub struct ServeArgs {
     /// Serve research studies over Arrow Flight on this address [research.flight; default: off, demo: 127.0.0.1:8815]
     #[arg(long, value_name = "ADDR")]
     pub flight: Option<String>,
+    /// Scheduling of the threads between a publish and its alert: realtime, short-slice or normal [scheduling.alert_path, default realtime]
+    #[arg(long, value_name = "MODE")]
+    pub alert_path_scheduling: Option<wardflow_ingest::priority::AlertPathScheduling>,
 }
 
 impl ServeArgs {
@@ -298,6 +301,7 @@ impl ServeArgs {
             c.ledger.account_file = self.ledger_account.clone();
         }
         set!(self.chain_finality_timeout_s, c.ledger.finality_timeout_s);
+        set!(self.alert_path_scheduling, c.scheduling.alert_path);
         set!(self.consent_from_block, c.ledger.consent_from_block);
     }
 }

@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use wardflow_ingest::priority::AlertPathScheduling;
 use wardflow_ingest::server::MqttLimits;
 use wardflow_ingest::validate::ValidationConfig;
 
@@ -25,6 +26,19 @@ pub struct Config {
     pub rules: RulesSection,
     pub ledger: LedgerSection,
     pub research: ResearchSection,
+    pub scheduling: SchedulingSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulingSection {
+    /// How the threads on a publish's way to its alert (MQTT workers, the
+    /// log writer, the dataflow workers, the alert thread) are scheduled:
+    /// `realtime` (SCHED_FIFO at priority 1, ahead of storage and ledger
+    /// work; needs CAP_SYS_NICE or RLIMIT_RTPRIO, else a short slice),
+    /// `short-slice` (the normal class with a 0.1 ms slice) or `normal`
+    /// (docs/storage.md, "Scheduling").
+    pub alert_path: AlertPathScheduling,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -322,6 +336,7 @@ impl Default for Config {
             rules: RulesSection::default(),
             ledger: LedgerSection::default(),
             research: ResearchSection::default(),
+            scheduling: SchedulingSection::default(),
         }
     }
 }

@@ -211,7 +211,8 @@ impl Node {
             alert_rx,
             hub.clone(),
             alerting::log_path(&data_dir, config.dataflow.process),
-            metrics.engine.clone(),
+            metrics.clone(),
+            config.scheduling.alert_path,
             ledger.as_ref().map(|l| l.event_sender()),
             questdb.as_ref().map(|q| q.handle()),
         )?;
@@ -256,8 +257,9 @@ impl Node {
         });
         let guards = timely::execute(timely_config(config)?, {
             let ctx = ctx.clone();
+            let scheduling = config.scheduling.alert_path;
             move |worker| {
-                wardflow_ingest::priority::alert_path_current_thread();
+                ctx.ingest_metrics.enter_alert_path(scheduling);
                 run_worker(worker, &ctx)
             }
         })
@@ -272,6 +274,7 @@ impl Node {
             .join(format!("p{}", config.dataflow.process));
         let mut wal_config = WalConfig::new(wal_dir);
         wal_config.segment_bytes = config.wal.segment_mb << 20;
+        wal_config.scheduling = config.scheduling.alert_path;
         // No new publish may fall into an epoch range already sealed.
         wal_config.min_epoch = ledger.as_ref().map_or(0, |l| l.min_epoch());
         // The log holds payloads in the clear: with encryption at rest, what
@@ -599,6 +602,7 @@ fn start_net(
     let (ready_tx, ready_rx) = crossbeam_channel::bounded::<std::io::Result<()>>(1);
     let limits = config.mqtt_limits();
     let io_threads = config.mqtt.io_threads;
+    let scheduling = config.scheduling.alert_path;
     let join = std::thread::Builder::new()
         .name("net".into())
         .spawn(move || {
@@ -610,7 +614,7 @@ fn start_net(
                         let mqtt = ntex::server::build()
                             .listen("mqtt", mqtt, async move |_| {
                                 // Runs on each MQTT worker thread as it starts.
-                                wardflow_ingest::priority::alert_path_current_thread();
+                                ingest.metrics.enter_alert_path(scheduling);
                                 mqtt_service(ingest.clone())
                             })?
                             .config("mqtt", mqtt_config(&limits))

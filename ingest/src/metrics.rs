@@ -8,6 +8,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use wardflow_model::RejectReason;
 
+use crate::priority::AlertPathScheduling;
 use crate::validate::ValidationCounts;
 
 type Labels = [(&'static str, &'static str); 1];
@@ -40,6 +41,8 @@ pub struct IngestMetrics {
     pub memory_budget_bytes: Gauge,
     pub memory_in_flight_bytes: Gauge,
     pub backpressure_waits: Gauge,
+    /// Threads on the alert path, by the scheduling the kernel granted.
+    pub alert_path_threads: Family<Labels, Gauge>,
 }
 
 impl Default for IngestMetrics {
@@ -73,6 +76,7 @@ impl Default for IngestMetrics {
             memory_budget_bytes: Gauge::default(),
             memory_in_flight_bytes: Gauge::default(),
             backpressure_waits: Gauge::default(),
+            alert_path_threads: Family::default(),
         }
     }
 }
@@ -99,6 +103,15 @@ impl IngestMetrics {
         if c.seq_resets > 0 {
             self.sequence_resets.inc_by(c.seq_resets);
         }
+    }
+
+    /// Schedules the calling thread as one on the alert path and counts
+    /// what the kernel granted it.
+    pub fn enter_alert_path(&self, wanted: AlertPathScheduling) {
+        let got = crate::priority::alert_path_current_thread(wanted);
+        self.alert_path_threads
+            .get_or_create(&[("scheduling", got.name())])
+            .inc();
     }
 
     pub fn register(&self, r: &mut Registry) {
@@ -236,6 +249,11 @@ impl IngestMetrics {
             "backpressure_waits",
             "Publishes that waited for memory budget (senders slowed)",
             self.backpressure_waits.clone(),
+        );
+        r.register(
+            "alert_path_threads",
+            "Threads on a publish's way to its alert (MQTT workers, log writer, dataflow workers, alert thread), by the scheduling the kernel granted: realtime, short-slice or normal",
+            self.alert_path_threads.clone(),
         );
     }
 }

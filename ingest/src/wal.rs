@@ -73,6 +73,7 @@ use wardflow_model::{DeviceId, PatientId, TimestampNs};
 use crate::budget::{MemoryBudget, Permit};
 use crate::envelope::{Envelope, Payload};
 use crate::metrics::IngestMetrics;
+use crate::priority::AlertPathScheduling;
 
 const RECORD_HEADER: usize = 8;
 const SEGMENT_SUFFIX: &str = ".wal";
@@ -121,6 +122,9 @@ pub struct WalConfig {
     /// what was logged before the start is deleted once stored (encryption
     /// at rest turns this on: the log holds payloads in the clear).
     pub fresh_segment_on_start: bool,
+    /// How the writer thread, which is on the way of every publish to its
+    /// alerts, is scheduled.
+    pub scheduling: AlertPathScheduling,
 }
 
 impl WalConfig {
@@ -132,6 +136,7 @@ impl WalConfig {
             max_batch_bytes: 8 << 20,
             min_epoch: 0,
             fresh_segment_on_start: false,
+            scheduling: AlertPathScheduling::default(),
         }
     }
 }
@@ -369,7 +374,7 @@ impl Wal {
         let thread = std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || {
-                crate::priority::alert_path_current_thread();
+                writer.metrics.enter_alert_path(writer.config.scheduling);
                 if let Err(e) = writer.replay(replay_from) {
                     tracing::error!("write-ahead log replay failed: {e}");
                     writer.shared.failed.store(true, Ordering::SeqCst);

@@ -60,6 +60,7 @@ const FSYNC: &str = "wardflow_wal_fsync_seconds";
 const FLUSH: &str = "wardflow_storage_flush_seconds";
 const WAITS: &str = "wardflow_backpressure_waits";
 const DURABLE: &str = "wardflow_publish_durable_seconds";
+const SCHEDULING: &str = "wardflow_alert_path_threads";
 
 const PROBE_RULES: &str = r#"# Latency probe: one threshold without sustain, for the probe patients only.
 [[rule]]
@@ -824,7 +825,16 @@ fn main() -> anyhow::Result<()> {
     run(c, "registering the load devices")?;
     // Registrations reach a running server within a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let rules_loaded = metric(&server.metrics()?, "wardflow_rules_loaded");
+    let body = server.metrics()?;
+    let rules_loaded = metric(&body, "wardflow_rules_loaded");
+    // How the kernel scheduled the server's alert path.
+    let scheduling: Vec<String> = ["realtime", "short-slice", "normal"]
+        .iter()
+        .filter_map(|s| {
+            let n = metric(&body, &format!("{SCHEDULING}{{scheduling=\"{s}\"}}"))?;
+            Some(format!("{n:.0} {s}"))
+        })
+        .collect();
 
     let shared = Arc::new(Mutex::new(Shared {
         raises_sent: vec![0; o.levels.len()],
@@ -909,7 +919,15 @@ fn main() -> anyhow::Result<()> {
         PROBE_PERIOD.as_millis(),
         o.duration,
     );
-    println!("maximum ingest rate: {max:.0} readings/s stored (simulator at --rate 0)\n");
+    println!("maximum ingest rate: {max:.0} readings/s stored (simulator at --rate 0)");
+    println!(
+        "the server's alert-path threads (`{SCHEDULING}`): {}\n",
+        if scheduling.is_empty() {
+            "not reported".to_string()
+        } else {
+            scheduling.join(", ")
+        }
+    );
     println!(
         "| load | target readings/s | stored readings/s | alerts | missing | p50 ms | p99 ms | p99.9 ms | max ms | probe PUBACK p99 ms | receipt to durable p99 | WAL fsync p99 | storage flush p99 | budget waits | server RSS |"
     );
