@@ -589,9 +589,9 @@ pub struct AlertOut {
     pub to: Option<(String, wardflow_ingest::feeds::GrantRef)>,
 }
 
-/// Writes transitions to the feeds and the alert log, on its own thread:
-/// feeds first (a clinician must not wait for a disk), then the log, with
-/// one fsync for whatever arrived together.
+/// Writes transitions to the feeds on its own thread, on the alert path,
+/// and hands those this process decided to the alert log's thread (a
+/// clinician must not wait for a disk); joining it joins both.
 pub fn spawn_alert_thread(
     rx: crossbeam_channel::Receiver<AlertOut>,
     hub: Arc<AlertHub>,
@@ -604,13 +604,13 @@ pub fn spawn_alert_thread(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .create(true)
         .append(true)
         .open(&path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     // Where the next line starts, for the audit trail's record of it.
-    let mut end = file.metadata()?.len();
+    let end = file.metadata()?.len();
     // QuestDB: first what the log holds beyond what QuestDB is known to
     // have, then each write as it happens.
     let questdb = match questdb {
@@ -628,71 +628,95 @@ pub fn spawn_alert_thread(
         }
         None => None,
     };
+    // The log has a thread of its own: an fsync that waits for the disk
+    // (tens of milliseconds, now and then, while flushes write) must not
+    // hold back the next transition's way to the feeds.
+    let (log_tx, log_rx) = crossbeam_channel::unbounded::<(Alert, Vec<u8>)>();
+    let logger = {
+        let metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("alert-log".into())
+            .spawn(move || write_alert_log(log_rx, file, end, &path, &metrics, ledger, questdb))?
+    };
     Ok(std::thread::Builder::new()
         .name("alerts".into())
         .spawn(move || {
             metrics.ingest.enter_alert_path(scheduling);
-            let mut buf = Vec::new();
-            let mut lines: Vec<(u64, usize)> = Vec::new();
-            let mut rows = wardflow_storage::questdb::Batch::default();
-            while let Ok(first) = rx.recv() {
-                let mut next = Some(first);
-                while let Some(AlertOut { alert: a, log, to }) = next {
-                    let json = serde_json::to_vec(&a).unwrap_or_default();
-                    if let Some((clinician, grant)) = to {
-                        hub.publish_granted(&feed_item(&a, json), &clinician, grant);
-                        next = rx.try_recv().ok();
-                        continue;
-                    }
-                    hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
-                    if log {
-                        metrics
-                            .engine
-                            .alert_transitions
-                            .get_or_create(&[("event", event_name(a.event))])
-                            .inc();
-                        lines.push((buf.len() as u64, json.len()));
-                        buf.extend_from_slice(&json);
-                        buf.push(b'\n');
-                        if questdb.is_some() {
-                            rows.push_alert(alert_row(&a));
-                        }
-                    }
-                    next = rx.try_recv().ok();
-                }
-                if buf.is_empty() {
+            while let Ok(AlertOut { alert: a, log, to }) = rx.recv() {
+                let json = serde_json::to_vec(&a).unwrap_or_default();
+                if let Some((clinician, grant)) = to {
+                    hub.publish_granted(&feed_item(&a, json), &clinician, grant);
                     continue;
                 }
-                let written = file.write_all(&buf).and_then(|()| file.sync_data());
-                match written {
-                    Ok(()) => {
-                        if let Some(ledger) = &ledger {
-                            let logged = lines
-                                .iter()
-                                .map(|&(at, len)| {
-                                    (end + at, buf[at as usize..at as usize + len].to_vec())
-                                })
-                                .collect();
-                            let _ = ledger.send(crate::ledger::LedgerEvent::AlertLines(logged));
-                        }
-                        end += buf.len() as u64;
-                        // Logged, so recorded: now to QuestDB as well.
-                        if let Some((sink, shipped)) = &questdb {
-                            ship_alerts(sink, shipped, std::mem::take(&mut rows), end);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!("alert log {}: {e}", path.display());
-                        metrics.engine.alert_log_errors.inc();
-                        // Where the file ends now, whatever part was written.
-                        end = file.metadata().map_or(end, |m| m.len());
-                    }
+                hub.publish(feed_item(&a, json.clone()), wardflow_model::now_ns());
+                if log {
+                    metrics
+                        .engine
+                        .alert_transitions
+                        .get_or_create(&[("event", event_name(a.event))])
+                        .inc();
+                    let _ = log_tx.send((a, json));
                 }
-                buf.clear();
-                lines.clear();
-                rows = wardflow_storage::questdb::Batch::default();
+            }
+            drop(log_tx);
+            if logger.join().is_err() {
+                tracing::error!("the alert log's thread panicked");
             }
         })?)
+}
+
+/// Appends transitions to the alert log, with one fsync for whatever
+/// arrived together; once logged, they go to the audit trail and QuestDB.
+fn write_alert_log(
+    rx: crossbeam_channel::Receiver<(Alert, Vec<u8>)>,
+    mut file: File,
+    mut end: u64,
+    path: &Path,
+    metrics: &crate::metrics::Metrics,
+    ledger: Option<crossbeam_channel::Sender<crate::ledger::LedgerEvent>>,
+    questdb: Option<(wardflow_storage::questdb::SinkHandle, Shipped)>,
+) {
+    let mut buf = Vec::new();
+    let mut lines: Vec<(u64, usize)> = Vec::new();
+    let mut rows = wardflow_storage::questdb::Batch::default();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some((a, json)) = next {
+            lines.push((buf.len() as u64, json.len()));
+            buf.extend_from_slice(&json);
+            buf.push(b'\n');
+            if questdb.is_some() {
+                rows.push_alert(alert_row(&a));
+            }
+            next = rx.try_recv().ok();
+        }
+        let written = file.write_all(&buf).and_then(|()| file.sync_data());
+        match written {
+            Ok(()) => {
+                if let Some(ledger) = &ledger {
+                    let logged = lines
+                        .iter()
+                        .map(|&(at, len)| (end + at, buf[at as usize..at as usize + len].to_vec()))
+                        .collect();
+                    let _ = ledger.send(crate::ledger::LedgerEvent::AlertLines(logged));
+                }
+                end += buf.len() as u64;
+                // Logged, so recorded: now to QuestDB as well.
+                if let Some((sink, shipped)) = &questdb {
+                    ship_alerts(sink, shipped, std::mem::take(&mut rows), end);
+                }
+            }
+            Err(e) => {
+                tracing::error!("alert log {}: {e}", path.display());
+                metrics.engine.alert_log_errors.inc();
+                // Where the file ends now, whatever part was written.
+                end = file.metadata().map_or(end, |m| m.len());
+            }
+        }
+        buf.clear();
+        lines.clear();
+        rows = wardflow_storage::questdb::Batch::default();
+    }
 }
 
 /// Where the alert log's transitions stand with QuestDB: every line

@@ -159,9 +159,8 @@ fn set_current_thread_realtime() -> std::io::Result<()> {
         };
         // SAFETY: sched_setscheduler reads `param`, which lives across the
         // call; pid 0 is the calling thread.
-        let rc = unsafe {
-            libc::sched_setscheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, &param)
-        };
+        let rc =
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO | SCHED_RESET_ON_FORK, &param) };
         if rc == 0 {
             Ok(())
         } else {
@@ -257,7 +256,11 @@ mod tests {
     fn policy() -> (i32, bool) {
         // SAFETY: pid 0 is the calling thread.
         let p = unsafe { libc::sched_getscheduler(0) };
-        assert!(p >= 0, "sched_getscheduler: {}", std::io::Error::last_os_error());
+        assert!(
+            p >= 0,
+            "sched_getscheduler: {}",
+            std::io::Error::last_os_error()
+        );
         (p & !SCHED_RESET_ON_FORK, p & SCHED_RESET_ON_FORK != 0)
     }
 
