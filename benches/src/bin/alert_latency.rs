@@ -27,8 +27,10 @@
 //! p99.9 and max per level, the load the store actually took, the probes'
 //! PUBACK p99, the server's own receipt-to-durable p99 over every QoS 1
 //! publish, the write-ahead log's fsync and the storage flush p99, the
-//! publishes that waited for the memory budget and the server's memory, and
-//! counts raises that never arrived.
+//! publishes that waited for the memory budget and the server's memory,
+//! how the kernel scheduled the server's alert path (`realtime` needs root,
+//! `CAP_SYS_NICE` or `RLIMIT_RTPRIO`; `--serve-arg=--alert-path-scheduling
+//! --serve-arg=short-slice` compares), and counts raises that never arrived.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
