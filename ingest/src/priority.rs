@@ -51,12 +51,6 @@ impl AlertPathScheduling {
     }
 }
 
-impl std::fmt::Display for AlertPathScheduling {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 impl std::str::FromStr for AlertPathScheduling {
     type Err = String;
 
@@ -64,7 +58,10 @@ impl std::str::FromStr for AlertPathScheduling {
         Self::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("{s:?} is not one of realtime, short-slice, normal"))
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|m| m.name()).collect();
+                format!("{s:?} is not one of {}", names.join(", "))
+            })
     }
 }
 

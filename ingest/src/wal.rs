@@ -12,15 +12,15 @@
 //! The dataflow, and so the alert rules, see a publish once it is written,
 //! without waiting for the disk: an `fdatasync` mostly takes well under a
 //! millisecond (`wardflow_wal_fsync_seconds`) but now and then tens of
-//! milliseconds, and alerts do not wait for those. A publish seen but never made durable (a crash, or
-//! a failed fsync, before the syncer got to it) was never acknowledged;
-//! the device sends it again. Whatever the dataflow stored of it stays
-//! stored (recovery may drop it with the rest of an interval after the
-//! checkpoint, and the resend brings it back), so nothing acknowledged is
-//! lost either way.
+//! milliseconds, and alerts do not wait for those. A publish seen but
+//! never made durable (a crash, or a failed fsync, before the syncer got
+//! to it) was never acknowledged; the device sends it again. Whatever the
+//! dataflow stored of it stays stored (recovery may drop it with the rest
+//! of an interval after the checkpoint, and the resend brings it back), so
+//! nothing acknowledged is lost either way.
 //!
-//! Each written batch is stamped with an epoch (milliseconds since the epoch,
-//! monotone even if the clock steps back); that epoch is the publish's
+//! Each written batch is stamped with an epoch (milliseconds since the
+//! epoch, monotone even if the clock steps back); that epoch is the publish's
 //! dataflow time. The writer also advances every dataflow shard to the
 //! current epoch when idle, so time moves on without traffic.
 //!

@@ -830,9 +830,10 @@ fn main() -> anyhow::Result<()> {
     let body = server.metrics()?;
     let rules_loaded = metric(&body, "wardflow_rules_loaded");
     // How the kernel scheduled the server's alert path.
-    let scheduling: Vec<String> = ["realtime", "short-slice", "normal"]
+    let scheduling: Vec<String> = wardflow_ingest::priority::AlertPathScheduling::ALL
         .iter()
-        .filter_map(|s| {
+        .filter_map(|m| {
+            let s = m.name();
             let n = metric(&body, &format!("{SCHEDULING}{{scheduling=\"{s}\"}}"))?;
             Some(format!("{n:.0} {s}"))
         })
