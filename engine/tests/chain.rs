@@ -101,6 +101,30 @@ impl Drop for Chain {
     }
 }
 
+/// The extrinsics chopsticks put in each block it built, from its log.
+fn extrinsics_built(chain: &Chain) -> std::collections::BTreeMap<u64, usize> {
+    let log = std::fs::read_to_string(&chain.log).unwrap();
+    let mut built = std::collections::BTreeMap::new();
+    let mut lines = log.lines();
+    while let Some(line) = lines.next() {
+        let Some((_, number)) = line.split_once(" building #") else {
+            continue;
+        };
+        let number: u64 = number.trim().parse().unwrap();
+        let mut count = 0;
+        for l in lines.by_ref() {
+            let l = l.trim();
+            if l.starts_with("extrinsics: []") || l == "]" {
+                break;
+            }
+            count += usize::from(l.starts_with("\"0x"));
+        }
+        // A block built again (after a failed attempt) counts once.
+        built.insert(number, count);
+    }
+    built
+}
+
 /// Publishes `seconds` of three monitors at QoS 1; returns the simulator's
 /// JSON report.
 fn simulate(dir: &Path, server: &Server, seconds: u32) -> Value {
@@ -224,6 +248,14 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
         block = b;
     }
     assert_eq!(next as usize, sealed);
+    // Nothing was anchored twice: the chain took exactly one extrinsic per
+    // receipt, however often the anchorer lost sight of one.
+    let built = extrinsics_built(&chain);
+    assert_eq!(
+        built.values().sum::<usize>(),
+        receipts.len(),
+        "extrinsics per block {built:?}, receipts {receipts:?}"
+    );
     assert!(
         receipts.iter().any(|r| r["first_batch"] != r["last_batch"]),
         "catching up packs several batches into one extrinsic: {receipts:?}"

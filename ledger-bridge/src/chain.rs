@@ -175,9 +175,17 @@ impl ChainAnchorer {
             .pending_batches
             .store(backlog.len() as u64, Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
+        let in_flight_path = in_flight_path(ledger_dir, process);
+        let in_flight = read_in_flight(&in_flight_path).unwrap_or_else(|e| {
+            // Unreadable: its batches are looked for no more and sent again.
+            tracing::warn!("ledger: {e}; the batches it names are sent again");
+            None
+        });
         let mut worker = Worker {
             config,
             receipts: receipt_log_path(ledger_dir, process),
+            in_flight_path,
+            in_flight,
             queue: backlog.into(),
             rx,
             status: status.clone(),
@@ -234,15 +242,92 @@ pub fn backlog(anchors: &[Anchor], receipts: &[Receipt]) -> Vec<Anchor> {
         .collect()
 }
 
+/// Blocks an anchoring extrinsic stays valid for (its mortal era). Once
+/// the finalized head is past them, it can no longer land.
+pub const MORTALITY_BLOCKS: u64 = 64;
+
+/// Process `process`'s record of its anchoring extrinsic in flight.
+pub fn in_flight_path(dir: &Path, process: u32) -> PathBuf {
+    dir.join(format!("chain-p{process}.inflight.json"))
+}
+
+/// An anchoring extrinsic that was sent and is not yet known to be
+/// finalized, nor to be unable to ever be. It is on disk before it is sent,
+/// so that a restart looks for it instead of anchoring its batches twice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub first_batch: u64,
+    pub last_batch: u64,
+    /// The signing account's nonce it uses. Once the chain has finalized
+    /// an extrinsic of the account with this nonce, no other can use it.
+    pub nonce: u64,
+    /// The finalized block it was signed at: it is valid for
+    /// [`MORTALITY_BLOCKS`] from there.
+    pub birth: u64,
+    /// The signed extrinsic (hex), sent again byte for byte while it may
+    /// still land: the same bytes can be included at most once.
+    pub extrinsic: String,
+}
+
+impl InFlight {
+    fn batches(&self) -> usize {
+        (self.last_batch - self.first_batch + 1) as usize
+    }
+}
+
+/// Reads the record of the extrinsic in flight, if there is one.
+pub fn read_in_flight(path: &Path) -> Result<Option<InFlight>, AnchorError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| crate::anchor::io_err(path)(std::io::Error::other(e))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::anchor::io_err(path)(e)),
+    }
+}
+
+/// Replaces the record atomically and durably (written aside, fsynced,
+/// renamed, directory fsynced).
+fn write_in_flight(path: &Path, f: &InFlight) -> Result<(), AnchorError> {
+    use std::io::Write as _;
+    let io = crate::anchor::io_err;
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(&serde_json::to_vec(f).expect("serializes"))
+        .map_err(io(&tmp))?;
+    file.sync_data().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// What became of an extrinsic in flight.
+enum Fate {
+    /// Finalized, with the remark of every batch: its receipt.
+    Finalized(Receipt),
+    /// It can no longer land (why); its batches go in a new extrinsic.
+    Dead(String),
+    /// It may still land; it was sent again, to be looked for later.
+    Pending,
+}
+
 struct Worker {
     config: ChainConfig,
     receipts: PathBuf,
+    in_flight_path: PathBuf,
+    in_flight: Option<InFlight>,
     queue: VecDeque<Anchor>,
     rx: Receiver<Anchor>,
     status: Arc<ChainStatus>,
     stop: Arc<AtomicBool>,
     process: u32,
 }
+
+type Connection = (ChainClient, subxt::rpcs::RpcClient);
 
 impl Worker {
     fn run(&mut self) {
@@ -256,7 +341,7 @@ impl Worker {
                 return;
             }
         };
-        let mut client: Option<OnlineClient<PolkadotConfig>> = None;
+        let mut client: Option<Connection> = None;
         let mut backoff = Duration::from_millis(500);
         let mut closed = false;
         loop {
@@ -277,9 +362,17 @@ impl Worker {
             if self.queue.is_empty() {
                 continue;
             }
-            let api = match &client {
+            // A record whose batches are not at the head of the queue is
+            // spent: a receipt covers them.
+            if let Some(f) = &self.in_flight
+                && (self.queue.front().map(|a| a.batch) != Some(f.first_batch)
+                    || self.queue.len() < f.batches())
+            {
+                self.clear_in_flight();
+            }
+            let conn = match &client {
                 Some(c) => c.clone(),
-                None => match rt.block_on(connect(&self.config.url)) {
+                None => match rt.block_on(connect_with_rpc(&self.config.url)) {
                     Ok(c) => {
                         tracing::info!(url = %self.config.url, "ledger: connected to the chain");
                         self.status.connected.store(true, Ordering::Relaxed);
@@ -293,62 +386,147 @@ impl Worker {
                     }
                 },
             };
-            let n = self.queue.len().min(MAX_PER_EXTRINSIC);
-            let batch: Vec<Anchor> = self.queue.iter().take(n).cloned().collect();
-            let submitted = rt.block_on(async {
-                tokio::time::timeout(
-                    self.config.timeout,
-                    submit_remarks(
-                        &api,
-                        &self.config.signer,
-                        batch.iter().map(remark_payload).collect(),
-                    ),
-                )
-                .await
-            });
-            match submitted {
-                Ok(Ok((block_hash, block_number, extrinsic_index))) => {
-                    let receipt = Receipt {
-                        process: self.process,
-                        first_batch: batch[0].batch,
-                        last_batch: batch[n - 1].batch,
-                        block_hash,
-                        block_number,
-                        extrinsic_index,
-                        account: hex(&self.config.signer.public_key().0),
-                    };
-                    if let Err(e) = crate::anchor::append_json_lines(
-                        &self.receipts,
-                        std::slice::from_ref(&receipt),
-                    ) {
-                        // Anchored, but not recorded: it is sent again.
-                        self.fail(&mut backoff, format!("{}: {e}", self.receipts.display()));
-                        continue;
-                    }
-                    self.queue.drain(..n);
-                    let s = &self.status;
-                    s.pending_batches.fetch_sub(n as u64, Ordering::Relaxed);
-                    s.anchored_batches.fetch_add(n as u64, Ordering::Relaxed);
-                    s.extrinsics.fetch_add(1, Ordering::Relaxed);
-                    s.last_block.store(block_number, Ordering::Relaxed);
-                    tracing::debug!(
-                        batches = n,
-                        block_number,
-                        extrinsic_index,
-                        "ledger: anchored on the chain"
-                    );
-                }
-                Ok(Err(e)) => {
-                    client = None;
-                    self.status.connected.store(false, Ordering::Relaxed);
-                    self.fail(&mut backoff, e);
-                }
-                Err(_) => {
-                    client = None;
-                    self.status.connected.store(false, Ordering::Relaxed);
-                    self.fail(&mut backoff, "no finality within the timeout".into());
-                }
+            let done = match self.in_flight.clone() {
+                None => self.send(&rt, &conn.0),
+                Some(f) => self.follow_up(&rt, &conn, &f),
+            };
+            if let Err(e) = done {
+                client = None;
+                self.status.connected.store(false, Ordering::Relaxed);
+                self.fail(&mut backoff, e);
             }
+        }
+    }
+
+    /// Runs `f` on `rt`, for at most the configured timeout.
+    fn within<T>(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T, tokio::time::error::Elapsed> {
+        rt.block_on(async { tokio::time::timeout(self.config.timeout, f).await })
+    }
+
+    /// Signs the batches at the head of the queue into one extrinsic,
+    /// records it as in flight, sends it and follows it to finality.
+    fn send(&mut self, rt: &tokio::runtime::Runtime, api: &ChainClient) -> Result<(), String> {
+        let n = self.queue.len().min(MAX_PER_EXTRINSIC);
+        let remarks = self.queue.iter().take(n).map(remark_payload).collect();
+        let (tx, nonce, birth) = self
+            .within(rt, sign_remarks(api, &self.config.signer, remarks))
+            .map_err(|_| "no answer from the chain within the timeout".to_string())??;
+        let f = InFlight {
+            first_batch: self.queue[0].batch,
+            last_batch: self.queue[n - 1].batch,
+            nonce,
+            birth,
+            extrinsic: hex(tx.encoded()),
+        };
+        write_in_flight(&self.in_flight_path, &f).map_err(|e| e.to_string())?;
+        self.in_flight = Some(f);
+        let followed = self.within(rt, async {
+            let progress = tx
+                .submit_and_watch()
+                .await
+                .map_err(|e| format!("submitting: {e}"))?;
+            follow_to_finality(api, progress, n).await
+        });
+        let why = match followed {
+            Ok(Ok((block_hash, block_number, extrinsic_index))) => {
+                return self.anchored(Receipt {
+                    process: self.process,
+                    first_batch: self.queue[0].batch,
+                    last_batch: self.queue[n - 1].batch,
+                    block_hash,
+                    block_number,
+                    extrinsic_index,
+                    account: hex(&self.config.signer.public_key().0),
+                });
+            }
+            Ok(Err(e)) => e,
+            Err(_) => format!("not finalized within {:?}", self.config.timeout),
+        };
+        // It may still land: the next pass looks for it on the chain and
+        // sends the same bytes again meanwhile, never a second extrinsic.
+        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            url = %self.config.url,
+            nonce,
+            "ledger: lost sight of the anchoring extrinsic ({why}); looking for it on the chain"
+        );
+        Ok(())
+    }
+
+    /// Looks for the extrinsic in flight on the chain: records its receipt
+    /// once finalized, gives it up once it can no longer land, and
+    /// otherwise sends it again and waits.
+    fn follow_up(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        (api, rpc): &Connection,
+        f: &InFlight,
+    ) -> Result<(), String> {
+        let batches: Vec<Anchor> = self.queue.iter().take(f.batches()).cloned().collect();
+        let fate = self
+            .within(
+                rt,
+                fate(api, rpc, f, &self.config.signer, &batches, self.process),
+            )
+            .map_err(|_| "no answer from the chain within the timeout".to_string())??;
+        match fate {
+            Fate::Finalized(receipt) => {
+                tracing::info!(
+                    block_number = receipt.block_number,
+                    "ledger: found the anchoring extrinsic finalized on the chain"
+                );
+                self.anchored(receipt)
+            }
+            Fate::Dead(why) => {
+                tracing::warn!(
+                    first_batch = f.first_batch,
+                    last_batch = f.last_batch,
+                    "ledger: the anchoring extrinsic can no longer land ({why}); its batches go in a new one"
+                );
+                self.clear_in_flight();
+                Ok(())
+            }
+            Fate::Pending => {
+                self.pause(Duration::from_secs(1));
+                Ok(())
+            }
+        }
+    }
+
+    /// Records a finalized extrinsic's receipt and takes its batches off
+    /// the queue. If the receipt cannot be written, the extrinsic stays in
+    /// flight and is found on the chain again.
+    fn anchored(&mut self, receipt: Receipt) -> Result<(), String> {
+        crate::anchor::append_json_lines(&self.receipts, std::slice::from_ref(&receipt))
+            .map_err(|e| format!("{}: {e}", self.receipts.display()))?;
+        let n = (receipt.last_batch - receipt.first_batch + 1) as usize;
+        self.clear_in_flight();
+        self.queue.drain(..n);
+        let s = &self.status;
+        s.pending_batches.fetch_sub(n as u64, Ordering::Relaxed);
+        s.anchored_batches.fetch_add(n as u64, Ordering::Relaxed);
+        s.extrinsics.fetch_add(1, Ordering::Relaxed);
+        s.last_block.store(receipt.block_number, Ordering::Relaxed);
+        tracing::debug!(
+            batches = n,
+            block_number = receipt.block_number,
+            extrinsic_index = receipt.extrinsic_index,
+            "ledger: anchored on the chain"
+        );
+        Ok(())
+    }
+
+    fn clear_in_flight(&mut self) {
+        self.in_flight = None;
+        match std::fs::remove_file(&self.in_flight_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Harmless: a stale record is spent once a receipt covers it.
+            Err(e) => tracing::warn!("{}: {e}", self.in_flight_path.display()),
         }
     }
 
@@ -360,56 +538,87 @@ impl Worker {
             "ledger: chain anchoring failed, retrying in {:?} (batches stay queued in the anchor log): {why}",
             *backoff
         );
-        // Sleep in slices, so a stop is not held up.
-        let end = std::time::Instant::now() + *backoff;
+        self.pause(*backoff);
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+    }
+
+    /// Sleeps in slices, so a stop is not held up.
+    fn pause(&self, d: Duration) {
+        let end = std::time::Instant::now() + d;
         while std::time::Instant::now() < end && !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(50));
         }
-        *backoff = (*backoff * 2).min(Duration::from_secs(10));
     }
 }
 
-/// Submits `remarks` as one extrinsic signed by `signer` (a
-/// `remark_with_event`, or a `utility.batch_all` of them) and follows it to
-/// finality; returns (block hash, block number, extrinsic index).
-pub async fn submit_remarks(
-    api: &OnlineClient<PolkadotConfig>,
+/// A signed extrinsic, ready to send.
+type Signed = subxt::transactions::SubmittableTransaction<
+    PolkadotConfig,
+    subxt::client::OnlineClientAtBlockImpl<PolkadotConfig>,
+>;
+
+/// Signs `remarks` as one extrinsic (a `remark_with_event`, or a
+/// `utility.batch_all` of them) at the finalized head, with the account's
+/// nonce there and a mortal era of [`MORTALITY_BLOCKS`]; returns it with
+/// its nonce and the block it was signed at.
+async fn sign_remarks(
+    api: &ChainClient,
     signer: &Keypair,
     remarks: Vec<Vec<u8>>,
-) -> Result<(String, u64, u32), String> {
+) -> Result<(Signed, u64, u64), String> {
     let at = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
-    let count = remarks.len();
-    let progress = if count == 1 {
+    let mut txs = at.transactions();
+    let nonce = txs
+        .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
+        .await
+        .map_err(|e| format!("reading the account's nonce: {e}"))?;
+    let params = subxt::config::PolkadotExtrinsicParamsBuilder::<PolkadotConfig>::new()
+        .nonce(nonce)
+        .mortal(MORTALITY_BLOCKS)
+        .build();
+    let signed = if remarks.len() == 1 {
         let call = dynamic::tx(
             "System",
             "remark_with_event",
             (Value::from_bytes(&remarks[0]),),
         );
-        at.transactions()
-            .sign_and_submit_then_watch_default(&call, signer)
-            .await
+        txs.create_signed(&call, signer, params).await
     } else {
-        let calls: Vec<Value> = remarks
-            .iter()
-            .map(|r| {
-                Value::unnamed_variant(
-                    "System",
-                    [Value::named_variant(
-                        "remark_with_event",
-                        [("remark", Value::from_bytes(r))],
-                    )],
-                )
-            })
-            .collect();
-        let call = dynamic::tx("Utility", "batch_all", (calls,));
-        at.transactions()
-            .sign_and_submit_then_watch_default(&call, signer)
-            .await
+        let call = dynamic::tx("Utility", "batch_all", (remark_calls(&remarks),));
+        txs.create_signed(&call, signer, params).await
     }
-    .map_err(|e| format!("submitting: {e}"))?;
+    .map_err(|e| format!("signing: {e}"))?;
+    Ok((signed, nonce, at.block_number()))
+}
+
+fn remark_calls(remarks: &[Vec<u8>]) -> Vec<Value> {
+    remarks
+        .iter()
+        .map(|r| {
+            Value::unnamed_variant(
+                "System",
+                [Value::named_variant(
+                    "remark_with_event",
+                    [("remark", Value::from_bytes(r))],
+                )],
+            )
+        })
+        .collect()
+}
+
+/// Follows a sent extrinsic of `count` remarks to finality; returns (block
+/// hash, block number, extrinsic index).
+async fn follow_to_finality(
+    api: &ChainClient,
+    progress: subxt::transactions::TransactionProgress<
+        PolkadotConfig,
+        subxt::client::OnlineClientAtBlockImpl<PolkadotConfig>,
+    >,
+    count: usize,
+) -> Result<(String, u64, u32), String> {
     let in_block = progress
         .wait_for_finalized()
         .await
@@ -441,6 +650,105 @@ pub async fn submit_remarks(
     ))
 }
 
+/// What became of `f`, whose batches are `batches`.
+///
+/// If the account's nonce at the finalized head is past `f`'s, an
+/// extrinsic with `f`'s nonce is finalized, within `f`'s era: its blocks
+/// are searched for the first batch's `System.Remarked` event, and the
+/// extrinsic found must hold every batch. If none does, the nonce went to
+/// another extrinsic and `f` can never land. If the nonce is not past, `f`
+/// can still land until its era ends; it is sent again (a node that
+/// restarted has forgotten its pool; one that has it refuses the copy).
+async fn fate(
+    api: &ChainClient,
+    rpc: &subxt::rpcs::RpcClient,
+    f: &InFlight,
+    signer: &Keypair,
+    batches: &[Anchor],
+    process: u32,
+) -> Result<Fate, String> {
+    let head = api
+        .at_current_block()
+        .await
+        .map_err(|e| format!("reading the chain head: {e}"))?;
+    let finalized = head.block_number();
+    let nonce = head
+        .transactions()
+        .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
+        .await
+        .map_err(|e| format!("reading the account's nonce: {e}"))?;
+    let era_end = f.birth + MORTALITY_BLOCKS + 1;
+    if nonce > f.nonce {
+        let account = signer.public_key().0;
+        let mut want = [0u8; 64];
+        want[..32].copy_from_slice(&account);
+        want[32..].copy_from_slice(&blake2_256(&remark_payload(&batches[0])));
+        for number in f.birth..=finalized.min(era_end) {
+            let at = api
+                .at_block(number)
+                .await
+                .map_err(|e| format!("reading block #{number}: {e}"))?;
+            let events = at
+                .events()
+                .fetch()
+                .await
+                .map_err(|e| format!("events of block #{number}: {e}"))?;
+            let Some(subxt::events::Phase::ApplyExtrinsic(index)) = events
+                .iter()
+                .filter_map(Result::ok)
+                .find(|e| {
+                    e.pallet_name() == "System"
+                        && e.event_name() == "Remarked"
+                        && e.field_bytes() == want
+                })
+                .map(|e| e.phase())
+            else {
+                continue;
+            };
+            let receipt = Receipt {
+                process,
+                first_batch: f.first_batch,
+                last_batch: f.last_batch,
+                block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
+                block_number: number,
+                extrinsic_index: index,
+                account: hex(&account),
+            };
+            let all: Vec<&Anchor> = batches.iter().collect();
+            if let OnChain::Verified = check_receipt(api, &receipt, &all).await {
+                return Ok(Fate::Finalized(receipt));
+            }
+        }
+        return Ok(Fate::Dead(format!(
+            "its nonce {} went to another extrinsic",
+            f.nonce
+        )));
+    }
+    if finalized > era_end {
+        return Ok(Fate::Dead(format!(
+            "its era ended before finalized block #{finalized}"
+        )));
+    }
+    let sent: Result<serde_json::Value, _> = rpc
+        .request(
+            "author_submitExtrinsic",
+            subxt::rpcs::rpc_params![format!("0x{}", f.extrinsic)],
+        )
+        .await;
+    if let Err(e) = sent {
+        // Transaction-pool errors (JSON-RPC 1010 with its reason): an era
+        // or genesis the chain no longer knows is final; a copy already
+        // held, a nonce used in a block not yet finalized, or a ban on a
+        // copy just included are not.
+        let why = e.to_string();
+        if why.contains("ancient birth block") || why.contains("bad signature") {
+            return Ok(Fate::Dead(format!("the chain refuses it: {why}")));
+        }
+        tracing::debug!("ledger: sending the anchoring extrinsic again: {why}");
+    }
+    Ok(Fate::Pending)
+}
+
 /// For a command-line tool: connects to `url`, submits `remark` signed by
 /// `signer` and waits up to `timeout` for it to be finalized, on a runtime
 /// of its own; returns (block hash, block number, extrinsic index).
@@ -456,9 +764,16 @@ pub fn submit_remark_blocking(
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
         let api = connect(url).await?;
-        tokio::time::timeout(timeout, submit_remarks(&api, signer, vec![remark]))
-            .await
-            .map_err(|_| "the chain did not finalize it in time".to_string())?
+        tokio::time::timeout(timeout, async {
+            let (tx, _, _) = sign_remarks(&api, signer, vec![remark]).await?;
+            let progress = tx
+                .submit_and_watch()
+                .await
+                .map_err(|e| format!("submitting: {e}"))?;
+            follow_to_finality(&api, progress, 1).await
+        })
+        .await
+        .map_err(|_| "the chain did not finalize it in time".to_string())?
     })
 }
 
