@@ -657,8 +657,8 @@ async fn follow_to_finality(
 /// are searched for the first batch's `System.Remarked` event, and the
 /// extrinsic found must hold every batch. If none does, the nonce went to
 /// another extrinsic and `f` can never land. If the nonce is not past, `f`
-/// can still land until its era ends; it is sent again (a node that
-/// restarted has forgotten its pool; one that has it refuses the copy).
+/// can still land until its era ends; it is sent again unless the node's
+/// pool holds it (a node that restarted has forgotten its pool).
 async fn fate(
     api: &ChainClient,
     rpc: &subxt::rpcs::RpcClient,
@@ -729,10 +729,18 @@ async fn fate(
             "its era ended before finalized block #{finalized}"
         )));
     }
+    let ours = format!("0x{}", f.extrinsic);
+    let pool: Vec<String> = rpc
+        .request("author_pendingExtrinsics", subxt::rpcs::rpc_params![])
+        .await
+        .map_err(|e| format!("reading the node's pending extrinsics: {e}"))?;
+    if pool.contains(&ours) {
+        return Ok(Fate::Pending);
+    }
     let sent: Result<serde_json::Value, _> = rpc
         .request(
             "author_submitExtrinsic",
-            subxt::rpcs::rpc_params![format!("0x{}", f.extrinsic)],
+            subxt::rpcs::rpc_params![ours],
         )
         .await;
     if let Err(e) = sent {
