@@ -167,7 +167,7 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     std::fs::write(
         &config,
         format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 5\n",
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
             chain.url(),
             account.display()
         ),

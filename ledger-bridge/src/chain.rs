@@ -315,6 +315,22 @@ enum Fate {
     Pending,
 }
 
+/// Why a pass of the anchorer made no progress.
+enum Retry {
+    /// The chain was slow to answer, or a local write failed: the same
+    /// connection is used again after a pause. (Connecting again costs a
+    /// slow chain more: the client reads the runtime's metadata.)
+    Later(String),
+    /// The connection or the node failed: it is made again.
+    Reconnect(String),
+}
+
+impl From<tokio::time::error::Elapsed> for Retry {
+    fn from(_: tokio::time::error::Elapsed) -> Retry {
+        Retry::Later("no answer from the chain within the timeout".into())
+    }
+}
+
 struct Worker {
     config: ChainConfig,
     receipts: PathBuf,
@@ -390,10 +406,14 @@ impl Worker {
                 None => self.send(&rt, &conn.0),
                 Some(f) => self.follow_up(&rt, &conn, &f),
             };
-            if let Err(e) = done {
-                client = None;
-                self.status.connected.store(false, Ordering::Relaxed);
-                self.fail(&mut backoff, e);
+            match done {
+                Ok(()) => {}
+                Err(Retry::Later(why)) => self.fail(&mut backoff, why),
+                Err(Retry::Reconnect(why)) => {
+                    client = None;
+                    self.status.connected.store(false, Ordering::Relaxed);
+                    self.fail(&mut backoff, why);
+                }
             }
         }
     }
@@ -409,12 +429,12 @@ impl Worker {
 
     /// Signs the batches at the head of the queue into one extrinsic,
     /// records it as in flight, sends it and follows it to finality.
-    fn send(&mut self, rt: &tokio::runtime::Runtime, api: &ChainClient) -> Result<(), String> {
+    fn send(&mut self, rt: &tokio::runtime::Runtime, api: &ChainClient) -> Result<(), Retry> {
         let n = self.queue.len().min(MAX_PER_EXTRINSIC);
         let remarks = self.queue.iter().take(n).map(remark_payload).collect();
         let (tx, nonce, birth) = self
-            .within(rt, sign_remarks(api, &self.config.signer, remarks))
-            .map_err(|_| "no answer from the chain within the timeout".to_string())??;
+            .within(rt, sign_remarks(api, &self.config.signer, remarks))?
+            .map_err(Retry::Reconnect)?;
         let f = InFlight {
             first_batch: self.queue[0].batch,
             last_batch: self.queue[n - 1].batch,
@@ -422,7 +442,7 @@ impl Worker {
             birth,
             extrinsic: hex(tx.encoded()),
         };
-        write_in_flight(&self.in_flight_path, &f).map_err(|e| e.to_string())?;
+        write_in_flight(&self.in_flight_path, &f).map_err(|e| Retry::Later(e.to_string()))?;
         self.in_flight = Some(f);
         let followed = self.within(rt, async {
             let progress = tx
@@ -465,14 +485,14 @@ impl Worker {
         rt: &tokio::runtime::Runtime,
         (api, rpc): &Connection,
         f: &InFlight,
-    ) -> Result<(), String> {
+    ) -> Result<(), Retry> {
         let batches: Vec<Anchor> = self.queue.iter().take(f.batches()).cloned().collect();
         let fate = self
             .within(
                 rt,
                 fate(api, rpc, f, &self.config.signer, &batches, self.process),
-            )
-            .map_err(|_| "no answer from the chain within the timeout".to_string())??;
+            )?
+            .map_err(Retry::Reconnect)?;
         match fate {
             Fate::Finalized(receipt) => {
                 tracing::info!(
@@ -500,9 +520,9 @@ impl Worker {
     /// Records a finalized extrinsic's receipt and takes its batches off
     /// the queue. If the receipt cannot be written, the extrinsic stays in
     /// flight and is found on the chain again.
-    fn anchored(&mut self, receipt: Receipt) -> Result<(), String> {
+    fn anchored(&mut self, receipt: Receipt) -> Result<(), Retry> {
         crate::anchor::append_json_lines(&self.receipts, std::slice::from_ref(&receipt))
-            .map_err(|e| format!("{}: {e}", self.receipts.display()))?;
+            .map_err(|e| Retry::Later(format!("{}: {e}", self.receipts.display())))?;
         let n = (receipt.last_batch - receipt.first_batch + 1) as usize;
         self.clear_in_flight();
         self.queue.drain(..n);
