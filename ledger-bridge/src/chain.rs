@@ -21,13 +21,15 @@
 //! before it is submitted, and the receipt log (`chain-p{process}.jsonl`:
 //! block hash, number and extrinsic index per range of batches, fsynced)
 //! says which are anchored. After a restart or a chain outage, what has no
-//! receipt is submitted again, in order. Anchoring is at least once: an
-//! extrinsic finalized while its watcher lost the connection is sent again,
-//! and the first receipt of a batch is the one verification uses.
+//! receipt is submitted again, in order.
 //!
-//! Nonces come from the chain (`system_accountNextIndex`) for each
-//! extrinsic, which is right because only this anchorer signs with the
-//! node's account.
+//! Anchoring is exactly once. An extrinsic is recorded as in flight
+//! (`chain-p{process}.inflight.json`: its batches, nonce, mortal era and
+//! signed bytes) before it is sent, and stays the only one until it is
+//! finalized or can never be: its nonce went to another extrinsic, or its
+//! era ended. A timeout, a broken watch or a restart leads to looking for
+//! it on the chain (see [`InFlight`]), and to sending the same bytes again
+//! while it can still land, never to signing its batches a second time.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -758,10 +760,7 @@ async fn fate(
         return Ok(Fate::Pending);
     }
     let sent: Result<serde_json::Value, _> = rpc
-        .request(
-            "author_submitExtrinsic",
-            subxt::rpcs::rpc_params![ours],
-        )
+        .request("author_submitExtrinsic", subxt::rpcs::rpc_params![ours])
         .await;
     if let Err(e) = sent {
         // Transaction-pool errors (JSON-RPC 1010 with its reason): an era
@@ -957,5 +956,29 @@ mod tests {
         assert_eq!(rest, vec![3, 4]);
         assert_eq!(remark_payload(&anchors[3]).len(), 4 + 4 + 32 + 64);
         assert!(remark_payload(&anchors[3]).starts_with(b"WFA1"));
+    }
+
+    #[test]
+    fn the_in_flight_record_survives_a_restart_and_a_torn_one_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = in_flight_path(dir.path(), 3);
+        assert_eq!(read_in_flight(&path).unwrap(), None);
+        let f = InFlight {
+            first_batch: 40,
+            last_batch: 47,
+            nonce: 9,
+            birth: 1200,
+            extrinsic: "45028400".into(),
+        };
+        write_in_flight(&path, &f).unwrap();
+        assert_eq!(read_in_flight(&path).unwrap(), Some(f.clone()));
+        assert_eq!(f.batches(), 8);
+        // Replaced whole, never appended to.
+        let g = InFlight { nonce: 10, ..f };
+        write_in_flight(&path, &g).unwrap();
+        assert_eq!(read_in_flight(&path).unwrap(), Some(g));
+        std::fs::write(&path, "{\"first_batch\": 4").unwrap();
+        let e = read_in_flight(&path).unwrap_err().to_string();
+        assert!(e.contains("chain-p3.inflight.json"), "{e}");
     }
 }
