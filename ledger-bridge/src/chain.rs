@@ -272,8 +272,10 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// How many batches it carries (none for a record whose range is
+    /// backwards, which is then dropped as spent).
     fn batches(&self) -> usize {
-        (self.last_batch - self.first_batch + 1) as usize
+        (self.last_batch + 1).saturating_sub(self.first_batch) as usize
     }
 }
 
@@ -381,10 +383,10 @@ impl Worker {
                 continue;
             }
             // A record whose batches are not at the head of the queue is
-            // spent: a receipt covers them.
+            // spent (a receipt covers them), as is a malformed one.
             if let Some(f) = &self.in_flight
                 && (self.queue.front().map(|a| a.batch) != Some(f.first_batch)
-                    || self.queue.len() < f.batches())
+                    || !(1..=self.queue.len()).contains(&f.batches()))
             {
                 self.clear_in_flight();
             }
@@ -973,6 +975,11 @@ mod tests {
         write_in_flight(&path, &f).unwrap();
         assert_eq!(read_in_flight(&path).unwrap(), Some(f.clone()));
         assert_eq!(f.batches(), 8);
+        let backwards = InFlight {
+            last_batch: 39,
+            ..f.clone()
+        };
+        assert_eq!(backwards.batches(), 0);
         // Replaced whole, never appended to.
         let g = InFlight { nonce: 10, ..f };
         write_in_flight(&path, &g).unwrap();
