@@ -188,6 +188,7 @@ impl ChainAnchorer {
             receipts: receipt_log_path(ledger_dir, process),
             in_flight_path,
             in_flight,
+            search_from: 0,
             queue: backlog.into(),
             rx,
             status: status.clone(),
@@ -266,6 +267,9 @@ pub struct InFlight {
     /// The finalized block it was signed at: it is valid for
     /// [`MORTALITY_BLOCKS`] from there.
     pub birth: u64,
+    /// That block's hash (`0x` hex): if the chain's block of that number
+    /// is another, the chain was reset or replaced and `f` can never land.
+    pub birth_hash: String,
     /// The signed extrinsic (hex), sent again byte for byte while it may
     /// still land: the same bytes can be included at most once.
     pub extrinsic: String,
@@ -340,6 +344,9 @@ struct Worker {
     receipts: PathBuf,
     in_flight_path: PathBuf,
     in_flight: Option<InFlight>,
+    /// The next block to search for the extrinsic in flight: finalized
+    /// blocks searched once need not be searched again.
+    search_from: u64,
     queue: VecDeque<Anchor>,
     rx: Receiver<Anchor>,
     status: Arc<ChainStatus>,
@@ -436,14 +443,15 @@ impl Worker {
     fn send(&mut self, rt: &tokio::runtime::Runtime, api: &ChainClient) -> Result<(), Retry> {
         let n = self.queue.len().min(MAX_PER_EXTRINSIC);
         let remarks = self.queue.iter().take(n).map(remark_payload).collect();
-        let (tx, nonce, birth) = self
-            .within(rt, sign_remarks(api, &self.config.signer, remarks))?
+        let (tx, nonce, (birth, birth_hash)) = self
+            .within(rt, sign_remarks(api, &self.config.signer, remarks, None))?
             .map_err(Retry::Reconnect)?;
         let f = InFlight {
             first_batch: self.queue[0].batch,
             last_batch: self.queue[n - 1].batch,
             nonce,
             birth,
+            birth_hash,
             extrinsic: hex(tx.encoded()),
         };
         write_in_flight(&self.in_flight_path, &f).map_err(|e| Retry::Later(e.to_string()))?;
@@ -491,12 +499,23 @@ impl Worker {
         f: &InFlight,
     ) -> Result<(), Retry> {
         let batches: Vec<Anchor> = self.queue.iter().take(f.batches()).cloned().collect();
-        let fate = self
-            .within(
-                rt,
-                fate(api, rpc, f, &self.config.signer, &batches, self.process),
-            )?
-            .map_err(Retry::Reconnect)?;
+        // Progress survives a timeout: finalized blocks searched once are
+        // not searched again.
+        let mut search_from = self.search_from;
+        let fate = self.within(
+            rt,
+            fate(
+                api,
+                rpc,
+                f,
+                &self.config.signer,
+                &batches,
+                self.process,
+                &mut search_from,
+            ),
+        );
+        self.search_from = search_from;
+        let fate = fate?.map_err(Retry::Reconnect)?;
         match fate {
             Fate::Finalized(receipt) => {
                 tracing::info!(
@@ -546,6 +565,7 @@ impl Worker {
 
     fn clear_in_flight(&mut self) {
         self.in_flight = None;
+        self.search_from = 0;
         match std::fs::remove_file(&self.in_flight_path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -582,23 +602,28 @@ type Signed = subxt::transactions::SubmittableTransaction<
 >;
 
 /// Signs `remarks` as one extrinsic (a `remark_with_event`, or a
-/// `utility.batch_all` of them) at the finalized head, with the account's
-/// nonce there and a mortal era of [`MORTALITY_BLOCKS`]; returns it with
-/// its nonce and the block it was signed at.
+/// `utility.batch_all` of them) at the finalized head, with a mortal era of
+/// [`MORTALITY_BLOCKS`] and `nonce`, or else the account's nonce at that
+/// head; returns it with its nonce and the block (number, `0x` hash) it
+/// was signed at.
 async fn sign_remarks(
     api: &ChainClient,
     signer: &Keypair,
     remarks: Vec<Vec<u8>>,
-) -> Result<(Signed, u64, u64), String> {
+    nonce: Option<u64>,
+) -> Result<(Signed, u64, (u64, String)), String> {
     let at = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
     let mut txs = at.transactions();
-    let nonce = txs
-        .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
-        .await
-        .map_err(|e| format!("reading the account's nonce: {e}"))?;
+    let nonce = match nonce {
+        Some(n) => n,
+        None => txs
+            .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
+            .await
+            .map_err(|e| format!("reading the account's nonce: {e}"))?,
+    };
     let params = subxt::config::PolkadotExtrinsicParamsBuilder::<PolkadotConfig>::new()
         .nonce(nonce)
         .mortal(MORTALITY_BLOCKS)
@@ -615,7 +640,11 @@ async fn sign_remarks(
         txs.create_signed(&call, signer, params).await
     }
     .map_err(|e| format!("signing: {e}"))?;
-    Ok((signed, nonce, at.block_number()))
+    let birth = (
+        at.block_number(),
+        format!("0x{}", hex(at.block_ref().hash().as_ref())),
+    );
+    Ok((signed, nonce, birth))
 }
 
 fn remark_calls(remarks: &[Vec<u8>]) -> Vec<Value> {
@@ -676,13 +705,21 @@ async fn follow_to_finality(
 
 /// What became of `f`, whose batches are `batches`.
 ///
-/// If the account's nonce at the finalized head is past `f`'s, an
-/// extrinsic with `f`'s nonce is finalized, within `f`'s era: its blocks
-/// are searched for the first batch's `System.Remarked` event, and the
-/// extrinsic found must hold every batch. If none does, the nonce went to
-/// another extrinsic and `f` can never land. If the nonce is not past, `f`
-/// can still land until its era ends; it is sent again unless the node's
-/// pool holds it (a node that restarted has forgotten its pool).
+/// - If the chain's block at `f`'s birth is another than `f` was signed
+///   at, the chain was reset or replaced: `f` can never land.
+/// - If the account's nonce at the finalized head is past `f`'s, an
+///   extrinsic with `f`'s nonce is finalized, within `f`'s era. Its blocks
+///   are searched, from `search_from` on (advanced past each block
+///   searched), for the first batch's `System.Remarked` event, and the
+///   extrinsic that emitted it must have emitted every batch's. Found, that
+///   is `f`'s receipt; not found, the nonce went to another extrinsic and
+///   `f` can never land.
+/// - Otherwise `f` can still land until the finalized head is past its
+///   era. It is sent again unless the node's pool holds it (a node that
+///   restarted has lost its pool); a refusal changes nothing, since a
+///   node checks against its best block, which may already hold `f`.
+///
+/// A failed read is an error, never a "not found".
 async fn fate(
     api: &ChainClient,
     rpc: &subxt::rpcs::RpcClient,
@@ -690,12 +727,26 @@ async fn fate(
     signer: &Keypair,
     batches: &[Anchor],
     process: u32,
+    search_from: &mut u64,
 ) -> Result<Fate, String> {
     let head = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
     let finalized = head.block_number();
+    let birth_hash: Option<String> = if finalized < f.birth {
+        None
+    } else {
+        rpc.request("chain_getBlockHash", subxt::rpcs::rpc_params![f.birth])
+            .await
+            .map_err(|e| format!("reading block #{}'s hash: {e}", f.birth))?
+    };
+    if birth_hash.as_deref() != Some(f.birth_hash.as_str()) {
+        return Ok(Fate::Dead(format!(
+            "the chain's finalized block #{} is not the one it was signed at: the chain was reset or replaced",
+            f.birth
+        )));
+    }
     let nonce = head
         .transactions()
         .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
@@ -704,10 +755,11 @@ async fn fate(
     let era_end = f.birth + MORTALITY_BLOCKS + 1;
     if nonce > f.nonce {
         let account = signer.public_key().0;
-        let mut want = [0u8; 64];
-        want[..32].copy_from_slice(&account);
-        want[32..].copy_from_slice(&blake2_256(&remark_payload(&batches[0])));
-        for number in f.birth..=finalized.min(era_end) {
+        let first = remarked(&account, &batches[0]);
+        let all: Vec<&Anchor> = batches.iter().collect();
+        *search_from = (*search_from).max(f.birth);
+        while *search_from <= finalized.min(era_end) {
+            let number = *search_from;
             let at = api
                 .at_block(number)
                 .await
@@ -717,31 +769,32 @@ async fn fate(
                 .fetch()
                 .await
                 .map_err(|e| format!("events of block #{number}: {e}"))?;
-            let Some(subxt::events::Phase::ApplyExtrinsic(index)) = events
+            let found = events
                 .iter()
                 .filter_map(Result::ok)
-                .find(|e| {
+                .filter(|e| {
                     e.pallet_name() == "System"
                         && e.event_name() == "Remarked"
-                        && e.field_bytes() == want
+                        && e.field_bytes() == first
                 })
-                .map(|e| e.phase())
-            else {
-                continue;
-            };
-            let receipt = Receipt {
-                process,
-                first_batch: f.first_batch,
-                last_batch: f.last_batch,
-                block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
-                block_number: number,
-                extrinsic_index: index,
-                account: hex(&account),
-            };
-            let all: Vec<&Anchor> = batches.iter().collect();
-            if let OnChain::Verified = check_receipt(api, &receipt, &all).await {
-                return Ok(Fate::Finalized(receipt));
+                .find_map(|e| match e.phase() {
+                    subxt::events::Phase::ApplyExtrinsic(i) => Some(i),
+                    _ => None,
+                });
+            if let Some(index) = found
+                && first_unremarked(&events, index, &account, &all).is_none()
+            {
+                return Ok(Fate::Finalized(Receipt {
+                    process,
+                    first_batch: f.first_batch,
+                    last_batch: f.last_batch,
+                    block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
+                    block_number: number,
+                    extrinsic_index: index,
+                    account: hex(&account),
+                }));
             }
+            *search_from = number + 1;
         }
         return Ok(Fate::Dead(format!(
             "its nonce {} went to another extrinsic",
@@ -754,28 +807,54 @@ async fn fate(
         )));
     }
     let ours = format!("0x{}", f.extrinsic);
-    let pool: Vec<String> = rpc
+    // Some public nodes do not serve the pool's contents; then it is sent
+    // again without looking.
+    let pool: Result<Vec<String>, _> = rpc
         .request("author_pendingExtrinsics", subxt::rpcs::rpc_params![])
-        .await
-        .map_err(|e| format!("reading the node's pending extrinsics: {e}"))?;
-    if pool.contains(&ours) {
+        .await;
+    if pool.is_ok_and(|p| p.contains(&ours)) {
         return Ok(Fate::Pending);
     }
     let sent: Result<serde_json::Value, _> = rpc
         .request("author_submitExtrinsic", subxt::rpcs::rpc_params![ours])
         .await;
     if let Err(e) = sent {
-        // Transaction-pool errors (JSON-RPC 1010 with its reason): an era
-        // or genesis the chain no longer knows is final; a copy already
-        // held, a nonce used in a block not yet finalized, or a ban on a
-        // copy just included are not.
-        let why = e.to_string();
-        if why.contains("ancient birth block") || why.contains("bad signature") {
-            return Ok(Fate::Dead(format!("the chain refuses it: {why}")));
-        }
-        tracing::debug!("ledger: sending the anchoring extrinsic again: {why}");
+        tracing::debug!("ledger: sending the anchoring extrinsic again: {e}");
     }
     Ok(Fate::Pending)
+}
+
+/// The `System.Remarked` event data of `batch` anchored by `account`: the
+/// signer, then the remark's BLAKE2b-256 hash.
+fn remarked(account: &[u8; 32], batch: &Anchor) -> [u8; 64] {
+    let mut want = [0u8; 64];
+    want[..32].copy_from_slice(account);
+    want[32..].copy_from_slice(&blake2_256(&remark_payload(batch)));
+    want
+}
+
+/// The first of `anchors` whose remark by `account` is not among the
+/// `System.Remarked` events that extrinsic `index` emitted in `events`.
+fn first_unremarked(
+    events: &subxt::events::Events<PolkadotConfig>,
+    index: u32,
+    account: &[u8; 32],
+    anchors: &[&Anchor],
+) -> Option<u64> {
+    let phase = subxt::events::Phase::ApplyExtrinsic(index);
+    let mut remarks: Vec<[u8; 64]> = events
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked"
+        })
+        .filter_map(|e| e.field_bytes().try_into().ok())
+        .collect();
+    remarks.sort();
+    anchors
+        .iter()
+        .find(|a| remarks.binary_search(&remarked(account, a)).is_err())
+        .map(|a| a.batch)
 }
 
 /// For a command-line tool: connects to `url`, submits `remark` signed by
@@ -792,9 +871,17 @@ pub fn submit_remark_blocking(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let api = connect(url).await?;
+        let (api, rpc) = connect_with_rpc(url).await?;
         tokio::time::timeout(timeout, async {
-            let (tx, _, _) = sign_remarks(&api, signer, vec![remark]).await?;
+            // The next nonce counting the node's pool, so that a command
+            // run while the anchorer has an extrinsic in flight (with the
+            // same account) queues behind it instead of being refused.
+            let account = subxt::utils::AccountId32(signer.public_key().0).to_string();
+            let nonce: u64 = rpc
+                .request("system_accountNextIndex", subxt::rpcs::rpc_params![account])
+                .await
+                .map_err(|e| format!("reading the account's next nonce: {e}"))?;
+            let (tx, _, _) = sign_remarks(&api, signer, vec![remark], Some(nonce)).await?;
             let progress = tx
                 .submit_and_watch()
                 .await
@@ -877,31 +964,17 @@ pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anc
         Ok(e) => e,
         Err(e) => return OnChain::Missing(format!("events of block {}: {e}", receipt.block_hash)),
     };
-    let phase = subxt::events::Phase::ApplyExtrinsic(receipt.extrinsic_index);
-    let mut remarks: Vec<[u8; 64]> = events
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked"
-        })
-        .filter_map(|e| e.field_bytes().try_into().ok())
-        .collect();
-    remarks.sort();
-    for a in anchors {
-        let digest = blake2_256(&remark_payload(a));
-        let mut want = [0u8; 64];
-        if let Some(acc) = parse_hash(&format!("0x{}", receipt.account)) {
-            want[..32].copy_from_slice(acc.as_ref());
-        }
-        want[32..].copy_from_slice(&digest);
-        if remarks.binary_search(&want).is_err() {
-            return OnChain::Missing(format!(
-                "batch {}: no remark of it by {} in block #{} extrinsic {}",
-                a.batch, receipt.account, receipt.block_number, receipt.extrinsic_index
-            ));
-        }
+    let account: [u8; 32] = match parse_hash(&format!("0x{}", receipt.account)) {
+        Some(a) => a.0,
+        None => return OnChain::Missing(format!("not an account: {}", receipt.account)),
+    };
+    match first_unremarked(&events, receipt.extrinsic_index, &account, anchors) {
+        None => OnChain::Verified,
+        Some(batch) => OnChain::Missing(format!(
+            "batch {batch}: no remark of it by {} in block #{} extrinsic {}",
+            receipt.account, receipt.block_number, receipt.extrinsic_index
+        )),
     }
-    OnChain::Verified
 }
 
 fn parse_hash(s: &str) -> Option<subxt::utils::H256> {
@@ -970,6 +1043,7 @@ mod tests {
             last_batch: 47,
             nonce: 9,
             birth: 1200,
+            birth_hash: format!("0x{}", "5e".repeat(32)),
             extrinsic: "45028400".into(),
         };
         write_in_flight(&path, &f).unwrap();
