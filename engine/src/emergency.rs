@@ -246,10 +246,8 @@ fn anchor(config: &Config, url: &str, e: &Emergency) -> anyhow::Result<Emergency
     let mut payload = EMERGENCY_PREFIX.to_vec();
     payload.extend_from_slice(&serde_json::to_vec(e)?);
     let timeout = Duration::from_secs(config.ledger.finality_timeout_s.max(1));
-    // The running engine signs with the same account. This takes the next
-    // nonce counting the node's pool, so it queues behind the engine's
-    // extrinsic in flight; a failed attempt (the two signed at once) is
-    // made again.
+    // The running engine signs with the same account: a clash of nonces
+    // fails one of the two, and it is sent again.
     let mut last = String::new();
     for _ in 0..3 {
         match submit_remark_blocking(url, &signer, payload.clone(), timeout) {

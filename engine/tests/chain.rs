@@ -174,20 +174,7 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let chain = Chain::start(tmp.path());
     let dir = tmp.path().join("data");
-    // The node's account: a funded development account of the chain.
-    let account = tmp.path().join("chain.suri");
-    std::fs::write(&account, "//Alice\n").unwrap();
-    let config = tmp.path().join("wardflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
-            chain.url(),
-            account.display()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_string();
+    let config = anchoring_config(tmp.path(), &chain);
     let mut server = Server::start(&dir, &["--config", &config]);
 
     let before = simulate(&dir, &server, 3);
@@ -712,6 +699,24 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
     assert!(has("consent-revoke", &g), "{rows:?}");
 }
 
+/// Writes a configuration in `tmp` that anchors on `chain` every 500 ms,
+/// signed by a funded development account of the chain; returns its path.
+fn anchoring_config(tmp: &Path, chain: &Chain) -> String {
+    let account = tmp.join("chain.suri");
+    std::fs::write(&account, "//Alice\n").unwrap();
+    let config = tmp.join("wardflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
+            chain.url(),
+            account.display()
+        ),
+    )
+    .unwrap();
+    config.to_str().unwrap().to_string()
+}
+
 /// Waits (up to 30 s) for the engine to record an anchoring extrinsic as
 /// sent: its record is written just before it is sent.
 fn wait_in_flight(dir: &Path) -> PathBuf {
@@ -729,19 +734,8 @@ fn an_extrinsic_in_flight_on_a_chain_that_was_reset_is_replaced_on_the_new_chain
     let tmp = tempfile::tempdir().unwrap();
     let mut chain = Chain::start(tmp.path());
     let dir = tmp.path().join("data");
-    let account = tmp.path().join("chain.suri");
-    std::fs::write(&account, "//Alice\n").unwrap();
-    let config = tmp.path().join("wardflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
-            chain.url(),
-            account.display()
-        ),
-    )
-    .unwrap();
-    let server = Server::start(&dir, &["--config", config.to_str().unwrap()]);
+    let config = anchoring_config(tmp.path(), &chain);
+    let server = Server::start(&dir, &["--config", &config]);
 
     // Something is anchored first, so that the next extrinsic is signed
     // at a block the new chain will not have: chopsticks builds its first

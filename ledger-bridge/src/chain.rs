@@ -444,7 +444,7 @@ impl Worker {
         let n = self.queue.len().min(MAX_PER_EXTRINSIC);
         let remarks = self.queue.iter().take(n).map(remark_payload).collect();
         let (tx, nonce, (birth, birth_hash)) = self
-            .within(rt, sign_remarks(api, &self.config.signer, remarks, None))?
+            .within(rt, sign_remarks(api, &self.config.signer, remarks))?
             .map_err(Retry::Reconnect)?;
         let f = InFlight {
             first_batch: self.queue[0].batch,
@@ -602,28 +602,23 @@ type Signed = subxt::transactions::SubmittableTransaction<
 >;
 
 /// Signs `remarks` as one extrinsic (a `remark_with_event`, or a
-/// `utility.batch_all` of them) at the finalized head, with a mortal era of
-/// [`MORTALITY_BLOCKS`] and `nonce`, or else the account's nonce at that
-/// head; returns it with its nonce and the block (number, `0x` hash) it
-/// was signed at.
+/// `utility.batch_all` of them) at the finalized head, with the account's
+/// nonce there and a mortal era of [`MORTALITY_BLOCKS`]; returns it with
+/// its nonce and the block (number, `0x` hash) it was signed at.
 async fn sign_remarks(
     api: &ChainClient,
     signer: &Keypair,
     remarks: Vec<Vec<u8>>,
-    nonce: Option<u64>,
 ) -> Result<(Signed, u64, (u64, String)), String> {
     let at = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
     let mut txs = at.transactions();
-    let nonce = match nonce {
-        Some(n) => n,
-        None => txs
-            .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
-            .await
-            .map_err(|e| format!("reading the account's nonce: {e}"))?,
-    };
+    let nonce = txs
+        .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
+        .await
+        .map_err(|e| format!("reading the account's nonce: {e}"))?;
     let params = subxt::config::PolkadotExtrinsicParamsBuilder::<PolkadotConfig>::new()
         .nonce(nonce)
         .mortal(MORTALITY_BLOCKS)
@@ -871,17 +866,9 @@ pub fn submit_remark_blocking(
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let (api, rpc) = connect_with_rpc(url).await?;
+        let api = connect(url).await?;
         tokio::time::timeout(timeout, async {
-            // The next nonce counting the node's pool, so that a command
-            // run while the anchorer has an extrinsic in flight (with the
-            // same account) queues behind it instead of being refused.
-            let account = subxt::utils::AccountId32(signer.public_key().0).to_string();
-            let nonce: u64 = rpc
-                .request("system_accountNextIndex", subxt::rpcs::rpc_params![account])
-                .await
-                .map_err(|e| format!("reading the account's next nonce: {e}"))?;
-            let (tx, _, _) = sign_remarks(&api, signer, vec![remark], Some(nonce)).await?;
+            let (tx, _, _) = sign_remarks(&api, signer, vec![remark]).await?;
             let progress = tx
                 .submit_and_watch()
                 .await
