@@ -28,36 +28,6 @@ struct Chain {
     log: PathBuf,
 }
 
-/// Starts chopsticks on `port`, logging to `log`; returns once it serves.
-fn spawn_chopsticks(port: u16, log: &Path) -> Child {
-    let child = Command::new("node")
-        .current_dir(repo_root().join("tests").join("chain"))
-        .args([
-            "node_modules/.bin/chopsticks",
-            "--genesis",
-            "penpal-dev-raw.json",
-            "--build-block-mode",
-            "Instant",
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(std::fs::File::create(log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node (chopsticks)");
-    let up = wait_for(Duration::from_secs(120), || {
-        std::fs::read_to_string(log)
-            .ok()
-            .filter(|l| l.contains("RPC listening"))
-    });
-    assert!(
-        up.is_some(),
-        "chopsticks did not start:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-    child
-}
-
 impl Chain {
     fn start(tmp: &Path) -> Chain {
         let turn = ONE_CHAIN.lock().unwrap_or_else(|e| e.into_inner());
@@ -74,21 +44,37 @@ impl Chain {
         );
         let port = free_port();
         let log = tmp.join("chopsticks.log");
-        let child = spawn_chopsticks(port, &log);
+        let child = Command::new("node")
+            .current_dir(&dir)
+            .args([
+                "node_modules/.bin/chopsticks",
+                "--genesis",
+                "penpal-dev-raw.json",
+                "--build-block-mode",
+                "Instant",
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("node (chopsticks)");
+        let up = wait_for(Duration::from_secs(120), || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("RPC listening"))
+        });
+        assert!(
+            up.is_some(),
+            "chopsticks did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         Chain {
             _turn: turn,
             child,
             port,
             log,
         }
-    }
-
-    /// Kills the chain and starts a new one from genesis on the same port:
-    /// the same genesis hash, other blocks.
-    fn reset(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn_chopsticks(self.port, &self.log);
     }
 
     fn url(&self) -> String {
@@ -174,7 +160,20 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let chain = Chain::start(tmp.path());
     let dir = tmp.path().join("data");
-    let config = anchoring_config(tmp.path(), &chain);
+    // The node's account: a funded development account of the chain.
+    let account = tmp.path().join("chain.suri");
+    std::fs::write(&account, "//Alice\n").unwrap();
+    let config = tmp.path().join("wardflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
+            chain.url(),
+            account.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
     let mut server = Server::start(&dir, &["--config", &config]);
 
     let before = simulate(&dir, &server, 3);
@@ -186,11 +185,15 @@ fn batches_are_anchored_on_chain_in_order_through_an_outage_and_a_restart() {
     // not yet finalized (its record is written just before it is sent;
     // chopsticks takes seconds to build a block): ingest goes on at the
     // same pace, and batches queue.
-    let mut in_flight = PathBuf::new();
+    let in_flight = dir.join("ledger").join("chain-p0.inflight.json");
     let during = std::thread::scope(|s| {
         let sim = s.spawn(|| simulate(&dir, &server, 3));
-        in_flight = wait_in_flight(&dir);
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while !in_flight.exists() && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         chain.signal("-STOP");
+        assert!(in_flight.exists(), "no anchoring extrinsic was sent");
         sim.join().unwrap()
     });
     assert_eq!(during["acked"], during["sent"], "{during}");
@@ -697,82 +700,6 @@ fn consent_on_chain_opens_and_closes_a_patients_alerts_to_another_unit() {
         "{rows:?}"
     );
     assert!(has("consent-revoke", &g), "{rows:?}");
-}
-
-/// Writes a configuration in `tmp` that anchors on `chain` every 500 ms,
-/// signed by a funded development account of the chain; returns its path.
-fn anchoring_config(tmp: &Path, chain: &Chain) -> String {
-    let account = tmp.join("chain.suri");
-    std::fs::write(&account, "//Alice\n").unwrap();
-    let config = tmp.join("wardflow.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[ledger]\nurl = \"{}\"\naccount_file = \"{}\"\nanchor_interval_ms = 500\nfinality_timeout_s = 20\n",
-            chain.url(),
-            account.display()
-        ),
-    )
-    .unwrap();
-    config.to_str().unwrap().to_string()
-}
-
-/// Waits (up to 30 s) for the engine to record an anchoring extrinsic as
-/// sent: its record is written just before it is sent.
-fn wait_in_flight(dir: &Path) -> PathBuf {
-    let in_flight = dir.join("ledger").join("chain-p0.inflight.json");
-    let end = std::time::Instant::now() + Duration::from_secs(30);
-    while !in_flight.exists() && std::time::Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    assert!(in_flight.exists(), "no anchoring extrinsic was sent");
-    in_flight
-}
-
-#[test]
-fn an_extrinsic_in_flight_on_a_chain_that_was_reset_is_replaced_on_the_new_chain() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut chain = Chain::start(tmp.path());
-    let dir = tmp.path().join("data");
-    let config = anchoring_config(tmp.path(), &chain);
-    let server = Server::start(&dir, &["--config", &config]);
-
-    // Something is anchored first, so that the next extrinsic is signed
-    // at a block the new chain will not have: chopsticks builds its first
-    // block deterministically, so an extrinsic signed there would still be
-    // valid on the new chain, and would rightly land there.
-    simulate(&dir, &server, 1);
-    wait_anchored(&server, &chain);
-    let before = chain_metric(&server, "anchored_batches") as usize;
-
-    // The chain is replaced by a new one from the same genesis while an
-    // extrinsic is in flight: its era's block is not on the new chain, so
-    // it can never land there, and its batches go in a new extrinsic.
-    std::thread::scope(|s| {
-        let sim = s.spawn(|| simulate(&dir, &server, 2));
-        wait_in_flight(&dir);
-        chain.reset();
-        sim.join().unwrap();
-    });
-    wait_anchored(&server, &chain);
-    assert!(
-        server
-            .log_text()
-            .contains("the chain was reset or replaced"),
-        "{}",
-        server.log_text()
-    );
-    // Every batch since is on the new chain, once.
-    let receipts = std::fs::read_to_string(dir.join("ledger").join("chain-p0.jsonl")).unwrap();
-    let last: Value = serde_json::from_str(receipts.lines().last().unwrap()).unwrap();
-    let sealed = std::fs::read_to_string(dir.join("ledger").join("anchors-p0.jsonl"))
-        .unwrap()
-        .lines()
-        .count();
-    assert_eq!(last["last_batch"].as_u64().unwrap() as usize + 1, sealed);
-    let on_chain = remarks_on_chain(&chain, last["account"].as_str().unwrap());
-    assert_eq!(on_chain["remarks"], on_chain["distinct"], "{on_chain}");
-    assert_eq!(on_chain["remarks"], sealed - before, "{on_chain}");
 }
 
 #[test]

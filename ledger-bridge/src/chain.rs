@@ -188,7 +188,6 @@ impl ChainAnchorer {
             receipts: receipt_log_path(ledger_dir, process),
             in_flight_path,
             in_flight,
-            search_from: 0,
             queue: backlog.into(),
             rx,
             status: status.clone(),
@@ -267,19 +266,14 @@ pub struct InFlight {
     /// The finalized block it was signed at: it is valid for
     /// [`MORTALITY_BLOCKS`] from there.
     pub birth: u64,
-    /// That block's hash (`0x` hex): if the chain's block of that number
-    /// is another, the chain was reset or replaced and `f` can never land.
-    pub birth_hash: String,
     /// The signed extrinsic (hex), sent again byte for byte while it may
     /// still land: the same bytes can be included at most once.
     pub extrinsic: String,
 }
 
 impl InFlight {
-    /// How many batches it carries (none for a record whose range is
-    /// backwards, which is then dropped as spent).
     fn batches(&self) -> usize {
-        (self.last_batch + 1).saturating_sub(self.first_batch) as usize
+        (self.last_batch - self.first_batch + 1) as usize
     }
 }
 
@@ -344,9 +338,6 @@ struct Worker {
     receipts: PathBuf,
     in_flight_path: PathBuf,
     in_flight: Option<InFlight>,
-    /// The next block to search for the extrinsic in flight: finalized
-    /// blocks searched once need not be searched again.
-    search_from: u64,
     queue: VecDeque<Anchor>,
     rx: Receiver<Anchor>,
     status: Arc<ChainStatus>,
@@ -390,10 +381,10 @@ impl Worker {
                 continue;
             }
             // A record whose batches are not at the head of the queue is
-            // spent (a receipt covers them), as is a malformed one.
+            // spent: a receipt covers them.
             if let Some(f) = &self.in_flight
                 && (self.queue.front().map(|a| a.batch) != Some(f.first_batch)
-                    || !(1..=self.queue.len()).contains(&f.batches()))
+                    || self.queue.len() < f.batches())
             {
                 self.clear_in_flight();
             }
@@ -443,7 +434,7 @@ impl Worker {
     fn send(&mut self, rt: &tokio::runtime::Runtime, api: &ChainClient) -> Result<(), Retry> {
         let n = self.queue.len().min(MAX_PER_EXTRINSIC);
         let remarks = self.queue.iter().take(n).map(remark_payload).collect();
-        let (tx, nonce, (birth, birth_hash)) = self
+        let (tx, nonce, birth) = self
             .within(rt, sign_remarks(api, &self.config.signer, remarks))?
             .map_err(Retry::Reconnect)?;
         let f = InFlight {
@@ -451,7 +442,6 @@ impl Worker {
             last_batch: self.queue[n - 1].batch,
             nonce,
             birth,
-            birth_hash,
             extrinsic: hex(tx.encoded()),
         };
         write_in_flight(&self.in_flight_path, &f).map_err(|e| Retry::Later(e.to_string()))?;
@@ -499,23 +489,12 @@ impl Worker {
         f: &InFlight,
     ) -> Result<(), Retry> {
         let batches: Vec<Anchor> = self.queue.iter().take(f.batches()).cloned().collect();
-        // Progress survives a timeout: finalized blocks searched once are
-        // not searched again.
-        let mut search_from = self.search_from;
-        let fate = self.within(
-            rt,
-            fate(
-                api,
-                rpc,
-                f,
-                &self.config.signer,
-                &batches,
-                self.process,
-                &mut search_from,
-            ),
-        );
-        self.search_from = search_from;
-        let fate = fate?.map_err(Retry::Reconnect)?;
+        let fate = self
+            .within(
+                rt,
+                fate(api, rpc, f, &self.config.signer, &batches, self.process),
+            )?
+            .map_err(Retry::Reconnect)?;
         match fate {
             Fate::Finalized(receipt) => {
                 tracing::info!(
@@ -565,7 +544,6 @@ impl Worker {
 
     fn clear_in_flight(&mut self) {
         self.in_flight = None;
-        self.search_from = 0;
         match std::fs::remove_file(&self.in_flight_path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -604,12 +582,12 @@ type Signed = subxt::transactions::SubmittableTransaction<
 /// Signs `remarks` as one extrinsic (a `remark_with_event`, or a
 /// `utility.batch_all` of them) at the finalized head, with the account's
 /// nonce there and a mortal era of [`MORTALITY_BLOCKS`]; returns it with
-/// its nonce and the block (number, `0x` hash) it was signed at.
+/// its nonce and the block it was signed at.
 async fn sign_remarks(
     api: &ChainClient,
     signer: &Keypair,
     remarks: Vec<Vec<u8>>,
-) -> Result<(Signed, u64, (u64, String)), String> {
+) -> Result<(Signed, u64, u64), String> {
     let at = api
         .at_current_block()
         .await
@@ -635,11 +613,7 @@ async fn sign_remarks(
         txs.create_signed(&call, signer, params).await
     }
     .map_err(|e| format!("signing: {e}"))?;
-    let birth = (
-        at.block_number(),
-        format!("0x{}", hex(at.block_ref().hash().as_ref())),
-    );
-    Ok((signed, nonce, birth))
+    Ok((signed, nonce, at.block_number()))
 }
 
 fn remark_calls(remarks: &[Vec<u8>]) -> Vec<Value> {
@@ -700,21 +674,13 @@ async fn follow_to_finality(
 
 /// What became of `f`, whose batches are `batches`.
 ///
-/// - If the chain's block at `f`'s birth is another than `f` was signed
-///   at, the chain was reset or replaced: `f` can never land.
-/// - If the account's nonce at the finalized head is past `f`'s, an
-///   extrinsic with `f`'s nonce is finalized, within `f`'s era. Its blocks
-///   are searched, from `search_from` on (advanced past each block
-///   searched), for the first batch's `System.Remarked` event, and the
-///   extrinsic that emitted it must have emitted every batch's. Found, that
-///   is `f`'s receipt; not found, the nonce went to another extrinsic and
-///   `f` can never land.
-/// - Otherwise `f` can still land until the finalized head is past its
-///   era. It is sent again unless the node's pool holds it (a node that
-///   restarted has lost its pool); a refusal changes nothing, since a
-///   node checks against its best block, which may already hold `f`.
-///
-/// A failed read is an error, never a "not found".
+/// If the account's nonce at the finalized head is past `f`'s, an
+/// extrinsic with `f`'s nonce is finalized, within `f`'s era: its blocks
+/// are searched for the first batch's `System.Remarked` event, and the
+/// extrinsic found must hold every batch. If none does, the nonce went to
+/// another extrinsic and `f` can never land. If the nonce is not past, `f`
+/// can still land until its era ends; it is sent again unless the node's
+/// pool holds it (a node that restarted has forgotten its pool).
 async fn fate(
     api: &ChainClient,
     rpc: &subxt::rpcs::RpcClient,
@@ -722,26 +688,12 @@ async fn fate(
     signer: &Keypair,
     batches: &[Anchor],
     process: u32,
-    search_from: &mut u64,
 ) -> Result<Fate, String> {
     let head = api
         .at_current_block()
         .await
         .map_err(|e| format!("reading the chain head: {e}"))?;
     let finalized = head.block_number();
-    let birth_hash: Option<String> = if finalized < f.birth {
-        None
-    } else {
-        rpc.request("chain_getBlockHash", subxt::rpcs::rpc_params![f.birth])
-            .await
-            .map_err(|e| format!("reading block #{}'s hash: {e}", f.birth))?
-    };
-    if birth_hash.as_deref() != Some(f.birth_hash.as_str()) {
-        return Ok(Fate::Dead(format!(
-            "the chain's finalized block #{} is not the one it was signed at: the chain was reset or replaced",
-            f.birth
-        )));
-    }
     let nonce = head
         .transactions()
         .account_nonce(&subxt::utils::AccountId32(signer.public_key().0))
@@ -750,11 +702,10 @@ async fn fate(
     let era_end = f.birth + MORTALITY_BLOCKS + 1;
     if nonce > f.nonce {
         let account = signer.public_key().0;
-        let first = remarked(&account, &batches[0]);
-        let all: Vec<&Anchor> = batches.iter().collect();
-        *search_from = (*search_from).max(f.birth);
-        while *search_from <= finalized.min(era_end) {
-            let number = *search_from;
+        let mut want = [0u8; 64];
+        want[..32].copy_from_slice(&account);
+        want[32..].copy_from_slice(&blake2_256(&remark_payload(&batches[0])));
+        for number in f.birth..=finalized.min(era_end) {
             let at = api
                 .at_block(number)
                 .await
@@ -764,32 +715,31 @@ async fn fate(
                 .fetch()
                 .await
                 .map_err(|e| format!("events of block #{number}: {e}"))?;
-            let found = events
+            let Some(subxt::events::Phase::ApplyExtrinsic(index)) = events
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|e| {
+                .find(|e| {
                     e.pallet_name() == "System"
                         && e.event_name() == "Remarked"
-                        && e.field_bytes() == first
+                        && e.field_bytes() == want
                 })
-                .find_map(|e| match e.phase() {
-                    subxt::events::Phase::ApplyExtrinsic(i) => Some(i),
-                    _ => None,
-                });
-            if let Some(index) = found
-                && first_unremarked(&events, index, &account, &all).is_none()
-            {
-                return Ok(Fate::Finalized(Receipt {
-                    process,
-                    first_batch: f.first_batch,
-                    last_batch: f.last_batch,
-                    block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
-                    block_number: number,
-                    extrinsic_index: index,
-                    account: hex(&account),
-                }));
+                .map(|e| e.phase())
+            else {
+                continue;
+            };
+            let receipt = Receipt {
+                process,
+                first_batch: f.first_batch,
+                last_batch: f.last_batch,
+                block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
+                block_number: number,
+                extrinsic_index: index,
+                account: hex(&account),
+            };
+            let all: Vec<&Anchor> = batches.iter().collect();
+            if let OnChain::Verified = check_receipt(api, &receipt, &all).await {
+                return Ok(Fate::Finalized(receipt));
             }
-            *search_from = number + 1;
         }
         return Ok(Fate::Dead(format!(
             "its nonce {} went to another extrinsic",
@@ -802,54 +752,28 @@ async fn fate(
         )));
     }
     let ours = format!("0x{}", f.extrinsic);
-    // Some public nodes do not serve the pool's contents; then it is sent
-    // again without looking.
-    let pool: Result<Vec<String>, _> = rpc
+    let pool: Vec<String> = rpc
         .request("author_pendingExtrinsics", subxt::rpcs::rpc_params![])
-        .await;
-    if pool.is_ok_and(|p| p.contains(&ours)) {
+        .await
+        .map_err(|e| format!("reading the node's pending extrinsics: {e}"))?;
+    if pool.contains(&ours) {
         return Ok(Fate::Pending);
     }
     let sent: Result<serde_json::Value, _> = rpc
         .request("author_submitExtrinsic", subxt::rpcs::rpc_params![ours])
         .await;
     if let Err(e) = sent {
-        tracing::debug!("ledger: sending the anchoring extrinsic again: {e}");
+        // Transaction-pool errors (JSON-RPC 1010 with its reason): an era
+        // or genesis the chain no longer knows is final; a copy already
+        // held, a nonce used in a block not yet finalized, or a ban on a
+        // copy just included are not.
+        let why = e.to_string();
+        if why.contains("ancient birth block") || why.contains("bad signature") {
+            return Ok(Fate::Dead(format!("the chain refuses it: {why}")));
+        }
+        tracing::debug!("ledger: sending the anchoring extrinsic again: {why}");
     }
     Ok(Fate::Pending)
-}
-
-/// The `System.Remarked` event data of `batch` anchored by `account`: the
-/// signer, then the remark's BLAKE2b-256 hash.
-fn remarked(account: &[u8; 32], batch: &Anchor) -> [u8; 64] {
-    let mut want = [0u8; 64];
-    want[..32].copy_from_slice(account);
-    want[32..].copy_from_slice(&blake2_256(&remark_payload(batch)));
-    want
-}
-
-/// The first of `anchors` whose remark by `account` is not among the
-/// `System.Remarked` events that extrinsic `index` emitted in `events`.
-fn first_unremarked(
-    events: &subxt::events::Events<PolkadotConfig>,
-    index: u32,
-    account: &[u8; 32],
-    anchors: &[&Anchor],
-) -> Option<u64> {
-    let phase = subxt::events::Phase::ApplyExtrinsic(index);
-    let mut remarks: Vec<[u8; 64]> = events
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked"
-        })
-        .filter_map(|e| e.field_bytes().try_into().ok())
-        .collect();
-    remarks.sort();
-    anchors
-        .iter()
-        .find(|a| remarks.binary_search(&remarked(account, a)).is_err())
-        .map(|a| a.batch)
 }
 
 /// For a command-line tool: connects to `url`, submits `remark` signed by
@@ -951,17 +875,31 @@ pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anc
         Ok(e) => e,
         Err(e) => return OnChain::Missing(format!("events of block {}: {e}", receipt.block_hash)),
     };
-    let account: [u8; 32] = match parse_hash(&format!("0x{}", receipt.account)) {
-        Some(a) => a.0,
-        None => return OnChain::Missing(format!("not an account: {}", receipt.account)),
-    };
-    match first_unremarked(&events, receipt.extrinsic_index, &account, anchors) {
-        None => OnChain::Verified,
-        Some(batch) => OnChain::Missing(format!(
-            "batch {batch}: no remark of it by {} in block #{} extrinsic {}",
-            receipt.account, receipt.block_number, receipt.extrinsic_index
-        )),
+    let phase = subxt::events::Phase::ApplyExtrinsic(receipt.extrinsic_index);
+    let mut remarks: Vec<[u8; 64]> = events
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.phase() == phase && e.pallet_name() == "System" && e.event_name() == "Remarked"
+        })
+        .filter_map(|e| e.field_bytes().try_into().ok())
+        .collect();
+    remarks.sort();
+    for a in anchors {
+        let digest = blake2_256(&remark_payload(a));
+        let mut want = [0u8; 64];
+        if let Some(acc) = parse_hash(&format!("0x{}", receipt.account)) {
+            want[..32].copy_from_slice(acc.as_ref());
+        }
+        want[32..].copy_from_slice(&digest);
+        if remarks.binary_search(&want).is_err() {
+            return OnChain::Missing(format!(
+                "batch {}: no remark of it by {} in block #{} extrinsic {}",
+                a.batch, receipt.account, receipt.block_number, receipt.extrinsic_index
+            ));
+        }
     }
+    OnChain::Verified
 }
 
 fn parse_hash(s: &str) -> Option<subxt::utils::H256> {
@@ -1030,17 +968,11 @@ mod tests {
             last_batch: 47,
             nonce: 9,
             birth: 1200,
-            birth_hash: format!("0x{}", "5e".repeat(32)),
             extrinsic: "45028400".into(),
         };
         write_in_flight(&path, &f).unwrap();
         assert_eq!(read_in_flight(&path).unwrap(), Some(f.clone()));
         assert_eq!(f.batches(), 8);
-        let backwards = InFlight {
-            last_batch: 39,
-            ..f.clone()
-        };
-        assert_eq!(backwards.batches(), 0);
         // Replaced whole, never appended to.
         let g = InFlight { nonce: 10, ..f };
         write_in_flight(&path, &g).unwrap();
