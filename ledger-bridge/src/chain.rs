@@ -702,9 +702,8 @@ async fn fate(
     let era_end = f.birth + MORTALITY_BLOCKS + 1;
     if nonce > f.nonce {
         let account = signer.public_key().0;
-        let mut want = [0u8; 64];
-        want[..32].copy_from_slice(&account);
-        want[32..].copy_from_slice(&blake2_256(&remark_payload(&batches[0])));
+        let want = remarked(&account, &batches[0]);
+        let all: Vec<&Anchor> = batches.iter().collect();
         for number in f.birth..=finalized.min(era_end) {
             let at = api
                 .at_block(number)
@@ -727,18 +726,18 @@ async fn fate(
             else {
                 continue;
             };
-            let receipt = Receipt {
-                process,
-                first_batch: f.first_batch,
-                last_batch: f.last_batch,
-                block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
-                block_number: number,
-                extrinsic_index: index,
-                account: hex(&account),
-            };
-            let all: Vec<&Anchor> = batches.iter().collect();
-            if let OnChain::Verified = check_receipt(api, &receipt, &all).await {
-                return Ok(Fate::Finalized(receipt));
+            // The extrinsic must have remarked every batch; checked on the
+            // events already read.
+            if first_unremarked(&events, index, &account, &all).is_none() {
+                return Ok(Fate::Finalized(Receipt {
+                    process,
+                    first_batch: f.first_batch,
+                    last_batch: f.last_batch,
+                    block_hash: format!("0x{}", hex(at.block_ref().hash().as_ref())),
+                    block_number: number,
+                    extrinsic_index: index,
+                    account: hex(&account),
+                }));
             }
         }
         return Ok(Fate::Dead(format!(
@@ -875,7 +874,37 @@ pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anc
         Ok(e) => e,
         Err(e) => return OnChain::Missing(format!("events of block {}: {e}", receipt.block_hash)),
     };
-    let phase = subxt::events::Phase::ApplyExtrinsic(receipt.extrinsic_index);
+    let account: [u8; 32] = match parse_hash(&format!("0x{}", receipt.account)) {
+        Some(a) => a.0,
+        None => return OnChain::Missing(format!("not an account: {}", receipt.account)),
+    };
+    match first_unremarked(&events, receipt.extrinsic_index, &account, anchors) {
+        None => OnChain::Verified,
+        Some(batch) => OnChain::Missing(format!(
+            "batch {batch}: no remark of it by {} in block #{} extrinsic {}",
+            receipt.account, receipt.block_number, receipt.extrinsic_index
+        )),
+    }
+}
+
+/// The `System.Remarked` event data of `batch` anchored by `account`: the
+/// signer, then the remark's BLAKE2b-256 hash.
+fn remarked(account: &[u8; 32], batch: &Anchor) -> [u8; 64] {
+    let mut want = [0u8; 64];
+    want[..32].copy_from_slice(account);
+    want[32..].copy_from_slice(&blake2_256(&remark_payload(batch)));
+    want
+}
+
+/// The first of `anchors` whose remark by `account` is not among the
+/// `System.Remarked` events extrinsic `index` emitted in `events`.
+fn first_unremarked(
+    events: &subxt::events::Events<PolkadotConfig>,
+    index: u32,
+    account: &[u8; 32],
+    anchors: &[&Anchor],
+) -> Option<u64> {
+    let phase = subxt::events::Phase::ApplyExtrinsic(index);
     let mut remarks: Vec<[u8; 64]> = events
         .iter()
         .filter_map(Result::ok)
@@ -885,21 +914,10 @@ pub async fn check_receipt(api: &ChainClient, receipt: &Receipt, anchors: &[&Anc
         .filter_map(|e| e.field_bytes().try_into().ok())
         .collect();
     remarks.sort();
-    for a in anchors {
-        let digest = blake2_256(&remark_payload(a));
-        let mut want = [0u8; 64];
-        if let Some(acc) = parse_hash(&format!("0x{}", receipt.account)) {
-            want[..32].copy_from_slice(acc.as_ref());
-        }
-        want[32..].copy_from_slice(&digest);
-        if remarks.binary_search(&want).is_err() {
-            return OnChain::Missing(format!(
-                "batch {}: no remark of it by {} in block #{} extrinsic {}",
-                a.batch, receipt.account, receipt.block_number, receipt.extrinsic_index
-            ));
-        }
-    }
-    OnChain::Verified
+    anchors
+        .iter()
+        .find(|a| remarks.binary_search(&remarked(account, a)).is_err())
+        .map(|a| a.batch)
 }
 
 fn parse_hash(s: &str) -> Option<subxt::utils::H256> {
